@@ -1,0 +1,62 @@
+"""The U-Net's shapes, parameter count and the fast upsampling's exactness."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unet_flax import models
+
+
+def test_default_model_has_the_chapters_parameter_count():
+  shapes = jax.eval_shape(lambda: models.UNet().init(
+      jax.random.key(0), jnp.zeros((1, 128, 128, 3)), train=False))
+  assert models.param_count(shapes['params']) == 8_557_635
+
+
+def test_logits_shape_and_dtype():
+  model = models.UNet(num_classes=5, widths=(4, 8), dtype=jnp.bfloat16)
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
+  logits = model.apply(variables, jnp.ones((2, 16, 16, 3)), train=False)
+  assert logits.shape == (2, 16, 16, 5)
+  assert logits.dtype == jnp.float32  # The loss sees float32 even when computing in bf16.
+  kernels = jax.tree.leaves(variables['params'])
+  assert all(k.dtype == jnp.float32 for k in kernels)
+
+
+def test_upsample_equals_conv_transpose_values_and_gradients():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 4))
+  reference = nn.ConvTranspose(8, (3, 3), strides=(2, 2), padding='SAME')
+  params = reference.init(jax.random.key(1), x)
+  fast = models.Upsample(8)
+  # The same parameter names and shapes: checkpoints interchange.
+  assert jax.tree.map(jnp.shape, fast.init(jax.random.key(1), x)) == jax.tree.map(
+      jnp.shape, params)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+  np.testing.assert_allclose(fast.apply(params, x), reference.apply(params, x), atol=1e-5)
+
+  weights = jax.random.normal(jax.random.key(3), (2, 10, 12, 8))
+  def grads(module):
+    return jax.grad(lambda p, x: jnp.sum(module.apply(p, x) * weights), argnums=(0, 1))(params, x)
+  for got, want in zip(jax.tree.leaves(grads(fast)), jax.tree.leaves(grads(reference))):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_fast_and_reference_upsampling_agree():
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+  fast = models.UNet(num_classes=3, widths=(4, 8), fast_upsample=True)
+  reference = models.UNet(num_classes=3, widths=(4, 8), fast_upsample=False)
+  variables = fast.init(jax.random.key(1), x, train=False)
+  np.testing.assert_allclose(fast.apply(variables, x, train=False),
+                             reference.apply(variables, x, train=False), atol=1e-5)
+
+
+def test_dropout_only_in_training():
+  model = models.UNet(num_classes=3, widths=(4,), dropout_rate=0.5)
+  x = jax.random.uniform(jax.random.key(0), (1, 16, 16, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  evals = [model.apply(variables, x, train=False) for _ in range(2)]
+  np.testing.assert_array_equal(evals[0], evals[1])
+  a, b = (model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(i)})
+          for i in (2, 3))
+  assert not np.allclose(a, b)

@@ -1,0 +1,55 @@
+"""Process-wide JAX set-up: several processes, and the persistent compilation cache."""
+
+import os
+
+import jax
+from etils import epath
+
+from unet_flax import errors
+
+
+def compilation_cache_dir() -> epath.Path:
+  """$UNET_FLAX_CACHE, else the user cache directory ($XDG_CACHE_HOME or ~/.cache)."""
+  if 'UNET_FLAX_CACHE' in os.environ:
+    return epath.Path(os.environ['UNET_FLAX_CACHE'])
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return epath.Path(base) / 'unet_flax' / 'jax'
+
+
+def enable_compilation_cache() -> None:
+  """Compiled steps persist on disk, so a second run of the same command skips XLA compiles.
+
+  Set UNET_FLAX_CACHE='' to turn it off.
+  """
+  path = compilation_cache_dir()
+  if not str(path):
+    return
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError:
+    return  # A read-only home only costs compile time.
+  jax.config.update('jax_compilation_cache_dir', str(path))
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def _is_multihost_tpu() -> bool:
+  return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def setup(coordinator_address: str | None = None, num_processes: int | None = None,
+          process_id: int | None = None) -> None:
+  """Joins the other processes of a multi-process run (if any) and enables the compile cache.
+
+  With a coordinator address, the processes meet there (on CPU they talk through gloo); on a
+  multi-host TPU slice everything is detected. Otherwise this is a single-process run.
+  """
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise errors.UserError('--coordinator_address needs --num_processes and --process_id')
+    # Only used where the devices are CPUs; harmless elsewhere.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _is_multihost_tpu():
+    jax.distributed.initialize()
+  enable_compilation_cache()

@@ -1,0 +1,226 @@
+"""TrainState, train_step, eval_step and the loop: train_and_evaluate(config, workdir).
+
+One `jax.sharding.Mesh` over every device of every host: batches are sharded on its 'data' axis,
+the state is replicated, and `jit` places the collectives, so the same code runs on 1 CPU, 1 GPU
+or a TPU pod.
+"""
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from unet_flax import checkpoints
+from unet_flax import errors
+from unet_flax import input_pipeline
+from unet_flax import metrics
+from unet_flax import models
+from unet_flax import reporting
+
+
+class TrainState(train_state.TrainState):
+  """flax's TrainState: step, params, opt_state; apply_fn and tx are static."""
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.UNet:
+  return models.UNet(num_classes=config.num_classes, widths=tuple(config.widths),
+                     dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype))
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2,
+                    eps=config.adam_eps)
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+  model = create_model(config)
+  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  params = model.init(rng, images, train=False)['params']
+  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config))
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, 3] -> float32 in [0, 1]. Done on the device: a quarter of the transfer."""
+  return images.astype(jnp.float32) / 255.0
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+  """One Adam step on softmax cross-entropy.
+
+  Args:
+    state: the train state (donated by the caller's jit).
+    batch: {'image': [B, H, W, 3] uint8, 'label': [B, H, W] int}.
+    rng: the run's dropout key; each step folds in its own step number, so a resumed run draws
+      the same dropout masks as an uninterrupted one.
+
+  Returns:
+    (new state, {'loss': scalar float32}).
+  """
+  dropout_rng = jax.random.fold_in(rng, state.step)
+  labels = batch['label'].astype(jnp.int32)
+  mask = jnp.ones(labels.shape[0], jnp.bool_)
+
+  def loss_fn(params):
+    logits = state.apply_fn({'params': params}, normalize(batch['image']), train=True,
+                            rngs={'dropout': dropout_rng})
+    return metrics.cross_entropy(logits, labels, mask)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return state.apply_gradients(grads=grads), {'loss': loss}
+
+
+def predict(state: TrainState, images: jax.Array) -> jax.Array:
+  """images: [B, H, W, 3] uint8 -> predicted classes [B, H, W] int32."""
+  logits = state.apply_fn({'params': state.params}, normalize(images), train=False)
+  return jnp.argmax(logits, axis=-1)
+
+
+def eval_step(state: TrainState, batch: dict, num_classes: int) -> jax.Array:
+  """The [K, K] confusion matrix of one batch; examples with batch['mask'] == 0 count nothing."""
+  labels = batch['label'].astype(jnp.int32)
+  return metrics.confusion_matrix(labels, predict(state, batch['image']), num_classes,
+                                  batch['mask'])
+
+
+class Devices:
+  """The mesh, the shardings, and host batches -> global arrays."""
+
+  def __init__(self, global_batch_size: int):
+    count = jax.device_count()
+    if global_batch_size % count:
+      raise errors.UserError(
+          f'config.batch_size={global_batch_size} is not divisible by the {count} devices; '
+          f'use a multiple of {count}')
+    # Auto axes: jit propagates the batch sharding itself (explicit sharding-in-types is not needed).
+    self.mesh = jax.make_mesh((count,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+    self.data = NamedSharding(self.mesh, P('data'))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.local_batch_size = global_batch_size // jax.process_count()
+
+  def put(self, batch: dict) -> dict:
+    """This process's rows of the global batch -> arrays sharded over all devices."""
+    return {k: jax.make_array_from_process_local_data(self.data, v) for k, v in batch.items()}
+
+  def prefetch(self, batches, size: int = 2):
+    """Puts batches on the devices `size` ahead, so the step never waits for a transfer."""
+    queue = []
+    for batch in batches:
+      queue.append(self.put(batch))
+      if len(queue) > size:
+        yield queue.pop(0)
+    yield from queue
+
+
+def compile_steps(config, devices: Devices):
+  """The jitted train and eval steps, with explicit shardings and the state donated."""
+  repl, data = devices.replicated, devices.data
+  train = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                  donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, num_classes=config.num_classes),
+                     in_shardings=(repl, data), out_shardings=repl)
+  return train, evaluate
+
+
+def evaluate(eval_fn, state, split: input_pipeline.Split, devices: Devices) -> dict[str, Any]:
+  """Metrics of the whole split: confusion matrices summed on device, then one fetch."""
+  batches = input_pipeline.eval_batches(split, devices.local_batch_size, jax.process_count())
+  confusion = None
+  for batch in devices.prefetch(batches):
+    c = eval_fn(state, batch)
+    confusion = c if confusion is None else confusion + c
+  results = jax.device_get(metrics.iou(confusion))
+  results['confusion_matrix'] = np.asarray(jax.device_get(confusion))
+  return results
+
+
+def steps_per_epoch(config, num_train_examples: int) -> int:
+  steps = config.steps_per_epoch or num_train_examples // config.batch_size
+  if steps < 1:
+    raise errors.UserError(
+        f'the training split has {num_train_examples} examples, fewer than '
+        f'config.batch_size={config.batch_size}; lower the batch size')
+  return steps
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains and evaluates per the config; checkpoints, metrics and pictures go to `workdir`.
+
+  Running it again with the same workdir resumes from the latest checkpoint.
+  """
+  workdir = epath.Path(workdir)
+  devices = Devices(config.batch_size)
+  checkpoints.check_workdir(workdir)
+  input_pipeline.get_builder(config.dataset, config.data_dir)  # A bad name fails before writing.
+  manager = checkpoints.Manager(workdir, config)
+  report = reporting.Reporter(workdir, config, is_lead=jax.process_index() == 0)
+
+  read = functools.partial(
+      input_pipeline.load_split, config.dataset, data_dir=config.data_dir,
+      image_size=config.image_size, num_classes=config.num_classes,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.input_threads)
+  started = time.perf_counter()
+  train_data, eval_data = read(config.train_split), read(config.eval_split)
+  report.text(f'data: {train_data.num_examples} train and {eval_data.num_examples} eval '
+              f'examples at {config.image_size}x{config.image_size}, decoded in '
+              f'{time.perf_counter() - started:.1f}s')
+
+  rng = jax.random.key(config.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  state = jax.jit(functools.partial(create_train_state, config),
+                  out_shardings=devices.replicated)(init_rng)
+  report.text(f'model: {models.param_count(state.params):,} parameters, '
+              f'{jax.device_count()} {jax.devices()[0].platform} device(s), '
+              f'{jax.process_count()} process(es)')
+  state = manager.restore_or(state)
+  train_fn, eval_fn = compile_steps(config, devices)
+
+  per_epoch = steps_per_epoch(config, train_data.num_examples)
+  total_steps = per_epoch * config.num_epochs
+  step = int(state.step)
+  if step:
+    report.text(f'resumed from step {step} of {total_steps}')
+  report.start(step, total_steps)
+  history = []
+  while step < total_steps:
+    epoch, first = divmod(step, per_epoch)
+    batches = input_pipeline.train_batches(
+        train_data, devices.local_batch_size, seed=config.seed, epoch=epoch,
+        process_index=jax.process_index(), first_step=first, num_steps=per_epoch)
+    for batch in devices.prefetch(batches):
+      state, step_metrics = train_fn(state, batch, dropout_rng)
+      history.append(step_metrics)
+      step += 1
+      if step % config.log_every_steps == 0 or step % per_epoch == 0:
+        report.train(step, jax.device_get(history))  # The one host sync of the interval.
+        history = []
+      if step % config.checkpoint_every_steps == 0:
+        manager.save(step, state)
+    if step % per_epoch == 0:
+      epoch = step // per_epoch
+      if epoch % config.eval_every_epochs == 0 or step == total_steps:
+        results = evaluate(eval_fn, state, eval_data, devices)
+        report.eval(step, epoch, results, sample=_prediction_sample(state, eval_data, config))
+      manager.save(step, state)
+  manager.close()
+  report.close()
+  return state
+
+
+def _prediction_sample(state, split: input_pipeline.Split, config) -> dict | None:
+  """A few test images with true and predicted masks, for the picture of each evaluation."""
+  n = min(config.num_prediction_images, len(split))
+  if n == 0 or jax.process_index() != 0:
+    return None
+  images = split.images[:n]
+  predicted = jax.jit(predict)(jax.device_get(state), images)
+  return {'image': images, 'label': split.labels[:n], 'prediction': np.asarray(predicted)}
