@@ -1,0 +1,95 @@
+"""train_step, eval_step and train_and_evaluate on tiny data."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unet_flax import checkpoints
+from unet_flax import metrics
+from unet_flax import train
+
+
+def _batch(config, n, seed=0):
+  rng = np.random.default_rng(seed)
+  size = config.image_size
+  labels = rng.integers(0, config.num_classes, (n, size, size)).astype(np.uint8)
+  # Images that carry the labels, so a few steps can fit them.
+  images = (labels[..., None] * 100 + rng.integers(0, 40, (n, size, size, 3))).astype(np.uint8)
+  return {'image': images, 'label': labels}
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
+  tiny_config.dropout_rate = 0.0
+  tiny_config.learning_rate = 1e-2
+  state = train.create_train_state(tiny_config, jax.random.key(0))
+  step = jax.jit(train.train_step, donate_argnums=0)
+  batch = _batch(tiny_config, 4)
+  losses = []
+  for _ in range(20):
+    state, step_metrics = step(state, batch, jax.random.key(1))
+    losses.append(float(step_metrics['loss']))
+  assert int(state.step) == 20
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_train_step_loss_is_cross_entropy_of_the_model(tiny_config):
+  tiny_config.dropout_rate = 0.0
+  state = train.create_train_state(tiny_config, jax.random.key(0))
+  batch = _batch(tiny_config, 2)
+  logits = state.apply_fn({'params': state.params}, batch['image'] / 255.0, train=False)
+  log_probs = jax.nn.log_softmax(logits)
+  expected = -np.mean(np.take_along_axis(np.asarray(log_probs),
+                                         batch['label'][..., None].astype(int), -1))
+  _, step_metrics = train.train_step(state, batch, jax.random.key(1))
+  np.testing.assert_allclose(step_metrics['loss'], expected, rtol=1e-5)
+
+
+def test_eval_step_counts_only_valid_examples(tiny_config):
+  state = train.create_train_state(tiny_config, jax.random.key(0))
+  batch = _batch(tiny_config, 3)
+  batch['mask'] = np.array([True, False, True])
+  confusion = train.eval_step(state, batch, tiny_config.num_classes)
+  predictions = np.asarray(train.predict(state, batch['image']))
+  expected = metrics.confusion_matrix(batch['label'][[0, 2]], predictions[[0, 2]],
+                                      tiny_config.num_classes, np.ones(2, bool))
+  np.testing.assert_array_equal(confusion, expected)
+  assert int(confusion.sum()) == 2 * tiny_config.image_size ** 2
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(tiny_config):
+  tiny_config.dtype = 'bfloat16'
+  state = train.create_train_state(tiny_config, jax.random.key(0))
+  new_state, step_metrics = train.train_step(state, _batch(tiny_config, 2), jax.random.key(1))
+  assert step_metrics['loss'].dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new_state.params))
+  jaxpr = jax.make_jaxpr(train.train_step)(state, _batch(tiny_config, 2), jax.random.key(1))
+  assert 'bf16' in str(jaxpr)
+
+
+def test_train_and_evaluate_writes_checkpoint_metrics_and_pictures(trained_workdir):
+  lines = [json.loads(l) for l in (trained_workdir / 'metrics.jsonl').read_text().splitlines()]
+  evals = [l for l in lines if l['split'] == 'eval']
+  assert [e['step'] for e in evals] == [3, 6]  # 24 examples // batch 8 = 3 steps an epoch.
+  confusion = np.array(evals[-1]['confusion_matrix'])
+  assert confusion.sum() == 12 * 16 * 16  # Every test example exactly once.
+  assert 0.0 <= evals[-1]['mean_iou'] <= 1.0
+  assert [l['step'] for l in lines if l['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
+  assert (trained_workdir / 'predictions' / 'step_6.png').read_bytes()[:4] == b'\x89PNG'
+  assert list((trained_workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert checkpoints.load_config(trained_workdir).widths == [4, 8]
+
+
+def test_second_run_resumes_from_the_saved_step(tmp_path, tiny_config, capsys):
+  tiny_config.num_epochs = 1
+  first = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert int(first.step) == 3
+  tiny_config.num_epochs = 2
+  capsys.readouterr()
+  second = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert 'resumed from step 3 of 6' in capsys.readouterr().out
+  assert int(second.step) == 6
+  train_steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+                 if json.loads(l)['split'] == 'train']
+  assert train_steps == [1, 2, 3, 4, 5, 6]  # Steps 1-3 were not run again.
