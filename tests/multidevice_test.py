@@ -1,0 +1,124 @@
+"""The same step on 1 device, 4 simulated devices, and 2 processes: the same numbers.
+
+Device counts are fixed when JAX starts, so the many-device sides run in subprocesses.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+
+from tests.conftest import ROOT
+from tests.conftest import make_tiny_config
+from unet_flax import checkpoints
+from unet_flax import input_pipeline
+from unet_flax import train
+
+# One step of the tiny model on a fixed global batch of 8, on however many devices JAX has.
+STEP = textwrap.dedent('''
+    import sys, jax, numpy as np
+    from tests.conftest import make_tiny_config
+    from unet_flax import train
+    config = make_tiny_config(None)
+    devices = train.Devices(config.batch_size)
+    step, _ = train.compile_steps(config, devices)
+    state = jax.jit(lambda k: train.create_train_state(config, k),
+                    out_shardings=devices.replicated)(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (8, 16, 16)).astype(np.uint8)
+    batch = {'image': rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8), 'label': labels}
+    state, metrics = step(state, devices.put(batch), jax.random.key(1))
+    leaves = jax.tree.leaves(jax.device_get(state.params))
+    np.savez(sys.argv[1], loss=metrics['loss'], devices=jax.device_count(), *leaves)
+''')
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', UNET_FLAX_CACHE='')
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def test_four_devices_give_the_same_step_as_one(tmp_path):
+  results = []
+  for devices in (1, 4):
+    out = tmp_path / f'{devices}.npz'
+    subprocess.run([sys.executable, '-c', STEP, str(out)], env=_env(devices), cwd=ROOT,
+                   check=True, timeout=300)
+    results.append(np.load(out))
+  one, four = results
+  assert int(one['devices']) == 1 and int(four['devices']) == 4
+  np.testing.assert_allclose(four['loss'], one['loss'], atol=1e-5)
+  leaves = [k for k in one.files if k.startswith('arr_')]
+  assert leaves
+  for key in leaves:
+    np.testing.assert_allclose(four[key], one[key], atol=1e-5)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _reference_run(config):
+  """One process, one device, fed the global batches the 2 processes assemble between them."""
+  read = lambda split, p: input_pipeline.load_split(
+      config.dataset, split, data_dir=config.data_dir, image_size=config.image_size,
+      num_classes=config.num_classes, process_index=p, process_count=2)
+  shards = [read(config.train_split, p) for p in range(2)]
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  state = train.create_train_state(config, init_rng)
+  step = jax.jit(train.train_step)
+  per_epoch = train.steps_per_epoch(config, shards[0].num_examples)
+  for epoch in range(config.num_epochs):
+    local = [input_pipeline.train_batches(s, config.batch_size // 2, seed=config.seed,
+                                          epoch=epoch, process_index=p, num_steps=per_epoch)
+             for p, s in enumerate(shards)]
+    for parts in zip(*local):
+      batch = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+      state, _ = step(state, batch, dropout_rng)
+  eval_shards = [read(config.eval_split, p) for p in range(2)]
+  confusion = sum(
+      np.asarray(train.eval_step(state, batch, config.num_classes))
+      for s in eval_shards for batch in input_pipeline.eval_batches(s, 4, process_count=2))
+  return state, confusion
+
+
+def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, tfds_dir):
+  config = make_tiny_config(tfds_dir)
+  config.num_epochs = 1
+  input_pipeline.get_builder(config.dataset, tfds_dir)  # Prepared once, before both start.
+  port = _free_port()
+  workdir = tmp_path / 'run'
+  overrides = [f'--config.{k}={v}' for k, v in
+               [('dataset', config.dataset), ('data_dir', tfds_dir), ('image_size', 16),
+                ('widths', '(4,8)'), ('batch_size', 8), ('num_epochs', 1)]]
+  processes = [
+      subprocess.Popen(
+          [sys.executable, 'train.py', '--config', 'configs/quickstart.py',
+           f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+           '--num_processes=2', f'--process_id={i}', *overrides],
+          env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out
+  assert '4 cpu device(s), 2 process(es)' in outputs[0]
+
+  reference, reference_confusion = _reference_run(config)
+  manager = checkpoints.Manager(workdir, config)
+  restored = manager.restore_or(train.create_train_state(config, jax.random.key(9)))
+  manager.close()
+  assert int(restored.step) == int(reference.step) == 3
+  for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(reference.params)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  last_eval = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+               if json.loads(l)['split'] == 'eval'][-1]
+  np.testing.assert_array_equal(last_eval['confusion_matrix'], reference_confusion)
+  assert reference_confusion.sum() == 12 * 16 * 16
