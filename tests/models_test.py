@@ -60,3 +60,13 @@ def test_dropout_only_in_training():
   a, b = (model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(i)})
           for i in (2, 3))
   assert not np.allclose(a, b)
+
+
+def test_max_pool_2x2_equals_flax_max_pool():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 12, 4))
+  np.testing.assert_array_equal(models.max_pool_2x2(x),
+                                nn.max_pool(x, (2, 2), strides=(2, 2)))
+  # Without ties the gradients agree exactly too.
+  g = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * jnp.arange(4.0)))(x)
+  np.testing.assert_array_equal(g(models.max_pool_2x2),
+                                g(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))

@@ -70,6 +70,23 @@ class Upsample(nn.Module):
     return y.reshape(b, 2 * h, 2 * w, self.features) + bias
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """`nn.max_pool(x, (2, 2), strides=(2, 2))` for even H, W, as a reshape and a max.
+
+  The same values; its gradient is an elementwise select, where `nn.max_pool`'s is XLA's
+  select-and-scatter, which costs about 3x as much on CPU. (At ties within a window, which after
+  a ReLU are zeros whose gradient is zero anyway, the gradient is shared instead of picked.)
+
+  Args:
+    x: [B, H, W, C] with even H and W.
+
+  Returns:
+    [B, H/2, W/2, C].
+  """
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class ConvBlock(nn.Module):
   """Two 3x3 'same' convolutions, each followed by a ReLU."""
 
@@ -114,7 +131,7 @@ class UNet(nn.Module):
     for i, width in enumerate(self.widths):
       x = ConvBlock(width, dtype=self.dtype, name=f'down_{i}')(x)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = ConvBlock(2 * self.widths[-1], dtype=self.dtype, name='bottleneck')(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     for i, (width, skip) in reversed(list(enumerate(zip(self.widths, skips)))):

@@ -1,0 +1,171 @@
+"""Benchmark: python -m unet_flax.bench [--config configs/default.py] [--batch_sizes 8,16,64]
+
+Prints, for the config's model at its image size: train-step img/s per batch size, the step's
+FLOPs (XLA's cost analysis) and achieved GFLOP/s, this machine's float32 matmul GFLOP/s measured in
+the same run (the limit) and the ratio of the two, eval img/s, compile times, and the input
+pipeline's cached-pass img/s. A table on stdout, and JSON (--json). Runs unchanged on CPU or GPU.
+
+Two FLOP counts are given: `model` counts the U-Net as the chapter defines it (transposed
+convolutions, nothing else), which is the work any implementation must do; `xla` is what XLA
+counts for the compiled step, which includes the zero taps of our phase-split upsampling. Achieved
+GFLOP/s and the ratio to the matmul limit use the model count: it is the honest one.
+"""
+
+import functools
+import json
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from unet_flax import input_pipeline
+from unet_flax import runtime
+from unet_flax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/default.py', 'The model to measure.')
+flags.DEFINE_list('batch_sizes', ['8', '16', '64'], 'Train-step batch sizes.')
+flags.DEFINE_integer('repeats', 3, 'Timed steps per batch size (after one warm-up step).')
+flags.DEFINE_integer('matmul_size', 4096, 'n of the n x n x n float32 matmul that sets the limit.')
+flags.DEFINE_string('json', 'bench.json', 'Where to write the results as JSON ("" for nowhere).')
+
+
+def _timed(fn, *args, repeats: int) -> float:
+  """Seconds per call, after one warm-up call; blocks on the results."""
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def matmul_gflops(n: int, repeats: int, dtype=jnp.float32) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  seconds = _timed(jax.jit(jnp.matmul), a, b, repeats=repeats)
+  return 2 * n ** 3 / seconds / 1e9
+
+
+def _batch(config, batch_size: int, devices: train.Devices) -> dict:
+  rng = np.random.default_rng(0)
+  size = config.image_size
+  return devices.put({
+      'image': rng.integers(0, 256, (batch_size, size, size, 3), np.uint8),
+      'label': rng.integers(0, config.num_classes, (batch_size, size, size), np.uint8),
+      'mask': np.ones(batch_size, bool),
+  })
+
+
+def model_flops(config, state, batch) -> float:
+  """FLOPs of one train step of the chapter's formulation (nn.ConvTranspose upsampling)."""
+  model = train.create_model(config).clone(fast_upsample=False)
+  reference = state.replace(apply_fn=model.apply)
+  lowered = jax.jit(train.train_step).lower(reference, batch, jax.random.key(0))
+  return lowered.cost_analysis()['flops']
+
+
+def bench_train(config, batch_size: int, repeats: int) -> dict:
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch_size
+  devices = train.Devices(batch_size)
+  state = jax.jit(functools.partial(train.create_train_state, config),
+                  out_shardings=devices.replicated)(jax.random.key(0))
+  batch = {k: v for k, v in _batch(config, batch_size, devices).items() if k != 'mask'}
+  step, _ = train.compile_steps(config, devices)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch, jax.random.key(0)).compile()
+  compile_seconds = time.perf_counter() - start
+  xla_flops = compiled.cost_analysis()['flops']
+  flops = model_flops(config, state, batch)
+
+  def run(state):
+    return compiled(state, batch, jax.random.key(0))[0]
+  jax.block_until_ready(state := run(state))  # Warm-up.
+  start = time.perf_counter()
+  for _ in range(repeats):
+    state = run(state)
+  jax.block_until_ready(state)
+  seconds = (time.perf_counter() - start) / repeats
+  return {
+      'batch_size': batch_size, 'step_seconds': seconds, 'images_per_second': batch_size / seconds,
+      'compile_seconds': compile_seconds, 'model_gflop': flops / 1e9, 'xla_gflop': xla_flops / 1e9,
+      'gflops_per_second': flops / seconds / 1e9,
+  }
+
+
+def bench_eval(config, batch_size: int, repeats: int) -> dict:
+  devices = train.Devices(batch_size)
+  state = jax.jit(functools.partial(train.create_train_state, config),
+                  out_shardings=devices.replicated)(jax.random.key(0))
+  _, evaluate = train.compile_steps(config, devices)
+  batch = _batch(config, batch_size, devices)
+  start = time.perf_counter()
+  compiled = evaluate.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - start
+  seconds = _timed(compiled, state, batch, repeats=repeats)
+  return {'batch_size': batch_size, 'images_per_second': batch_size / seconds,
+          'compile_seconds': compile_seconds}
+
+
+def bench_cached_input(config, batch_size: int, num_examples: int = 2048) -> float:
+  """img/s of the cached pass: batches gathered from in-memory uint8 arrays."""
+  rng = np.random.default_rng(0)
+  size = config.image_size
+  split = input_pipeline.Split(
+      rng.integers(0, 256, (num_examples, size, size, 3), np.uint8),
+      rng.integers(0, config.num_classes, (num_examples, size, size), np.uint8), num_examples)
+  start = time.perf_counter()
+  n = sum(len(b['image']) for b in input_pipeline.train_batches(
+      split, batch_size, seed=0, epoch=0, process_index=0))
+  return n / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  runtime.enable_compilation_cache()
+  config = FLAGS.config
+  device = jax.devices()[0]
+  results = {
+      'device': f'{jax.device_count()} x {device.device_kind} ({device.platform})',
+      'host': platform.processor() or platform.machine(),
+      'image_size': config.image_size, 'widths': list(config.widths), 'dtype': config.dtype,
+  }
+  print(f'unet-flax benchmark: {results["device"]}, {config.image_size}x{config.image_size}, '
+        f'widths {tuple(config.widths)}, {config.dtype}', flush=True)
+  limit = matmul_gflops(FLAGS.matmul_size, FLAGS.repeats)
+  results['matmul_gflops_per_second'] = limit
+  print(f'float32 matmul {FLAGS.matmul_size}^3: {limit:.1f} GFLOP/s (the limit)', flush=True)
+
+  print(f'{"batch":>5} {"img/s":>9} {"step s":>8} {"model GFLOP":>11} {"xla GFLOP":>10} '
+        f'{"GFLOP/s":>8} {"of limit":>8} {"compile s":>9}', flush=True)
+  results['train'] = []
+  for batch_size in map(int, FLAGS.batch_sizes):
+    r = bench_train(config, batch_size, FLAGS.repeats)
+    r['fraction_of_matmul'] = r['gflops_per_second'] / limit
+    results['train'].append(r)
+    print(f'{batch_size:>5} {r["images_per_second"]:>9.2f} {r["step_seconds"]:>8.3f} '
+          f'{r["model_gflop"]:>11.1f} {r["xla_gflop"]:>10.1f} {r["gflops_per_second"]:>8.1f} '
+          f'{r["fraction_of_matmul"]:>8.1%} {r["compile_seconds"]:>9.1f}', flush=True)
+
+  eval_batch = int(FLAGS.batch_sizes[-1])
+  results['eval'] = bench_eval(config, eval_batch, FLAGS.repeats)
+  print(f'eval: {results["eval"]["images_per_second"]:.1f} img/s at batch {eval_batch} '
+        f'(compile {results["eval"]["compile_seconds"]:.1f}s)', flush=True)
+  results['input_cached_images_per_second'] = bench_cached_input(config, eval_batch)
+  print(f'input pipeline, cached pass: {results["input_cached_images_per_second"]:,.0f} img/s '
+        f'(python bench/input_pipeline.py measures the first pass too)', flush=True)
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump(results, f, indent=2)
+    print(f'wrote {FLAGS.json}')
+
+
+if __name__ == '__main__':
+  sys.exit(app.run(main))
