@@ -259,6 +259,10 @@ class SyntheticPets(tfds.core.GeneratorBasedBuilder):
       }
 
 
-def builder(config_name: str, data_dir) -> tfds.core.DatasetBuilder:
-  """The `synthetic_pets/<config_name>` builder over data_dir, reading/writing array_record."""
-  return tfds.builder(f'synthetic_pets/{config_name}', data_dir=data_dir, file_format=_FORMAT)
+def builder(config_name: str | None, data_dir) -> tfds.core.DatasetBuilder:
+  """The `synthetic_pets/<config_name>` builder over data_dir, reading/writing array_record.
+
+  config_name None (the data set named without a config) is the default config, `small`.
+  """
+  name = f'synthetic_pets/{config_name}' if config_name else 'synthetic_pets'
+  return tfds.builder(name, data_dir=data_dir, file_format=_FORMAT)
