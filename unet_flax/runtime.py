@@ -8,10 +8,11 @@ from etils import epath
 from unet_flax import errors
 
 
-def compilation_cache_dir() -> epath.Path:
-  """$UNET_FLAX_CACHE, else the user cache directory ($XDG_CACHE_HOME or ~/.cache)."""
+def compilation_cache_dir() -> epath.Path | None:
+  """$UNET_FLAX_CACHE (None if set empty), else the user cache directory ($XDG_CACHE_HOME or
+  ~/.cache)."""
   if 'UNET_FLAX_CACHE' in os.environ:
-    return epath.Path(os.environ['UNET_FLAX_CACHE'])
+    return epath.Path(os.environ['UNET_FLAX_CACHE']) if os.environ['UNET_FLAX_CACHE'] else None
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return epath.Path(base) / 'unet_flax' / 'jax'
 
@@ -22,7 +23,7 @@ def enable_compilation_cache() -> None:
   Set UNET_FLAX_CACHE='' to turn it off.
   """
   path = compilation_cache_dir()
-  if not str(path):
+  if path is None:
     return
   try:
     path.mkdir(parents=True, exist_ok=True)
