@@ -1,4 +1,9 @@
-"""PNG pictures for people: predictions beside the truth, with a legend for the class colours."""
+"""PNG pictures for people: predictions beside the truth, confusion matrices, training curves.
+
+Every picture has a title, labelled axes and a legend for the class colours.
+"""
+
+import json
 
 import matplotlib
 
@@ -7,7 +12,7 @@ matplotlib.use('Agg')  # Files only; never a window.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from etils import epath
-from matplotlib.colors import ListedColormap  # pylint: disable=g-import-not-at-top
+from matplotlib.colors import ListedColormap, to_rgb  # pylint: disable=g-import-not-at-top
 from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
 
 from unet_flax import input_pipeline
@@ -32,34 +37,128 @@ def _legend(fig, num_classes: int) -> None:
   fig.legend(handles=handles, loc='lower center', ncol=num_classes, frameon=False)
 
 
+def _save(fig, path) -> None:
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
 def predictions(path, image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
-                title: str = '', num_classes: int = 3) -> None:
+                title: str = '', num_classes: int = 3, row_titles=None) -> None:
   """Rows of input / true mask / predicted mask, like the chapter's `display()`.
 
   Args:
     path: the PNG to write (parent directories are created).
-    image: [N, H, W, 3] uint8.
-    label, prediction: [N, H, W] int in [0, num_classes).
+    image: [N, H, W, 3] uint8, or a list of N [H_i, W_i, 3] (rows may differ in size).
+    label, prediction: [N, H, W] int in [0, num_classes), or lists of [H_i, W_i].
+    row_titles: N strings that replace 'Input Image' above each row (e.g. its name and IoU).
   """
   cmap = ListedColormap(class_colors(num_classes))
   n = len(image)
-  fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n + 0.6), squeeze=False)
+  height = 3 * n + 0.6 + (0.4 if title else 0)
+  fig, axes = plt.subplots(n, 3, figsize=(9, height), squeeze=False)
   for row in range(n):
     for col, (picture, name) in enumerate(
-        [(image[row], 'Input Image'), (label[row], 'True Mask'),
-         (prediction[row], 'Predicted Mask')]):
+        [(image[row], row_titles[row] if row_titles else 'Input Image'),
+         (label[row], 'True Mask'), (prediction[row], 'Predicted Mask')]):
       ax = axes[row, col]
       if picture.ndim == 3:
         ax.imshow(picture)
       else:
         ax.imshow(picture, cmap=cmap, vmin=0, vmax=num_classes - 1, interpolation='nearest')
-      ax.set_title(name)
+      ax.set_title(name, fontsize=9 if row_titles and col == 0 else None)
       ax.axis('off')
   if title:
     fig.suptitle(title)
   _legend(fig, num_classes)
-  fig.tight_layout(rect=(0, 0.05, 1, 1))
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  # Room at the bottom for the legend and, with a title, at the top for it.
+  fig.tight_layout(rect=(0, 0.4 / height, 1, 1 - (0.4 / height if title else 0)))
+  _save(fig, path)
+
+
+def overlay(image: np.ndarray, classes: np.ndarray, num_classes: int,
+            alpha: float = 0.45) -> np.ndarray:
+  """The photo with each pixel tinted by its class colour.
+
+  Args:
+    image: [H, W, 3] uint8.
+    classes: [H, W] int in [0, num_classes).
+
+  Returns:
+    [H, W, 3] uint8.
+  """
+  palette = np.array([to_rgb(c) for c in class_colors(num_classes)], np.float32) * 255
+  tinted = (1 - alpha) * image.astype(np.float32) + alpha * palette[classes]
+  return np.round(tinted).astype(np.uint8)
+
+
+def confusion_matrix(path, confusion: np.ndarray, title: str = '') -> None:
+  """A heat map of the row-normalised confusion matrix, each cell with its % and pixel count.
+
+  Args:
+    path: the PNG to write.
+    confusion: [K, K] counts; row = true class, column = predicted class.
+  """
+  confusion = np.asarray(confusion, np.int64)
+  k = len(confusion)
+  names = class_names(k)
+  # Row-normalised: each row shows where the pixels of one true class went (its recall on the
+  # diagonal), which raw counts hide when the classes differ in size.
+  percent = 100 * confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+  fig, ax = plt.subplots(figsize=(1.6 * k + 2.6, 1.4 * k + 1.6))
+  im = ax.imshow(percent, cmap='Blues', vmin=0, vmax=100)
+  for t in range(k):
+    for p in range(k):
+      ax.text(p, t, f'{percent[t, p]:.1f}%\n{confusion[t, p]:,} px', ha='center', va='center',
+              fontsize=9, color='white' if percent[t, p] > 55 else 'black')
+  ax.set_xticks(range(k), names)
+  ax.set_yticks(range(k), names)
+  ax.set_xlabel('predicted class')
+  ax.set_ylabel('true class')
+  ax.set_title(title or 'confusion matrix', fontsize=10)
+  fig.colorbar(im, ax=ax, label='% of the true class\'s pixels')
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def _read_metrics(path: epath.Path) -> list[dict]:
+  """The records of metrics.jsonl; a line cut short by a killed run is skipped."""
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return records
+
+
+def curves(workdir) -> epath.Path:
+  """Draws <workdir>/metrics.jsonl as <workdir>/curves.png: train loss and eval IoU by step."""
+  workdir = epath.Path(workdir)
+  records = _read_metrics(workdir / 'metrics.jsonl')
+  train = [(r['step'], r['loss']) for r in records if r.get('split') == 'train' and 'loss' in r]
+  evals = [r for r in records if r.get('split') == 'eval' and 'mean_iou' in r]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  if train:
+    left.plot(*zip(*train), '.-' if len(train) < 50 else '-', color='#4e79a7', label='train loss')
+  left.set_xlabel('step')
+  left.set_ylabel('cross-entropy')
+  left.set_title('training loss')
+  left.legend()
+  steps = [r['step'] for r in evals]
+  right.plot(steps, [r['mean_iou'] for r in evals], 'o-', color='#f28e2b', label='mean IoU')
+  right.plot(steps, [r['pixel_accuracy'] for r in evals], 's--', color='#59a14f',
+             label='pixel accuracy')
+  right.set_xlabel('step')
+  right.set_ylabel('score')
+  right.set_ylim(0, 1)
+  right.set_title('evaluation')
+  right.legend(loc='lower right')
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+  fig.suptitle(f'{workdir.name}: training curves')
+  fig.tight_layout()
+  path = workdir / 'curves.png'
+  _save(fig, path)
+  return path

@@ -97,8 +97,9 @@ class Reporter:
         'confusion_matrix': results['confusion_matrix'].tolist(),
     }
     self._record(step, 'eval', values)
+    from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
+    plots.curves(self.workdir)
     if sample is not None:
-      from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
       path = self.workdir / 'predictions' / f'step_{step}.png'
       plots.predictions(path, **sample, title=f'step {step}, mean IoU {values["mean_iou"]:.3f}')
     # The timer restarts so that evaluation does not count against training speed.

@@ -1,0 +1,48 @@
+"""Scores a trained workdir: python evaluate.py --workdir runs/pets [--original_resolution]
+
+Prints per-class IoU and Dice, mean IoU and pixel accuracy, and writes them as JSON with a
+confusion-matrix PNG and a gallery of the worst images (<workdir>/eval/step_<N>*, or --out).
+By default the split is scored as the trainer scores it (its pipeline and eval step, so the
+numbers equal its metrics.jsonl); --original_resolution scores each image at its own size.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
+flags.DEFINE_integer('step', None, 'Checkpoint step to score; default: the latest.')
+flags.DEFINE_string('split', None, "Split to score; default: the run's config.eval_split.")
+flags.DEFINE_string('dataset', None, "tfds data set to score on; default: the run's.")
+flags.DEFINE_string('data_dir', None, "tfds data_dir; default: the run's.")
+flags.DEFINE_bool('original_resolution', False,
+                  "Score at each image's original size (logits upsampled bilinearly) instead "
+                  "of at the network's image_size.")
+flags.DEFINE_integer('worst_k', 6, 'Images in the gallery of the worst; 0: no gallery.',
+                     lower_bound=0)
+flags.DEFINE_string('out', None, 'A .json file, or a directory; default: <workdir>/eval.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
+  from unet_flax import errors  # pylint: disable=g-import-not-at-top  (fast --help)
+  from unet_flax import inference  # pylint: disable=g-import-not-at-top
+  from unet_flax import runtime  # pylint: disable=g-import-not-at-top
+  try:
+    runtime.enable_compilation_cache()
+    inference.evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, dataset=FLAGS.dataset,
+                       data_dir=FLAGS.data_dir, original_resolution=FLAGS.original_resolution,
+                       worst_k=FLAGS.worst_k, out=FLAGS.out)
+  except errors.UserError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

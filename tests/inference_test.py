@@ -1,0 +1,160 @@
+"""Restoring read-only, reading photos of any mode, predict.py and evaluation, on tiny data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from unet_flax import errors
+from unet_flax import inference
+from unet_flax import input_pipeline
+
+ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, *args):
+  """Runs a top-level script; its compile cache goes to tmp_path, not to the user's."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', UNET_FLAX_CACHE=str(tmp_path / 'cache'))
+  return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _listing(directory):
+  return sorted((str(p.relative_to(directory)), p.stat().st_mtime_ns)
+                for p in directory.rglob('*'))
+
+
+def _gradient(height, width):
+  """[H, W, 3] uint8: a picture that differs along both axes, so a rotation shows."""
+  y, x = np.mgrid[:height, :width]
+  return np.stack([x * 255 // width, y * 255 // height, (x * y) % 256], -1).astype(np.uint8)
+
+
+def test_load_model_reads_latest_or_given_step_and_writes_nothing(trained_workdir):
+  before = _listing(trained_workdir)
+  config, state = inference.load_model(trained_workdir)
+  assert int(state.step) == 6 and config.widths == [4, 8]
+  _, older = inference.load_model(trained_workdir, step=3)
+  assert int(older.step) == 3
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), state.params, older.params)
+  assert any(jax.tree.leaves(changed))
+  assert _listing(trained_workdir) == before
+
+
+def test_load_model_errors_name_the_path_and_what_to_do(trained_workdir, tmp_path):
+  with pytest.raises(errors.UserError, match=r'no checkpoint of step 5.*one of 3, 4, 6'):
+    inference.load_model(trained_workdir, step=5)
+  with pytest.raises(errors.UserError, match=r'missing is not a directory.*training run'):
+    inference.load_model(tmp_path / 'missing')
+  with pytest.raises(errors.UserError, match=r'checkpoints holds no checkpoint; train first'):
+    inference.load_model(tmp_path)
+
+
+def test_to_rgb_handles_16_bit_alpha_and_exif_rotation(tmp_path):
+  sixteen = Image.fromarray(np.full((4, 6), 128 * 257, np.uint16))  # 257: 0..65535 -> 0..255.
+  assert sixteen.mode == 'I;16'
+  np.testing.assert_array_equal(np.asarray(inference.to_rgb(sixteen)), 128)  # Not clipped white.
+  clear = Image.fromarray(np.zeros((3, 3, 4), np.uint8), 'RGBA')
+  np.testing.assert_array_equal(np.asarray(inference.to_rgb(clear)), 255)  # Shown on white.
+  image = Image.fromarray(_gradient(5, 9))
+  exif = image.getexif()
+  exif[0x0112] = 6  # Stored landscape, shown portrait (turned 90 degrees clockwise).
+  image.save(tmp_path / 'turned.png', exif=exif)
+  with Image.open(tmp_path / 'turned.png') as turned:
+    assert inference.upright_size(turned) == (9, 5)
+    np.testing.assert_array_equal(np.asarray(inference.to_rgb(turned)),
+                                  np.rot90(_gradient(5, 9), k=-1))
+
+
+def test_upsample_classes_is_bilinear_resize_of_the_logits():
+  logits = np.random.default_rng(0).standard_normal((16, 16, 3)).astype(np.float32)
+  for height, width in [(37, 100), (9, 20)]:  # One compiled bucket (128) serves both.
+    expected = np.argmax(jax.image.resize(logits, (height, width, 3), 'bilinear'), axis=-1)
+    np.testing.assert_array_equal(inference.upsample_classes(logits, height, width), expected)
+
+
+def test_predict_cli_writes_masks_at_original_sizes_and_skips_unreadable(trained_workdir,
+                                                                         tmp_path):
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  Image.fromarray(_gradient(40, 70)).save(photos / 'wide.jpg')
+  Image.fromarray(_gradient(90, 30)).convert('L').save(photos / 'tall_grey.png')
+  Image.fromarray(np.dstack([_gradient(33, 33), np.full((33, 33), 99, np.uint8)]),
+                  'RGBA').save(photos / 'alpha.png')
+  Image.fromarray(_gradient(50, 60)).convert('P').save(photos / 'palette.gif')
+  Image.fromarray(np.arange(20 * 25, dtype=np.uint16).reshape(20, 25) * 100).save(
+      photos / 'deep.png')
+  assert Image.open(photos / 'deep.png').mode == 'I;16'
+  (photos / 'broken.jpg').write_bytes(b'not an image')
+  good = {'wide': (40, 70), 'tall_grey': (90, 30), 'alpha': (33, 33), 'palette': (50, 60),
+          'deep': (20, 25)}
+  out = tmp_path / 'masks'
+  result = _run(tmp_path, 'predict.py', '--workdir', trained_workdir, '--out', out,
+                '--batch_size', 4, *sorted(photos.iterdir()))
+  assert result.returncode == 1, result.stderr
+  errors_lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert errors_lines[0] == f'error: {photos / "broken.jpg"}: cannot read (not an image format ' \
+                            'PIL knows); skipped'
+  assert errors_lines[1] == 'error: 1 of 6 images could not be read (named above)'
+  assert 'Traceback' not in result.stderr
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      f'{stem}_{kind}.png' for stem in good for kind in ('mask', 'overlay'))
+  for stem, size in good.items():
+    mask = np.asarray(Image.open(out / f'{stem}_mask.png'))
+    assert mask.shape == size and mask.dtype == np.uint8 and mask.max() < 3, stem
+    overlay = Image.open(out / f'{stem}_overlay.png')
+    assert overlay.mode == 'RGB' and overlay.size == size[::-1]
+
+
+def test_predict_refuses_an_out_that_is_a_file(trained_workdir, tmp_path):
+  config, state = inference.load_model(trained_workdir)
+  (tmp_path / 'masks').write_text('')
+  with pytest.raises(errors.UserError, match='--out .*masks is a file'):
+    inference.predict_files(state, config, ['x.jpg'], tmp_path / 'masks')
+  with pytest.raises(errors.UserError, match=r'a/x.jpg and b/x.png would both write'):
+    inference.predict_files(state, config, ['a/x.jpg', 'b/x.png'], tmp_path / 'out')
+
+
+def test_evaluate_equals_the_trainers_eval_and_draws_pictures(trained_workdir, tmp_path):
+  lines = [json.loads(l) for l in (trained_workdir / 'metrics.jsonl').read_text().splitlines()]
+  trainer = [l for l in lines if l['split'] == 'eval'][-1]
+  printed = []
+  report = inference.evaluate(trained_workdir, out=tmp_path, worst_k=2, log=printed.append)
+  assert report['step'] == trainer['step'] == 6
+  assert report['confusion_matrix'] == trainer['confusion_matrix']
+  assert report['mean_iou'] == trainer['mean_iou']
+  assert report['pixel_accuracy'] == trainer['pixel_accuracy']
+  assert "at the network's 16x16 resolution" in printed[0]
+  assert json.loads((tmp_path / 'step_6.json').read_text()) == report
+  for png in ('step_6_confusion.png', 'step_6_worst.png'):
+    assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+  worst = [w['mean_iou'] for w in report['worst']]
+  assert len(worst) == 2 and worst == sorted(worst)
+
+
+def test_evaluate_at_original_resolution_counts_every_original_pixel(trained_workdir, tfds_dir,
+                                                                     tmp_path):
+  printed = []
+  report = inference.evaluate(trained_workdir, out=tmp_path / 'original.json', worst_k=1,
+                              original_resolution=True, log=printed.append)
+  source = input_pipeline.get_builder('synthetic_pets/tiny', tfds_dir).as_data_source(
+      split='test', decoders={'image': tfds.decode.SkipDecoding()})
+  pixels = sum(int(np.prod(source[i]['segmentation_mask'].shape)) for i in range(len(source)))
+  assert pixels != 12 * 16 * 16
+  assert np.sum(report['confusion_matrix']) == pixels
+  assert "at each image's original resolution" in printed[0]
+  assert (tmp_path / 'original_worst.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_evaluate_cli_reports_a_missing_workdir_in_one_line(tmp_path):
+  result = _run(tmp_path, 'evaluate.py', '--workdir', tmp_path / 'nowhere')
+  assert result.returncode == 1
+  assert result.stderr.strip() == (f'error: --workdir {tmp_path / "nowhere"} is not a directory; '
+                                   'pass the --workdir of a training run '
+                                   '(python train.py --workdir ...)')

@@ -1,0 +1,136 @@
+"""The trained model as one serialized StableHLO function (`jax.export`), usable without this code.
+
+`export(workdir, out)` writes two files:
+
+  <out>/model.jax_export  the inference function: uint8 images [B, S, S, 3] -> float32 logits
+                          [B, S, S, K], the batch size B free (symbolic); the parameters are
+                          baked in as constants, lowered for CPU, CUDA and TPU.
+  <out>/model.json        image_size S, num_classes K, class names, the checkpoint step.
+
+The parameters are baked in so that the artifact is one self-contained file: loading it needs
+only jax (no Flax, no orbax, no parameter tree to rebuild and keep in step with the function).
+The price is a new export for every checkpoint, and a file as large as the parameters
+(about 31 MB for the default U-Net), which is what a parameter file beside it would weigh too.
+
+Using it, without this package (and the photo's own size back, as predict.py does):
+
+  import json
+  import jax
+  import numpy as np
+  from PIL import Image
+
+  model_dir, photo_path = 'model', 'cat.jpg'
+  info = json.load(open(f'{model_dir}/model.json'))
+  with open(f'{model_dir}/model.jax_export', 'rb') as f:
+    model = jax.export.deserialize(bytearray(f.read()))
+
+  photo = Image.open(photo_path).convert('RGB')
+  size = info['image_size']
+  images = np.asarray(photo.resize((size, size), Image.BILINEAR))[None]  # [1, S, S, 3] uint8
+  logits = model.call(images)  # [1, S, S, K] float32; any batch size works
+  # Bilinear on the logits back to the photo's size, then the most likely class per pixel.
+  logits = jax.image.resize(logits[0], (photo.height, photo.width, info['num_classes']),
+                            'bilinear')
+  mask = np.asarray(logits.argmax(-1), np.uint8)  # [H, W]: 0 pet, 1 background, 2 border
+  print({name: float((mask == k).mean()) for k, name in enumerate(info['class_names'])})
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+from unet_flax import errors
+from unet_flax import inference
+
+MODEL_FILE = 'model.jax_export'
+INFO_FILE = 'model.json'
+# Lowered for each: the file then runs wherever the user's jax runs, not only where it was made.
+PLATFORMS = ('cpu', 'cuda', 'tpu')
+KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names ('gpu' is not one).
+
+
+def export_model(state, config, *, batch_size: int | None = None,
+                 platforms=PLATFORMS) -> jax.export.Exported:
+  """The model's forward pass, parameters baked in, as a `jax.export.Exported`.
+
+  Args:
+    state: a train state (its params and apply_fn).
+    config: its config (image_size).
+    batch_size: a fixed batch size; None: symbolic, any batch size at call time.
+    platforms: what to lower for.
+  """
+
+  def serve(images):
+    """images: [B, S, S, 3] uint8 -> logits [B, S, S, K] float32."""
+    return inference.logits_fn(state, images)  # The closed-over params become constants.
+
+  batch = jax.export.symbolic_shape('b')[0] if batch_size is None else batch_size
+  spec = jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, 3), jnp.uint8)
+  return jax.export.export(jax.jit(serve), platforms=platforms)(spec)
+
+
+def _check_out(out: epath.Path, overwrite: bool) -> None:
+  """Refuses a file, or a directory that holds files, unless told to overwrite."""
+  if out.exists() and not out.is_dir():
+    raise errors.UserError(f'--out {out} is a file; pass a directory for the exported model')
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise errors.UserError(f'--out {out} is not empty; pass --overwrite to replace '
+                           f'{MODEL_FILE} and {INFO_FILE} there, or choose another --out')
+
+
+def _write(out: epath.Path, files: dict[str, bytes | str]) -> None:
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+      path = out / name
+      path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+  except OSError as e:
+    raise errors.UserError(f'cannot write to --out {out} ({e.strerror or e}); '
+                           'choose a writable path') from None
+
+
+def export(workdir, out, *, step: int | None = None, batch_size: int | None = None,
+           overwrite: bool = False, platforms=PLATFORMS) -> dict:
+  """Writes <out>/model.jax_export and <out>/model.json for a checkpoint of `workdir`.
+
+  Args:
+    workdir: a training run's --workdir.
+    out: the directory to write; refused if it holds files, unless `overwrite`.
+    step: the checkpoint; None: the latest.
+    batch_size: fixed batch size; None: symbolic.
+    platforms: what to lower for.
+
+  Returns:
+    The contents of model.json.
+  """
+  from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
+  unknown = sorted(set(platforms) - set(KNOWN_PLATFORMS))
+  if unknown or not platforms:
+    raise errors.UserError(f'--platforms {",".join(platforms)}: {", ".join(unknown) or "none"} '
+                           f'not known; choose from {",".join(KNOWN_PLATFORMS)}')
+  out = epath.Path(out)
+  _check_out(out, overwrite)
+  config, state = inference.load_model(workdir, step)
+  exported = export_model(state, config, batch_size=batch_size, platforms=platforms)
+  batch = 'b' if batch_size is None else batch_size
+  size, k = config.image_size, config.num_classes
+  info = {
+      'format': f'jax.export (StableHLO), calling convention {exported.calling_convention_version}',
+      'file': MODEL_FILE,
+      'image_size': size,
+      'num_classes': k,
+      'class_names': plots.class_names(k),
+      'input': {'shape': [batch, size, size, 3], 'dtype': 'uint8',
+                'meaning': 'RGB images resized to image_size x image_size, 0..255'},
+      'output': {'shape': [batch, size, size, k], 'dtype': 'float32',
+                 'meaning': 'logits; the argmax over the last axis is the class'},
+      'platforms': list(exported.platforms),
+      'step': int(state.step),
+      'workdir': str(workdir),
+      'jax_version': jax.__version__,
+  }
+  _write(out, {MODEL_FILE: bytes(exported.serialize()),
+               INFO_FILE: json.dumps(info, indent=2) + '\n'})
+  return info

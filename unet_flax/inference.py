@@ -1,0 +1,571 @@
+"""Using a trained workdir: the model restored read-only, photos of any kind, evaluation.
+
+`load_model(workdir)` rebuilds the model from <workdir>/config.json and a checkpoint without
+writing anything there, so it is safe while a training run is still going. Photos are read as
+the trainer reads its data (JPEG drafted, bilinear resize to config.image_size); the logits are
+then upsampled bilinearly to each photo's own size before the argmax, so that masks follow the
+outlines at full resolution instead of showing the network's pixel grid.
+
+`evaluate(workdir)` scores a split with the trainer's own pipeline and eval step, so its numbers
+are the trainer's; with `original_resolution=True` it scores against the original-size trimaps.
+"""
+
+import functools
+import io
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+from PIL import ImageOps
+
+from unet_flax import checkpoints
+from unet_flax import errors
+from unet_flax import input_pipeline
+from unet_flax import metrics
+from unet_flax import train
+
+# What PIL raises on files that are not images, are cut short, or are too large to decode.
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+# ---------------------------------------------------------------------------------------------
+# The model, restored read-only.
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of the checkpoints under <workdir>/checkpoints, oldest first."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _check_trained(workdir: epath.Path) -> None:
+  if not workdir.is_dir():
+    raise errors.UserError(f'--workdir {workdir} is not a directory; pass the --workdir of a '
+                           'training run (python train.py --workdir ...)')
+  if not checkpoint_steps(workdir):
+    raise errors.UserError(f'{workdir / "checkpoints"} holds no checkpoint; train first '
+                           f'(python train.py --workdir {workdir} ...) or pass another --workdir')
+
+
+def restore(workdir, config: ml_collections.ConfigDict, step: int | None = None,
+            sharding: jax.sharding.Sharding | None = None) -> train.TrainState:
+  """The model of checkpoint `step`, read without writing anything.
+
+  Only the step and the parameters are read: the optimizer state is not needed to predict, and
+  skipping it also reads checkpoints whose optimizer differs from today's.
+
+  Args:
+    workdir: a training run's --workdir.
+    config: the run's config (its model fields decide the shapes restored into).
+    step: which checkpoint; None: the newest that restores (a damaged one is skipped, with a
+      warning, as the trainer skips it).
+    sharding: where the arrays go; default: the first local device.
+
+  Returns:
+    A TrainState with step, params and apply_fn; opt_state is None.
+  """
+  workdir = epath.Path(workdir)
+  _check_trained(workdir)
+  steps = checkpoint_steps(workdir)
+  if step is not None and step not in steps:
+    raise errors.UserError(f'{workdir / "checkpoints"} has no checkpoint of step {step}; '
+                           f'pass --step with one of {", ".join(map(str, steps))}')
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # Shapes only: nothing is initialised, the checkpoint fills them.
+  abstract = jax.eval_shape(functools.partial(train.create_train_state, config),
+                            jax.random.key(0))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        {'step': abstract.step, 'params': abstract.params})
+  args = ocp.args.PyTreeRestore(target, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  candidates = [step] if step is not None else steps[::-1]
+  # A checkpointer only reads: unlike a CheckpointManager it creates no directory and cleans up
+  # nothing, so a training run may go on writing beside it.
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    for i, candidate in enumerate(candidates):
+      path = workdir / 'checkpoints' / str(candidate) / 'default'
+      try:
+        restored = checkpointer.restore(path.resolve(), args=args)  # Orbax wants absolute paths.
+        return abstract.replace(opt_state=None, **restored)
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore raises bare Exception)
+        if i + 1 == len(candidates):
+          raise errors.UserError(
+              f'{path} cannot be restored into the model of {workdir / checkpoints.CONFIG_FILE}'
+              f' ({_reason(e)}); pass another --step or --workdir') from None
+        print(f'warning: {path} cannot be restored ({_reason(e)}); trying step '
+              f'{candidates[i + 1]}', file=sys.stderr, flush=True)
+  raise AssertionError('unreachable: there is at least one checkpoint')
+
+
+def load_model(workdir, step: int | None = None) -> tuple[ml_collections.ConfigDict,
+                                                          train.TrainState]:
+  """(config, train state) of a training run, from its workdir alone."""
+  workdir = epath.Path(workdir)
+  _check_trained(workdir)
+  config = checkpoints.load_config(workdir)
+  return config, restore(workdir, config, step)
+
+
+def logits_fn(state: train.TrainState, images: jax.Array) -> jax.Array:
+  """images: [B, S, S, 3] uint8 -> logits [B, S, S, K] float32."""
+  return state.apply_fn({'params': state.params}, train.normalize(images), train=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Photos of any mode and size.
+
+
+def read_image(path, decode):
+  """decode(the opened PIL image) of the file at `path`.
+
+  Raises:
+    UserError: naming the file, if it is missing, not an image, corrupt or cut short.
+  """
+  try:
+    with Image.open(path) as image:
+      return decode(image)
+  except errors.UserError:  # A ValueError too, but already one line that names the file.
+    raise
+  except READ_ERRORS as e:  # Corrupt or cut-short data shows only when the pixels are decoded.
+    raise errors.UserError(f'{path}: cannot read ({_reason(e)})') from None
+
+
+def _reason(e: Exception) -> str:
+  """What went wrong reading a file, in a few words."""
+  if isinstance(e, Image.UnidentifiedImageError):
+    return 'not an image format PIL knows'
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror  # 'No such file or directory', 'Is a directory', ... without the path.
+  message = str(e).strip()
+  return message.splitlines()[0][:160] if message else type(e).__name__  # Tensorstore's are long.
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+  """(height, width) of the image as shown, i.e. after its EXIF rotation."""
+  width, height = image.size
+  # EXIF orientations 5-8 turn the picture by 90 degrees.
+  if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+    width, height = height, width
+  return height, width
+
+
+def _to_8bit(pixels: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+  """Grey levels of a 16/32-bit integer or float image -> uint8, keeping the picture visible."""
+  pixels = pixels.astype(np.float32)
+  if sixteen_bit or pixels.max() > 255:
+    pixels = pixels / 257  # 0..65535 -> 0..255.
+  elif pixels.max() <= 1:
+    pixels = pixels * 255  # Float images in [0, 1].
+  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """The upright RGB picture of an image of any mode (L, P, RGBA, CMYK, 16-bit, float...)."""
+  image = ImageOps.exif_transpose(image)
+  if image.mode in _SIXTEEN_BIT_MODES + ('I', 'F'):
+    # PIL's convert('RGB') clips these at 255: a 16-bit photo would come out white.
+    image = Image.fromarray(_to_8bit(np.asarray(image), image.mode in _SIXTEEN_BIT_MODES), 'L')
+  if 'A' in image.mode or 'transparency' in image.info:
+    # Transparent pixels hold arbitrary colours; white is what a viewer shows there.
+    rgba = image.convert('RGBA')
+    image = Image.alpha_composite(Image.new('RGBA', rgba.size, 'white'), rgba)
+  return image.convert('RGB')
+
+
+def network_input(image: Image.Image, size: int) -> np.ndarray:
+  """An opened photo -> [size, size, 3] uint8, resized exactly as the trainer resizes its data.
+
+  Call before anything loads the pixels: like the trainer, a JPEG is decoded at the smallest
+  scale (1/2 .. 1/8) still >= size.
+  """
+  image.draft('RGB', (size, size))
+  return np.asarray(to_rgb(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits -> classes at any resolution.
+
+
+def _bucket(n: int) -> int:
+  """The next of 128, 192, 256, 384, 512, 768, ...: few shapes to compile, < 50% padding."""
+  size = 128
+  while True:
+    for bucket in (size, size * 3 // 2):
+      if bucket >= n:
+        return bucket
+    size *= 2
+
+
+@functools.partial(jax.jit, static_argnames='bucket')
+def _upsampled_classes(logits: jax.Array, size: jax.Array, bucket: int) -> jax.Array:
+  """[S, S, K] logits -> [bucket, bucket] uint8 classes, of which [:H, :W] are the photo's.
+
+  jax.image.resize(logits, (H, W, K), 'bilinear') is scale_and_translate with scale (H/S, W/S)
+  and no translation; output pixels past H or W only get zero weights. So the scale is traced and
+  the output is a square bucket: one compile serves every photo whose sides fit the bucket.
+  """
+  scale = size.astype(jnp.float32) / jnp.array(logits.shape[:2], jnp.float32)
+  resized = jax.image.scale_and_translate(logits, (bucket, bucket, logits.shape[-1]), (0, 1),
+                                          scale, jnp.zeros(2, jnp.float32), 'linear')
+  return jnp.argmax(resized, axis=-1).astype(jnp.uint8)
+
+
+def upsample_classes(logits, height: int, width: int) -> np.ndarray:
+  """logits [S, S, K] -> classes [height, width] uint8: bilinear on the logits, then argmax.
+
+  Upsampling the logits rather than the argmax puts the outline between the network's pixels,
+  where the classes' scores cross, instead of drawing the network's pixel grid.
+  """
+  bucket = _bucket(max(height, width))
+  classes = _upsampled_classes(logits, jnp.array([height, width]), bucket=bucket)
+  return np.asarray(classes)[:height, :width]
+
+
+def confusions(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+  """Per-image confusion matrices: [N, H, W] labels and predictions -> [N, K, K] int64 counts."""
+  n, k = len(labels), num_classes
+  index = labels.reshape(n, -1).astype(np.int64) * k + predictions.reshape(n, -1)
+  index += np.arange(n)[:, None] * k * k  # Each image counts into its own K x K block.
+  return np.bincount(index.ravel(), minlength=n * k * k).reshape(n, k, k)
+
+
+def image_mean_iou(confusion: np.ndarray) -> np.ndarray:
+  """[N, K, K] -> [N]: each image's mean IoU over the classes in its truth or prediction."""
+  true_positives = np.diagonal(confusion, axis1=1, axis2=2).astype(np.float64)
+  union = confusion.sum(axis=2) + confusion.sum(axis=1) - true_positives
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.nanmean(np.where(union > 0, true_positives / union, np.nan), axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicting files.
+
+
+class Progress:
+  """'done/total, img/s, ETA' on stderr for long loops: in place on a terminal, else every 10 s."""
+
+  def __init__(self, what: str, total: int, stream=None):
+    self.what, self.total = what, total
+    self.stream = stream or sys.stderr
+    self.in_place = self.stream.isatty()
+    self.started = self._shown = time.perf_counter()
+
+  def update(self, done: int) -> None:
+    now = time.perf_counter()
+    if done < self.total and not self.in_place and now - self._shown < 10:
+      return
+    self._shown = now
+    rate = done / max(now - self.started, 1e-9)
+    eta = (self.total - done) / max(rate, 1e-9)
+    line = f'{self.what} {done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f}s'
+    end = '\n' if done >= self.total or not self.in_place else ''
+    print(('\r' if self.in_place else '') + line, end=end, file=self.stream, flush=True)
+
+
+def _padded(images: list[np.ndarray], batch_size: int) -> np.ndarray:
+  """Stacks up to batch_size images and pads with zeros: every batch has the one compiled shape."""
+  batch = np.zeros((batch_size,) + images[0].shape, images[0].dtype)
+  batch[:len(images)] = images
+  return batch
+
+
+def _output_paths(paths: list[str], out: epath.Path) -> list[tuple[epath.Path, epath.Path]]:
+  """(mask, overlay) paths of each input; two inputs with one stem would overwrite each other."""
+  seen = {}
+  for path in paths:
+    stem = epath.Path(path).stem
+    if stem in seen:
+      raise errors.UserError(
+          f'{seen[stem]} and {path} would both write {out / (stem + "_mask.png")}; rename one '
+          'or predict them into different --out directories')
+    seen[stem] = path
+  return [(out / f'{epath.Path(p).stem}_mask.png', out / f'{epath.Path(p).stem}_overlay.png')
+          for p in paths]
+
+
+def _prepare_out(out: epath.Path) -> None:
+  if out.exists() and not out.is_dir():
+    raise errors.UserError(f'--out {out} is a file; pass a directory for the masks')
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise errors.UserError(f'--out {out} cannot be created ({e.strerror}); '
+                           'choose a writable path') from None
+
+
+def _save_png(pixels: np.ndarray, path: epath.Path) -> None:
+  try:
+    Image.fromarray(pixels).save(path, format='PNG')
+  except OSError as e:
+    raise errors.UserError(f'cannot write {path} ({e.strerror or e}); '
+                           'free space or choose another --out') from None
+
+
+def _write_outputs(photo: np.ndarray, classes: np.ndarray, targets, num_classes: int) -> int:
+  """Writes the mask and the overlay; returns how many of the two replaced existing files."""
+  from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
+  replaced = 0
+  for picture, target in zip((classes, plots.overlay(photo, classes, num_classes)), targets):
+    replaced += target.exists()
+    _save_png(picture, target)
+  return replaced
+
+
+def predict_files(state: train.TrainState, config: ml_collections.ConfigDict, paths: list[str],
+                  out, *, batch_size: int = 8, stderr=None) -> list[str]:
+  """Writes <out>/<stem>_mask.png and <stem>_overlay.png at each image's own resolution.
+
+  Args:
+    state: the restored model.
+    config: its config (image_size, num_classes).
+    paths: image files of any format, mode and size.
+    out: the output directory (created).
+    batch_size: images per jit call; every call has this shape, so the model compiles once.
+    stderr: where failures and progress go.
+
+  Returns:
+    The paths that could not be read; each was reported on `stderr` in one line and skipped.
+  """
+  stderr = stderr or sys.stderr
+  out = epath.Path(out)
+  _prepare_out(out)
+  outputs = dict(zip(paths, _output_paths(paths, out)))
+  batch_size = max(1, min(batch_size, len(paths)))
+  predict = jax.jit(logits_fn)
+  progress = Progress('predicted', len(paths), stderr) if len(paths) > batch_size else None
+  failed, replaced = [], 0
+
+  def failure(path, error):
+    print(f'error: {error}; skipped', file=stderr, flush=True)
+    failed.append(path)
+
+  def read_input(image):
+    return upright_size(image), network_input(image, config.image_size)
+
+  for start in range(0, len(paths), batch_size):
+    batch = []
+    for path in paths[start:start + batch_size]:
+      try:
+        batch.append((path, *read_image(path, read_input)))
+      except errors.UserError as e:
+        failure(path, e)
+    if batch:
+      logits = np.asarray(predict(state, _padded([x for _, _, x in batch], batch_size)))
+    for (path, size, _), image_logits in zip(batch, logits if batch else []):
+      try:
+        photo = read_image(path, lambda image: np.asarray(to_rgb(image)))  # For the overlay.
+      except errors.UserError as e:
+        failure(path, e)
+        continue
+      classes = upsample_classes(image_logits, *size)
+      replaced += _write_outputs(photo, classes, outputs[path], config.num_classes)
+    if progress:
+      progress.update(min(start + batch_size, len(paths)))
+  if replaced:
+    print(f'note: replaced {replaced} existing files in {out}', file=stderr)
+  return failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def _logit_batches(state, images: np.ndarray, rows, devices: train.Devices):
+  """(rows, logits [b, S, S, K] on the host) for the given rows of `images`, in fixed batches."""
+  batch_size = devices.local_batch_size
+  rows = list(rows)
+  predict = jax.jit(logits_fn)
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    batch = devices.put({'image': _padded(list(images[chunk]), batch_size)})
+    yield chunk, np.asarray(jax.device_get(predict(state, batch['image'])))[:len(chunk)]
+
+
+def _original_example(source, row: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(image [H, W, 3] uint8, labels [H, W] uint8) of example `row`, at its original size."""
+  example = source[row]
+  image = np.asarray(Image.open(io.BytesIO(example['image'])).convert('RGB'))
+  trimap = np.asarray(Image.open(io.BytesIO(example['segmentation_mask'])).convert('L'))
+  labels = trimap.astype(np.int16) - input_pipeline.TRIMAP_OFFSET
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise errors.UserError(f'{_file_name(example, row)} (mask): trimap values outside '
+                           f'{input_pipeline.TRIMAP_OFFSET}..{num_classes}; fix the mask')
+  return image, labels.astype(np.uint8)
+
+
+def _file_name(example: dict, row: int) -> str:
+  name = example.get('file_name', f'#{row}')
+  return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _original_confusions(state, data, source, config, devices) -> np.ndarray:
+  """[N, K, K] per-image confusion matrices at each image's original resolution."""
+  k = config.num_classes
+  result = np.zeros((len(data), k, k), np.int64)
+  progress = Progress('evaluated', len(data))
+  for rows, logits in _logit_batches(state, data.images, range(len(data)), devices):
+    for row, image_logits in zip(rows, logits):
+      _, labels = _original_example(source, row, k)
+      predicted = upsample_classes(image_logits, *labels.shape)
+      result[row] = confusions(labels[None], predicted[None], k)[0]
+    progress.update(rows[-1] + 1)
+  return result
+
+
+def _network_predictions(state, data, devices) -> np.ndarray:
+  """[N, S, S] uint8: train.predict over the split, in the trainer's eval batches."""
+  predict = jax.jit(train.predict)
+  predictions = []
+  for batch in devices.prefetch(input_pipeline.eval_batches(data, devices.local_batch_size)):
+    predictions.append(np.asarray(jax.device_get(predict(state, batch['image']))))
+  return np.concatenate(predictions)[:len(data)].astype(np.uint8)
+
+
+def _worst_gallery(path, worst, image_iou, data, source, state, config, devices, predictions,
+                   title) -> None:
+  """Draws input / truth / prediction of the `worst` rows, titled with their names and IoUs.
+
+  With `predictions` ([N, S, S]) at the network's resolution; without, at the original one.
+  """
+  from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
+  if predictions is not None:
+    images, labels, predicted = data.images[worst], data.labels[worst], predictions[worst]
+  else:
+    images, labels, predicted = [], [], []
+    for rows, logits in _logit_batches(state, data.images, worst, devices):
+      for row, image_logits in zip(rows, logits):
+        image, label = _original_example(source, row, config.num_classes)
+        images.append(image)
+        labels.append(label)
+        predicted.append(upsample_classes(image_logits, *label.shape))
+  row_titles = [f'{_file_name(source[r], r)}\nmean IoU {image_iou[r]:.3f}' for r in worst]
+  plots.predictions(path, images, labels, predicted, title=title,
+                    num_classes=config.num_classes, row_titles=row_titles)
+
+
+def _json_ready(value):
+  """Arrays -> lists and NaN -> None, so that the file is strict JSON."""
+  if isinstance(value, dict):
+    return {k: _json_ready(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    value = value.tolist()
+  if isinstance(value, (list, tuple)):
+    return [_json_ready(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return None if np.isnan(value) else float(value)
+  return int(value) if isinstance(value, np.integer) else value
+
+
+def _output_stem(workdir, out, step, config, split, dataset, original) -> epath.Path:
+  """<out>.json's path without the suffix: <workdir>/eval/step_<N>[_split][_original]."""
+  if out and str(out).endswith('.json'):
+    return epath.Path(str(out)[:-len('.json')])
+  name = f'step_{step}'
+  if dataset != config.dataset:
+    name += '_' + ''.join(c if c.isalnum() else '-' for c in dataset)
+  if split != config.eval_split:
+    name += f'_{split}'
+  return epath.Path(out or epath.Path(workdir) / 'eval') / (name + ('_original' if original
+                                                                   else ''))
+
+
+def _score(state, data, source, config, devices, original: bool):
+  """(results as from metrics.iou + 'confusion_matrix', [N, K, K] per image, [N, S, S] or None).
+
+  At the network's resolution the totals come from the trainer's own eval step and batches, so
+  they are the numbers of its metrics.jsonl.
+  """
+  if original:
+    per_image = _original_confusions(state, data, source, config, devices)
+    results = jax.device_get(metrics.iou(jnp.asarray(per_image.sum(axis=0))))
+    results['confusion_matrix'] = per_image.sum(axis=0)
+    return results, per_image, None
+  _, eval_fn = train.compile_steps(config, devices)
+  results = train.evaluate(eval_fn, state, data, devices)
+  predictions = _network_predictions(state, data, devices)
+  return results, confusions(data.labels, predictions, config.num_classes), predictions
+
+
+def evaluate(workdir, *, step: int | None = None, split: str | None = None,
+             dataset: str | None = None, data_dir: str | None = None,
+             original_resolution: bool = False, worst_k: int = 6, out=None,
+             log=print) -> dict:
+  """Scores a checkpoint on a split; writes JSON, a confusion-matrix PNG and a worst-k gallery.
+
+  Args:
+    workdir: a training run's --workdir.
+    step: the checkpoint; None: the latest.
+    split, dataset, data_dir: default: the run's config.eval_split, dataset and data_dir.
+    original_resolution: score each image at its original size (logits upsampled bilinearly,
+      truth = the original trimap) instead of at the network's image_size x image_size.
+    worst_k: images drawn in the gallery of the worst by per-image mean IoU.
+    out: a .json path, or a directory; default <workdir>/eval.
+    log: where the table goes.
+
+  Returns:
+    The dict written as JSON.
+  """
+  from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
+  from unet_flax import reporting  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
+  _check_trained(workdir)
+  config = checkpoints.load_config(workdir)
+  dataset, data_dir = dataset or config.dataset, data_dir or config.data_dir
+  split = split or config.eval_split
+  devices = train.Devices(config.batch_size)
+  state = restore(workdir, config, step, devices.replicated)
+  step = int(state.step)
+  data = input_pipeline.load_split(
+      dataset, split, data_dir=data_dir, image_size=config.image_size,
+      num_classes=config.num_classes, num_threads=config.input_threads)
+  skip = tfds.decode.SkipDecoding()  # Originals are decoded only where needed.
+  source = input_pipeline.get_builder(dataset, data_dir).as_data_source(
+      split=split, decoders={'image': skip, 'segmentation_mask': skip})
+  results, per_image, predictions = _score(state, data, source, config, devices,
+                                           original_resolution)
+  image_iou = image_mean_iou(per_image)
+  worst = [int(r) for r in np.argsort(image_iou, kind='stable')[:max(worst_k, 0)]]
+
+  names = plots.class_names(config.num_classes)
+  what = f'step {step} on {dataset} {split} ({len(data)} images)'
+  where = ("each image's original resolution (logits upsampled bilinearly)"
+           if original_resolution else f"the network's {config.image_size}x"
+           f'{config.image_size} resolution (as the trainer evaluates)')
+  log(f'evaluation of {what} at {where}:\n{reporting.iou_table(results, names)}')
+  resolution = 'original' if original_resolution else 'network'
+  stem = _output_stem(workdir, out, step, config, split, dataset, original_resolution)
+  files = {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png'}
+  plots.confusion_matrix(files['confusion_matrix'], results['confusion_matrix'],
+                         title=f'{what}\nat {resolution} resolution, rows sum to 100%')
+  if worst:
+    files['worst'] = f'{stem}_worst.png'
+    _worst_gallery(files['worst'], worst, image_iou, data, source, state, config, devices,
+                   predictions,
+                   f'the {len(worst)} worst of {len(data)} {split} images by mean IoU\n'
+                   f'(step {step}, {resolution} resolution)')
+  report = _json_ready({
+      'workdir': str(workdir), 'step': step, 'dataset': dataset, 'split': split,
+      'num_examples': len(data), 'resolution': resolution, 'image_size': config.image_size,
+      'mean_iou': results['mean_iou'], 'pixel_accuracy': results['pixel_accuracy'],
+      'mean_dice': results['mean_dice'],
+      'per_class_iou': dict(zip(names, results['per_class_iou'])),
+      'per_class_dice': dict(zip(names, results['per_class_dice'])),
+      'confusion_matrix': results['confusion_matrix'],
+      'worst': [{'index': r, 'file_name': _file_name(source[r], r), 'mean_iou': image_iou[r]}
+                for r in worst],
+      'files': files,
+  })
+  epath.Path(files['json']).parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(files['json']).write_text(json.dumps(report, indent=2) + '\n')
+  log('wrote ' + ', '.join(files.values()))
+  return report
