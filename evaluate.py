@@ -33,13 +33,14 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
   from unet_flax import errors  # pylint: disable=g-import-not-at-top  (fast --help)
-  from unet_flax import inference  # pylint: disable=g-import-not-at-top
+  from unet_flax import evaluation  # pylint: disable=g-import-not-at-top
   from unet_flax import runtime  # pylint: disable=g-import-not-at-top
   try:
     runtime.enable_compilation_cache()
-    inference.evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, dataset=FLAGS.dataset,
-                       data_dir=FLAGS.data_dir, original_resolution=FLAGS.original_resolution,
-                       worst_k=FLAGS.worst_k, out=FLAGS.out)
+    evaluation.evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
+                        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+                        original_resolution=FLAGS.original_resolution, worst_k=FLAGS.worst_k,
+                        out=FLAGS.out)
   except errors.UserError as e:
     sys.exit(f'error: {e}')
 

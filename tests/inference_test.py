@@ -1,6 +1,5 @@
-"""Restoring read-only, reading photos of any mode, predict.py and evaluation, on tiny data."""
+"""Restoring read-only, reading photos of any mode, and predict.py, on tiny data."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,12 +7,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from unet_flax import errors
 from unet_flax import inference
-from unet_flax import input_pipeline
 
 ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
 
@@ -119,42 +116,3 @@ def test_predict_refuses_an_out_that_is_a_file(trained_workdir, tmp_path):
     inference.predict_files(state, config, ['x.jpg'], tmp_path / 'masks')
   with pytest.raises(errors.UserError, match=r'a/x.jpg and b/x.png would both write'):
     inference.predict_files(state, config, ['a/x.jpg', 'b/x.png'], tmp_path / 'out')
-
-
-def test_evaluate_equals_the_trainers_eval_and_draws_pictures(trained_workdir, tmp_path):
-  lines = [json.loads(l) for l in (trained_workdir / 'metrics.jsonl').read_text().splitlines()]
-  trainer = [l for l in lines if l['split'] == 'eval'][-1]
-  printed = []
-  report = inference.evaluate(trained_workdir, out=tmp_path, worst_k=2, log=printed.append)
-  assert report['step'] == trainer['step'] == 6
-  assert report['confusion_matrix'] == trainer['confusion_matrix']
-  assert report['mean_iou'] == trainer['mean_iou']
-  assert report['pixel_accuracy'] == trainer['pixel_accuracy']
-  assert "at the network's 16x16 resolution" in printed[0]
-  assert json.loads((tmp_path / 'step_6.json').read_text()) == report
-  for png in ('step_6_confusion.png', 'step_6_worst.png'):
-    assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
-  worst = [w['mean_iou'] for w in report['worst']]
-  assert len(worst) == 2 and worst == sorted(worst)
-
-
-def test_evaluate_at_original_resolution_counts_every_original_pixel(trained_workdir, tfds_dir,
-                                                                     tmp_path):
-  printed = []
-  report = inference.evaluate(trained_workdir, out=tmp_path / 'original.json', worst_k=1,
-                              original_resolution=True, log=printed.append)
-  source = input_pipeline.get_builder('synthetic_pets/tiny', tfds_dir).as_data_source(
-      split='test', decoders={'image': tfds.decode.SkipDecoding()})
-  pixels = sum(int(np.prod(source[i]['segmentation_mask'].shape)) for i in range(len(source)))
-  assert pixels != 12 * 16 * 16
-  assert np.sum(report['confusion_matrix']) == pixels
-  assert "at each image's original resolution" in printed[0]
-  assert (tmp_path / 'original_worst.png').read_bytes()[:4] == b'\x89PNG'
-
-
-def test_evaluate_cli_reports_a_missing_workdir_in_one_line(tmp_path):
-  result = _run(tmp_path, 'evaluate.py', '--workdir', tmp_path / 'nowhere')
-  assert result.returncode == 1
-  assert result.stderr.strip() == (f'error: --workdir {tmp_path / "nowhere"} is not a directory; '
-                                   'pass the --workdir of a training run '
-                                   '(python train.py --workdir ...)')

@@ -1,4 +1,4 @@
-"""Using a trained workdir: the model restored read-only, photos of any kind, evaluation.
+"""Using a trained workdir: the model restored read-only, photos of any kind, masks of them.
 
 `load_model(workdir)` rebuilds the model from <workdir>/config.json and a checkpoint without
 writing anything there, so it is safe while a training run is still going. Photos are read as
@@ -6,13 +6,10 @@ the trainer reads its data (JPEG drafted, bilinear resize to config.image_size);
 then upsampled bilinearly to each photo's own size before the argmax, so that masks follow the
 outlines at full resolution instead of showing the network's pixel grid.
 
-`evaluate(workdir)` scores a split with the trainer's own pipeline and eval step, so its numbers
-are the trainer's; with `original_resolution=True` it scores against the original-size trimaps.
+Scoring a workdir on a split (evaluate.py) is evaluation.py's job; it builds on this module.
 """
 
 import functools
-import io
-import json
 import sys
 import time
 
@@ -21,15 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 from PIL import ImageOps
 
 from unet_flax import checkpoints
 from unet_flax import errors
-from unet_flax import input_pipeline
-from unet_flax import metrics
 from unet_flax import train
 
 # What PIL raises on files that are not images, are cut short, or are too large to decode.
@@ -107,12 +101,17 @@ def restore(workdir, config: ml_collections.ConfigDict, step: int | None = None,
   raise AssertionError('unreachable: there is at least one checkpoint')
 
 
+def trained_config(workdir) -> ml_collections.ConfigDict:
+  """The config of a training run; a UserError saying what to do if it has no checkpoint."""
+  workdir = epath.Path(workdir)
+  _check_trained(workdir)
+  return checkpoints.load_config(workdir)
+
+
 def load_model(workdir, step: int | None = None) -> tuple[ml_collections.ConfigDict,
                                                           train.TrainState]:
   """(config, train state) of a training run, from its workdir alone."""
-  workdir = epath.Path(workdir)
-  _check_trained(workdir)
-  config = checkpoints.load_config(workdir)
+  config = trained_config(workdir)
   return config, restore(workdir, config, step)
 
 
@@ -231,22 +230,6 @@ def upsample_classes(logits, height: int, width: int) -> np.ndarray:
   return np.asarray(classes)[:height, :width]
 
 
-def confusions(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-  """Per-image confusion matrices: [N, H, W] labels and predictions -> [N, K, K] int64 counts."""
-  n, k = len(labels), num_classes
-  index = labels.reshape(n, -1).astype(np.int64) * k + predictions.reshape(n, -1)
-  index += np.arange(n)[:, None] * k * k  # Each image counts into its own K x K block.
-  return np.bincount(index.ravel(), minlength=n * k * k).reshape(n, k, k)
-
-
-def image_mean_iou(confusion: np.ndarray) -> np.ndarray:
-  """[N, K, K] -> [N]: each image's mean IoU over the classes in its truth or prediction."""
-  true_positives = np.diagonal(confusion, axis1=1, axis2=2).astype(np.float64)
-  union = confusion.sum(axis=2) + confusion.sum(axis=1) - true_positives
-  with np.errstate(invalid='ignore', divide='ignore'):
-    return np.nanmean(np.where(union > 0, true_positives / union, np.nan), axis=1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Predicting files.
 
@@ -272,7 +255,7 @@ class Progress:
     print(('\r' if self.in_place else '') + line, end=end, file=self.stream, flush=True)
 
 
-def _padded(images: list[np.ndarray], batch_size: int) -> np.ndarray:
+def padded_batch(images: list[np.ndarray], batch_size: int) -> np.ndarray:
   """Stacks up to batch_size images and pads with zeros: every batch has the one compiled shape."""
   batch = np.zeros((batch_size,) + images[0].shape, images[0].dtype)
   batch[:len(images)] = images
@@ -360,212 +343,17 @@ def predict_files(state: train.TrainState, config: ml_collections.ConfigDict, pa
       except errors.UserError as e:
         failure(path, e)
     if batch:
-      logits = np.asarray(predict(state, _padded([x for _, _, x in batch], batch_size)))
-    for (path, size, _), image_logits in zip(batch, logits if batch else []):
-      try:
-        photo = read_image(path, lambda image: np.asarray(to_rgb(image)))  # For the overlay.
-      except errors.UserError as e:
-        failure(path, e)
-        continue
-      classes = upsample_classes(image_logits, *size)
-      replaced += _write_outputs(photo, classes, outputs[path], config.num_classes)
+      logits = np.asarray(predict(state, padded_batch([x for _, _, x in batch], batch_size)))
+      for (path, size, _), image_logits in zip(batch, logits):
+        try:
+          photo = read_image(path, lambda image: np.asarray(to_rgb(image)))  # For the overlay.
+        except errors.UserError as e:
+          failure(path, e)
+          continue
+        classes = upsample_classes(image_logits, *size)
+        replaced += _write_outputs(photo, classes, outputs[path], config.num_classes)
     if progress:
       progress.update(min(start + batch_size, len(paths)))
   if replaced:
     print(f'note: replaced {replaced} existing files in {out}', file=stderr)
   return failed
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation.
-
-
-def _logit_batches(state, images: np.ndarray, rows, devices: train.Devices):
-  """(rows, logits [b, S, S, K] on the host) for the given rows of `images`, in fixed batches."""
-  batch_size = devices.local_batch_size
-  rows = list(rows)
-  predict = jax.jit(logits_fn)
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    batch = devices.put({'image': _padded(list(images[chunk]), batch_size)})
-    yield chunk, np.asarray(jax.device_get(predict(state, batch['image'])))[:len(chunk)]
-
-
-def _original_example(source, row: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  """(image [H, W, 3] uint8, labels [H, W] uint8) of example `row`, at its original size."""
-  example = source[row]
-  image = np.asarray(Image.open(io.BytesIO(example['image'])).convert('RGB'))
-  trimap = np.asarray(Image.open(io.BytesIO(example['segmentation_mask'])).convert('L'))
-  labels = trimap.astype(np.int16) - input_pipeline.TRIMAP_OFFSET
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise errors.UserError(f'{_file_name(example, row)} (mask): trimap values outside '
-                           f'{input_pipeline.TRIMAP_OFFSET}..{num_classes}; fix the mask')
-  return image, labels.astype(np.uint8)
-
-
-def _file_name(example: dict, row: int) -> str:
-  name = example.get('file_name', f'#{row}')
-  return name.decode() if isinstance(name, bytes) else str(name)
-
-
-def _original_confusions(state, data, source, config, devices) -> np.ndarray:
-  """[N, K, K] per-image confusion matrices at each image's original resolution."""
-  k = config.num_classes
-  result = np.zeros((len(data), k, k), np.int64)
-  progress = Progress('evaluated', len(data))
-  for rows, logits in _logit_batches(state, data.images, range(len(data)), devices):
-    for row, image_logits in zip(rows, logits):
-      _, labels = _original_example(source, row, k)
-      predicted = upsample_classes(image_logits, *labels.shape)
-      result[row] = confusions(labels[None], predicted[None], k)[0]
-    progress.update(rows[-1] + 1)
-  return result
-
-
-def _network_predictions(state, data, devices) -> np.ndarray:
-  """[N, S, S] uint8: train.predict over the split, in the trainer's eval batches."""
-  predict = jax.jit(train.predict)
-  predictions = []
-  for batch in devices.prefetch(input_pipeline.eval_batches(data, devices.local_batch_size)):
-    predictions.append(np.asarray(jax.device_get(predict(state, batch['image']))))
-  return np.concatenate(predictions)[:len(data)].astype(np.uint8)
-
-
-def _worst_gallery(path, worst, image_iou, data, source, state, config, devices, predictions,
-                   title) -> None:
-  """Draws input / truth / prediction of the `worst` rows, titled with their names and IoUs.
-
-  With `predictions` ([N, S, S]) at the network's resolution; without, at the original one.
-  """
-  from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
-  if predictions is not None:
-    images, labels, predicted = data.images[worst], data.labels[worst], predictions[worst]
-  else:
-    images, labels, predicted = [], [], []
-    for rows, logits in _logit_batches(state, data.images, worst, devices):
-      for row, image_logits in zip(rows, logits):
-        image, label = _original_example(source, row, config.num_classes)
-        images.append(image)
-        labels.append(label)
-        predicted.append(upsample_classes(image_logits, *label.shape))
-  row_titles = [f'{_file_name(source[r], r)}\nmean IoU {image_iou[r]:.3f}' for r in worst]
-  plots.predictions(path, images, labels, predicted, title=title,
-                    num_classes=config.num_classes, row_titles=row_titles)
-
-
-def _json_ready(value):
-  """Arrays -> lists and NaN -> None, so that the file is strict JSON."""
-  if isinstance(value, dict):
-    return {k: _json_ready(v) for k, v in value.items()}
-  if isinstance(value, np.ndarray):
-    value = value.tolist()
-  if isinstance(value, (list, tuple)):
-    return [_json_ready(v) for v in value]
-  if isinstance(value, (float, np.floating)):
-    return None if np.isnan(value) else float(value)
-  return int(value) if isinstance(value, np.integer) else value
-
-
-def _output_stem(workdir, out, step, config, split, dataset, original) -> epath.Path:
-  """<out>.json's path without the suffix: <workdir>/eval/step_<N>[_split][_original]."""
-  if out and str(out).endswith('.json'):
-    return epath.Path(str(out)[:-len('.json')])
-  name = f'step_{step}'
-  if dataset != config.dataset:
-    name += '_' + ''.join(c if c.isalnum() else '-' for c in dataset)
-  if split != config.eval_split:
-    name += f'_{split}'
-  return epath.Path(out or epath.Path(workdir) / 'eval') / (name + ('_original' if original
-                                                                   else ''))
-
-
-def _score(state, data, source, config, devices, original: bool):
-  """(results as from metrics.iou + 'confusion_matrix', [N, K, K] per image, [N, S, S] or None).
-
-  At the network's resolution the totals come from the trainer's own eval step and batches, so
-  they are the numbers of its metrics.jsonl.
-  """
-  if original:
-    per_image = _original_confusions(state, data, source, config, devices)
-    results = jax.device_get(metrics.iou(jnp.asarray(per_image.sum(axis=0))))
-    results['confusion_matrix'] = per_image.sum(axis=0)
-    return results, per_image, None
-  _, eval_fn = train.compile_steps(config, devices)
-  results = train.evaluate(eval_fn, state, data, devices)
-  predictions = _network_predictions(state, data, devices)
-  return results, confusions(data.labels, predictions, config.num_classes), predictions
-
-
-def evaluate(workdir, *, step: int | None = None, split: str | None = None,
-             dataset: str | None = None, data_dir: str | None = None,
-             original_resolution: bool = False, worst_k: int = 6, out=None,
-             log=print) -> dict:
-  """Scores a checkpoint on a split; writes JSON, a confusion-matrix PNG and a worst-k gallery.
-
-  Args:
-    workdir: a training run's --workdir.
-    step: the checkpoint; None: the latest.
-    split, dataset, data_dir: default: the run's config.eval_split, dataset and data_dir.
-    original_resolution: score each image at its original size (logits upsampled bilinearly,
-      truth = the original trimap) instead of at the network's image_size x image_size.
-    worst_k: images drawn in the gallery of the worst by per-image mean IoU.
-    out: a .json path, or a directory; default <workdir>/eval.
-    log: where the table goes.
-
-  Returns:
-    The dict written as JSON.
-  """
-  from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
-  from unet_flax import reporting  # pylint: disable=g-import-not-at-top
-  workdir = epath.Path(workdir)
-  _check_trained(workdir)
-  config = checkpoints.load_config(workdir)
-  dataset, data_dir = dataset or config.dataset, data_dir or config.data_dir
-  split = split or config.eval_split
-  devices = train.Devices(config.batch_size)
-  state = restore(workdir, config, step, devices.replicated)
-  step = int(state.step)
-  data = input_pipeline.load_split(
-      dataset, split, data_dir=data_dir, image_size=config.image_size,
-      num_classes=config.num_classes, num_threads=config.input_threads)
-  skip = tfds.decode.SkipDecoding()  # Originals are decoded only where needed.
-  source = input_pipeline.get_builder(dataset, data_dir).as_data_source(
-      split=split, decoders={'image': skip, 'segmentation_mask': skip})
-  results, per_image, predictions = _score(state, data, source, config, devices,
-                                           original_resolution)
-  image_iou = image_mean_iou(per_image)
-  worst = [int(r) for r in np.argsort(image_iou, kind='stable')[:max(worst_k, 0)]]
-
-  names = plots.class_names(config.num_classes)
-  what = f'step {step} on {dataset} {split} ({len(data)} images)'
-  where = ("each image's original resolution (logits upsampled bilinearly)"
-           if original_resolution else f"the network's {config.image_size}x"
-           f'{config.image_size} resolution (as the trainer evaluates)')
-  log(f'evaluation of {what} at {where}:\n{reporting.iou_table(results, names)}')
-  resolution = 'original' if original_resolution else 'network'
-  stem = _output_stem(workdir, out, step, config, split, dataset, original_resolution)
-  files = {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png'}
-  plots.confusion_matrix(files['confusion_matrix'], results['confusion_matrix'],
-                         title=f'{what}\nat {resolution} resolution, rows sum to 100%')
-  if worst:
-    files['worst'] = f'{stem}_worst.png'
-    _worst_gallery(files['worst'], worst, image_iou, data, source, state, config, devices,
-                   predictions,
-                   f'the {len(worst)} worst of {len(data)} {split} images by mean IoU\n'
-                   f'(step {step}, {resolution} resolution)')
-  report = _json_ready({
-      'workdir': str(workdir), 'step': step, 'dataset': dataset, 'split': split,
-      'num_examples': len(data), 'resolution': resolution, 'image_size': config.image_size,
-      'mean_iou': results['mean_iou'], 'pixel_accuracy': results['pixel_accuracy'],
-      'mean_dice': results['mean_dice'],
-      'per_class_iou': dict(zip(names, results['per_class_iou'])),
-      'per_class_dice': dict(zip(names, results['per_class_dice'])),
-      'confusion_matrix': results['confusion_matrix'],
-      'worst': [{'index': r, 'file_name': _file_name(source[r], r), 'mean_iou': image_iou[r]}
-                for r in worst],
-      'files': files,
-  })
-  epath.Path(files['json']).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(files['json']).write_text(json.dumps(report, indent=2) + '\n')
-  log('wrote ' + ', '.join(files.values()))
-  return report

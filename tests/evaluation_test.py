@@ -1,0 +1,77 @@
+"""evaluate.py: scores equal to the trainer's, original-resolution counts, per-image IoU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from unet_flax import evaluation
+from unet_flax import input_pipeline
+from unet_flax import metrics
+
+ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, *args):
+  """Runs a top-level script; its compile cache goes to tmp_path, not to the user's."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', UNET_FLAX_CACHE=str(tmp_path / 'cache'))
+  return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_per_image_confusions_and_mean_iou_equal_metrics_iou_of_each_image():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, (4, 5, 6)).astype(np.uint8)
+  predictions = rng.integers(0, 3, (4, 5, 6)).astype(np.uint8)
+  labels[1] = predictions[1] = np.where(labels[1] == 2, 0, labels[1])  # Class 2 absent: no IoU.
+  per_image = evaluation.confusions(labels, predictions, 3)
+  for i in range(4):
+    expected = np.zeros((3, 3), np.int64)
+    np.add.at(expected, (labels[i].ravel(), predictions[i].ravel()), 1)
+    np.testing.assert_array_equal(per_image[i], expected)
+  expected_iou = [float(jax.device_get(metrics.iou(c))['mean_iou']) for c in per_image]
+  np.testing.assert_allclose(evaluation.image_mean_iou(per_image), expected_iou, rtol=1e-6)
+  assert evaluation.image_mean_iou(per_image)[1] == 1.0
+
+
+def test_evaluate_equals_the_trainers_eval_and_draws_pictures(trained_workdir, tmp_path):
+  lines = [json.loads(l) for l in (trained_workdir / 'metrics.jsonl').read_text().splitlines()]
+  trainer = [l for l in lines if l['split'] == 'eval'][-1]
+  printed = []
+  report = evaluation.evaluate(trained_workdir, out=tmp_path, worst_k=2, log=printed.append)
+  assert report['step'] == trainer['step'] == 6
+  assert report['confusion_matrix'] == trainer['confusion_matrix']
+  assert report['mean_iou'] == trainer['mean_iou']
+  assert report['pixel_accuracy'] == trainer['pixel_accuracy']
+  assert "at the network's 16x16 resolution" in printed[0]
+  assert json.loads((tmp_path / 'step_6.json').read_text()) == report
+  for png in ('step_6_confusion.png', 'step_6_worst.png'):
+    assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+  worst = [w['mean_iou'] for w in report['worst']]
+  assert len(worst) == 2 and worst == sorted(worst)
+
+
+def test_evaluate_at_original_resolution_counts_every_original_pixel(trained_workdir, tfds_dir,
+                                                                     tmp_path):
+  printed = []
+  report = evaluation.evaluate(trained_workdir, out=tmp_path / 'original.json', worst_k=1,
+                               original_resolution=True, log=printed.append)
+  source = input_pipeline.get_builder('synthetic_pets/tiny', tfds_dir).as_data_source(
+      split='test', decoders={'image': tfds.decode.SkipDecoding()})
+  pixels = sum(int(np.prod(source[i]['segmentation_mask'].shape)) for i in range(len(source)))
+  assert pixels != 12 * 16 * 16
+  assert np.sum(report['confusion_matrix']) == pixels
+  assert "at each image's original resolution" in printed[0]
+  assert (tmp_path / 'original_worst.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_evaluate_cli_reports_a_missing_workdir_in_one_line(tmp_path):
+  result = _run(tmp_path, 'evaluate.py', '--workdir', tmp_path / 'nowhere')
+  assert result.returncode == 1
+  assert result.stderr.strip() == (f'error: --workdir {tmp_path / "nowhere"} is not a directory; '
+                                   'pass the --workdir of a training run '
+                                   '(python train.py --workdir ...)')
