@@ -5,6 +5,7 @@ Config fields are overridden with --config.<field>=<value>, e.g. --config.batch_
 On several hosts (a TPU pod, or --coordinator_address & co.), run the same command on every host.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -43,6 +44,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+    # Orbax also logs each failed write with tracebacks; the error it raises is then one line.
+    logging.get_absl_logger().addFilter(
+        lambda record: '/orbax/' not in record.pathname or record.levelno < std_logging.ERROR)
   from unet_flax import errors  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)
   from unet_flax import runtime  # pylint: disable=g-import-not-at-top
   try:
@@ -54,9 +58,13 @@ def main(argv):
   try:
     runtime.setup(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from unet_flax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)  # On SIGTERM/SIGINT: saves, returns (exit 0).
   except errors.UserError as e:
     sys.exit(f'error: {e}')
+  except KeyboardInterrupt:  # A second Ctrl-C: no waiting for a checkpoint.
+    print('interrupted: stopped without saving; rerun the same command to resume from the last '
+          'checkpoint', file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == '__main__':

@@ -19,6 +19,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 128  # Images are resized to image_size x image_size.
   config.num_classes = 3  # Trimap classes: 0 pet, 1 background, 2 border.
   config.input_threads = 0  # Decode/resize threads for the first pass; 0: one per core.
+  # Train-batch augmentation on the host (unet_flax/augment.py); all off: the chapter's recipe.
+  config.augment_flip = False  # Flip image and mask left-right together, half of the examples.
+  config.augment_min_scale = 1.0  # Crop a random square of side >= this x the image; 1: none.
+  config.augment_brightness = 0.0  # Image only: add uniform(-b, b) x 255; 0: none.
+  config.augment_contrast = 0.0  # Image only: scale about its mean by uniform(1-c, 1+c); 0: none.
 
   # Model.
   config.widths = (64, 128, 256)  # Encoder widths; the bottleneck is twice the last.
@@ -31,9 +36,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.adam_b1 = 0.9
   config.adam_b2 = 0.999
   config.adam_eps = 1e-7  # Keras's epsilon, not optax's 1e-8.
+  config.skip_nonfinite_updates = False  # NaN/Inf loss or gradients: True skips the step's update.
   config.num_epochs = 5
   # Steps per epoch: 0 means train_examples // batch_size (3680 // 64 = 57 for Pet).
   config.steps_per_epoch = 0
+  config.schedule = 'constant'  # Learning rate: 'constant', or 'warmup_cosine' (to 0 at the end).
+  config.warmup_epochs = 0.0  # With 'warmup_cosine': epochs of linear warmup from 0.
+  # Cross-entropy weight of each class, e.g. (1.0, 1.0, 3.0) for a rare border; None: all 1.
+  config.class_weights = ml_collections.config_dict.placeholder(tuple)
+  config.dice_weight = 0.0  # Weight of a soft Dice loss added to the cross-entropy; 0: none.
 
   # Bookkeeping.
   config.seed = 0

@@ -73,3 +73,66 @@ def iou(confusion: jax.Array) -> dict[str, jax.Array]:
       'per_class_dice': dice,
       'mean_dice': jnp.nanmean(dice),
   }
+
+
+def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                           class_weights=None) -> jax.Array:
+  """Softmax cross-entropy, each pixel weighted by the weight of its true class.
+
+  The weighted mean: sum(weight * loss) / sum(weight) over the valid pixels, so equal weights
+  give `cross_entropy`, and raising a rare class's weight (Oxford's border) raises its share.
+
+  Args:
+    logits: [B, H, W, K] (computed in float32 whatever their dtype).
+    labels: [B, H, W] int in [0, K).
+    mask: [B]; examples with 0 count nothing.
+    class_weights: [K] non-negative, or None for all 1.
+
+  Returns:
+    scalar float32.
+  """
+  if class_weights is None:
+    return cross_entropy(logits, labels, mask)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  weights = _pixel_weights(mask, labels) * jnp.asarray(class_weights, jnp.float32)[labels]
+  total = jnp.sum(weights)
+  return jnp.sum(losses * weights) / jnp.where(total > 0, total, 1.0)
+
+
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                   smooth: float = 1.0) -> jax.Array:
+  """1 - the soft Dice of the softmax probabilities, per class over the batch, averaged.
+
+  Dice_k = (2 sum(p_k y_k) + smooth) / (sum(p_k) + sum(y_k) + smooth), sums over every valid
+  pixel of the batch (not per image, so that a class absent from one image does not count as a
+  perfect or a failed score for it); `smooth` keeps absent classes finite.
+
+  Args:
+    logits: [B, H, W, K] (computed in float32).
+    labels: [B, H, W] int in [0, K).
+    mask: [B]; examples with 0 count nothing.
+    smooth: added to numerator and denominator.
+
+  Returns:
+    scalar float32 in [0, 1].
+  """
+  num_classes = logits.shape[-1]
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  weights = _pixel_weights(mask, labels)[..., None]
+  truth = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * weights
+  probs = probs * weights
+  intersection = jnp.sum(probs * truth, axis=(0, 1, 2))
+  sizes = jnp.sum(probs, axis=(0, 1, 2)) + jnp.sum(truth, axis=(0, 1, 2))
+  return 1.0 - jnp.mean((2.0 * intersection + smooth) / (sizes + smooth))
+
+
+def segmentation_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
+                      class_weights=None, dice_weight: float = 0.0) -> jax.Array:
+  """The training loss: weighted cross-entropy + dice_weight x soft Dice loss.
+
+  With the defaults it is `cross_entropy`, exactly; see those two functions for the arguments.
+  """
+  loss = weighted_cross_entropy(logits, labels, mask, class_weights)
+  if dice_weight:  # A Python float: with 0 the Dice term is not even traced.
+    loss = loss + dice_weight * soft_dice_loss(logits, labels, mask)
+  return loss

@@ -81,7 +81,10 @@ class Reporter:
     eta = (self.total_steps - step) / max(steps_per_second, 1e-9)
     self.text(f'step {step}/{self.total_steps} | loss {loss:.4f} | '
               f'{images_per_second:.1f} img/s | ETA {_duration(eta)}')
-    self._record(step, 'train', {'loss': loss, 'images_per_second': images_per_second})
+    self._record(step, 'train', {
+        'loss': loss, 'images_per_second': images_per_second,
+        # Skipped non-finite updates so far (config.skip_nonfinite_updates).
+        'nonfinite_updates': int(history[-1].get('nonfinite_updates', 0))})
 
   def eval(self, step: int, epoch: int, results: dict, sample: dict | None) -> None:
     """Prints the IoU table, records the metrics and draws the predictions."""

@@ -19,12 +19,18 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from unet_flax import augment
 from unet_flax import checkpoints
 from unet_flax import errors
 from unet_flax import input_pipeline
 from unet_flax import metrics
 from unet_flax import models
+from unet_flax import preemption
 from unet_flax import reporting
+
+
+# apply_if_finite applies an update anyway after this many non-finite ones in a row: never.
+_NEVER_GIVE_UP = 2**31 - 1
 
 
 class TrainState(train_state.TrainState):
@@ -37,8 +43,32 @@ def create_model(config: ml_collections.ConfigDict) -> models.UNet:
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2,
+  """Adam at config.learning_rate, constant or warmup + cosine decay per config.schedule, wrapped
+  so that its state counts non-finite gradients (`total_notfinite`).
+
+  With config.skip_nonfinite_updates such updates are skipped; without, they are applied (0
+  tolerated) and the loop stops at its next check. Always wrapped: checkpoints of either setting
+  have the same structure.
+  """
+  learning_rate = config.learning_rate
+  schedule = config.get('schedule', 'constant')  # Absent from older runs' config.json.
+  if schedule == 'warmup_cosine':
+    # Steps are counted from the split's size, which the tfds metadata (or the folder's listing)
+    # gives without decoding anything.
+    per_epoch = steps_per_epoch(config, input_pipeline.num_examples(
+        config.dataset, config.train_split, config.data_dir))
+    if not 0 <= config.warmup_epochs < config.num_epochs:
+      raise errors.UserError(f'config.warmup_epochs={config.warmup_epochs} must be at least 0 '
+                             f'and below config.num_epochs={config.num_epochs}')
+    learning_rate = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup_steps=round(config.warmup_epochs * per_epoch),
+        decay_steps=config.num_epochs * per_epoch)
+  elif schedule != 'constant':
+    raise errors.UserError(f'config.schedule={schedule!r} is not one of constant, warmup_cosine')
+  adam = optax.adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
                     eps=config.adam_eps)
+  skip = config.get('skip_nonfinite_updates', False)  # Absent from older runs' config.json.
+  return optax.apply_if_finite(adam, max_consecutive_errors=_NEVER_GIVE_UP if skip else 0)
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
@@ -53,14 +83,17 @@ def normalize(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) / 255.0
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
-  """One Adam step on softmax cross-entropy.
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=None,
+               dice_weight: float = 0.0) -> tuple[TrainState, dict]:
+  """One Adam step on the segmentation loss: softmax cross-entropy, by default unweighted.
 
   Args:
     state: the train state (donated by the caller's jit).
     batch: {'image': [B, H, W, 3] uint8, 'label': [B, H, W] int}.
     rng: the run's dropout key; each step folds in its own step number, so a resumed run draws
       the same dropout masks as an uninterrupted one.
+    class_weights, dice_weight: per-class cross-entropy weights ([K] or None) and the weight of
+      the soft Dice term; see metrics.segmentation_loss.
 
   Returns:
     (new state, {'loss': scalar float32}).
@@ -72,7 +105,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainSta
   def loss_fn(params):
     logits = state.apply_fn({'params': params}, normalize(batch['image']), train=True,
                             rngs={'dropout': dropout_rng})
-    return metrics.cross_entropy(logits, labels, mask)
+    return metrics.segmentation_loss(logits, labels, mask, class_weights=class_weights,
+                                     dice_weight=dice_weight)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   return state.apply_gradients(grads=grads), {'loss': loss}
@@ -120,11 +154,28 @@ class Devices:
     yield from queue
 
 
+def _counting_nonfinite(step_fn):
+  """step_fn, whose metrics also hold 'nonfinite_updates': how many so far, over the whole run."""
+  @functools.wraps(step_fn)
+  def step(state, batch, rng):
+    state, step_metrics = step_fn(state, batch, rng)
+    return state, {**step_metrics, 'nonfinite_updates': state.opt_state.total_notfinite}
+  return step
+
+
 def compile_steps(config, devices: Devices):
   """The jitted train and eval steps, with explicit shardings and the state donated."""
   repl, data = devices.replicated, devices.data
-  train = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                  donate_argnums=0)
+  class_weights = config.get('class_weights')  # Absent from older runs' config.json.
+  if class_weights is not None:
+    if len(class_weights) != config.num_classes:
+      raise errors.UserError(f'config.class_weights={tuple(class_weights)} needs one weight per '
+                             f'class, config.num_classes={config.num_classes}')
+    class_weights = tuple(float(w) for w in class_weights)
+  step = functools.partial(train_step, class_weights=class_weights,
+                           dice_weight=float(config.get('dice_weight', 0.0)))
+  train = jax.jit(_counting_nonfinite(step), in_shardings=(repl, data, repl),
+                  out_shardings=(repl, repl), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, num_classes=config.num_classes),
                      in_shardings=(repl, data), out_shardings=repl)
   return train, evaluate
@@ -154,7 +205,9 @@ def steps_per_epoch(config, num_train_examples: int) -> int:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains and evaluates per the config; checkpoints, metrics and pictures go to `workdir`.
 
-  Running it again with the same workdir resumes from the latest checkpoint.
+  Running it again with the same workdir resumes from the latest checkpoint, exactly: the step,
+  optimizer state, dropout keys and position in the data order are those of an uninterrupted run.
+  On SIGTERM or SIGINT it saves a checkpoint at the current step and returns.
   """
   workdir = epath.Path(workdir)
   devices = Devices(config.batch_size)
@@ -162,7 +215,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   input_pipeline.get_builder(config.dataset, config.data_dir)  # A bad name fails before writing.
   manager = checkpoints.Manager(workdir, config)
   report = reporting.Reporter(workdir, config, is_lead=jax.process_index() == 0)
+  try:
+    # A full or read-only disk under metrics, pictures or data is one line naming the file.
+    with (checkpoints.disk_errors(None, errnos=checkpoints.WRITE_ERRNOS),
+          preemption.Notice() as notice):
+      return _train(config, devices, manager, report, notice)
+  finally:
+    manager.close()  # Waits for the last checkpoint, also when stopping on an error.
+    report.close()
 
+
+def _train(config, devices: Devices, manager: checkpoints.Manager, report: reporting.Reporter,
+           notice: preemption.Notice) -> TrainState:
   read = functools.partial(
       input_pipeline.load_split, config.dataset, data_dir=config.data_dir,
       image_size=config.image_size, num_classes=config.num_classes,
@@ -190,30 +254,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if step:
     report.text(f'resumed from step {step} of {total_steps}')
   report.start(step, total_steps)
+  nonfinite = NonFiniteCheck(config.skip_nonfinite_updates,
+                             int(jax.device_get(state.opt_state.total_notfinite)))
   history = []
+  for batch in devices.prefetch(_batches_from(step, train_data, config, devices, per_epoch,
+                                              total_steps)):
+    state, step_metrics = train_fn(state, batch, dropout_rng)
+    history.append(step_metrics)
+    step += 1
+    end_of_epoch = step % per_epoch == 0
+    log = step % config.log_every_steps == 0 or end_of_epoch
+    stop = notice.stop(sync=log)  # With several processes, they agree at log steps.
+    save = step % config.checkpoint_every_steps == 0 or end_of_epoch
+    if log or save or stop:
+      # The one host sync of the interval; a checkpoint is only written of finite steps.
+      history = jax.device_get(history)
+      nonfinite.check(step, history, manager)
+    if log:
+      report.train(step, nonfinite.reported(step, history, report))
+      history = []
+    if stop:  # Saved before any evaluation: a preemption's grace period is short.
+      manager.save(step, state)
+      manager.wait()
+      report.text(f'preempted at step {step}: checkpoint saved to {manager.path(step)}; '
+                  'rerun the same command to resume')
+      break
+    epoch = step // per_epoch
+    if end_of_epoch and (epoch % config.eval_every_epochs == 0 or step == total_steps):
+      results = evaluate(eval_fn, state, eval_data, devices)
+      report.eval(step, epoch, results, sample=_prediction_sample(state, eval_data, config))
+    if save:
+      manager.save(step, state)
+  return state
+
+
+def _batches_from(step: int, split: input_pipeline.Split, config, devices: Devices,
+                  per_epoch: int, total_steps: int):
+  """This process's batches of steps step+1 .. total_steps, those of an uninterrupted run."""
+  augmentation = augment.Options.from_config(config)
   while step < total_steps:
     epoch, first = divmod(step, per_epoch)
-    batches = input_pipeline.train_batches(
-        train_data, devices.local_batch_size, seed=config.seed, epoch=epoch,
-        process_index=jax.process_index(), first_step=first, num_steps=per_epoch)
-    for batch in devices.prefetch(batches):
-      state, step_metrics = train_fn(state, batch, dropout_rng)
-      history.append(step_metrics)
-      step += 1
-      if step % config.log_every_steps == 0 or step % per_epoch == 0:
-        report.train(step, jax.device_get(history))  # The one host sync of the interval.
-        history = []
-      if step % config.checkpoint_every_steps == 0:
-        manager.save(step, state)
-    if step % per_epoch == 0:
-      epoch = step // per_epoch
-      if epoch % config.eval_every_epochs == 0 or step == total_steps:
-        results = evaluate(eval_fn, state, eval_data, devices)
-        report.eval(step, epoch, results, sample=_prediction_sample(state, eval_data, config))
-      manager.save(step, state)
-  manager.close()
-  report.close()
-  return state
+    yield from input_pipeline.train_batches(
+        split, devices.local_batch_size, seed=config.seed, epoch=epoch,
+        process_index=jax.process_index(), first_step=first, num_steps=per_epoch,
+        augmentation=augmentation)
+    step += per_epoch - first
+
+
+class NonFiniteCheck:
+  """Stops at the first non-finite loss or update, or with config.skip_nonfinite_updates, counts.
+
+  It reads metrics the loop has fetched anyway, so it adds no host sync; it runs before every
+  checkpoint, so a checkpoint never holds a state that a non-finite step produced.
+  """
+
+  def __init__(self, skip: bool, count: int):
+    self.skip = skip
+    self.count = count  # Non-finite updates before the steps of the history last checked.
+    self.reported_count = count
+
+  def check(self, step: int, history: list[dict], manager: checkpoints.Manager) -> None:
+    """Raises UserError naming the first bad step of `history`, the metrics of steps ..`step`."""
+    count = self.count
+    for i, step_metrics in enumerate(history):
+      loss, updates = float(step_metrics['loss']), int(step_metrics['nonfinite_updates'])
+      if not self.skip and (not np.isfinite(loss) or updates > count):
+        bad = step - len(history) + 1 + i
+        what = f'the loss is {loss}' if not np.isfinite(loss) else 'the gradients are not finite'
+        latest = manager.latest_step
+        kept = (f'the last checkpoint, {manager.path(latest)}, is untouched' if latest is not None
+                else 'no checkpoint was saved')
+        raise errors.UserError(
+            f'{what} at step {bad}: training stopped without saving it ({kept}); lower '
+            'config.learning_rate or check the data, or set config.skip_nonfinite_updates=True')
+      count = updates
+
+  def reported(self, step: int, history: list[dict], report: reporting.Reporter) -> list[dict]:
+    """The steps the report averages: those with a finite loss (all if none); tells the skips."""
+    self.count = int(history[-1]['nonfinite_updates'])
+    if self.count > self.reported_count:
+      report.text(f'step {step}: {self.count - self.reported_count} non-finite update(s) skipped '
+                  f'({self.count} in all)')
+      self.reported_count = self.count
+    finite = [h for h in history if np.isfinite(h['loss'])]
+    return finite or history
 
 
 def _prediction_sample(state, split: input_pipeline.Split, config) -> dict | None:

@@ -1,0 +1,227 @@
+"""checkpoints.Manager when things go wrong: torn checkpoints, another model's config, bad disks.
+
+No training: the checkpoints hold the tiny model's initial state with params + step, so that which
+step was restored shows in the numbers.
+"""
+
+import contextlib
+import errno
+import os
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from unet_flax import checkpoints
+from unet_flax import errors
+from unet_flax import train
+
+
+def _state(config, step: int):
+  state = train.create_train_state(config, jax.random.key(0))
+  return state.replace(step=jnp.int32(step), params=jax.tree.map(lambda p: p + step, state.params))
+
+
+def _snapshot(root) -> dict:
+  """Every file under root: its bytes and modification time."""
+  return {os.path.relpath(os.path.join(d, f), root): (open(os.path.join(d, f), 'rb').read(),
+                                                        os.stat(os.path.join(d, f)).st_mtime_ns)
+          for d, _, files in os.walk(root) for f in files}
+
+
+def _restored_step(workdir, config) -> int:
+  """The step a fresh manager restores, checked against the params saved with it."""
+  manager = checkpoints.Manager(workdir, config)
+  state = manager.restore_or(_state(config, 0))
+  manager.close()
+  step = int(state.step)
+  for got, init in zip(jax.tree.leaves(state.params), jax.tree.leaves(_state(config, 0).params)):
+    np.testing.assert_allclose(got, init + step, rtol=1e-6)
+  return step
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_config):
+  """A workdir with whole checkpoints of steps 2 and 4, as a run leaves it."""
+  manager = checkpoints.Manager(tmp_path, tiny_config)
+  for step in (2, 4):
+    manager.save(step, _state(tiny_config, step))
+  manager.close()
+  return tmp_path
+
+
+def _warnings(capsys) -> list[str]:
+  return [l for l in capsys.readouterr().err.splitlines() if l.startswith('warning:')]
+
+
+def test_interrupted_save_is_skipped_and_left_as_it_is(workdir, tiny_config, capsys):
+  ckpts = workdir / 'checkpoints'
+  tmp = ckpts / '6.orbax-checkpoint-tmp'  # What SIGKILL during orbax's save of step 6 leaves.
+  (tmp / 'default').mkdir(parents=True)
+  (tmp / 'default' / '_METADATA').write_text('{"tree_metadata": {')
+  before = _snapshot(tmp)
+  capsys.readouterr()
+  assert _restored_step(workdir, tiny_config) == 4
+  assert _warnings(capsys) == [
+      f'warning: checkpoint {tmp} is incomplete (an interrupted save); skipping it (left as is)']
+  assert _snapshot(tmp) == before
+
+  # Saving step 6 again: orbax would delete the leftover; it is moved aside instead.
+  manager = checkpoints.Manager(workdir, tiny_config)
+  manager.restore_or(_state(tiny_config, 0))
+  manager.save(6, _state(tiny_config, 6))
+  manager.close()
+  assert _snapshot(ckpts / '6.interrupted') == before
+  assert _restored_step(workdir, tiny_config) == 6
+
+
+def _truncate_largest_array_file(step_dir):
+  data = step_dir / 'default' / 'ocdbt.process_0' / 'd'
+  largest = max(data.iterdir(), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+
+
+@pytest.mark.parametrize('damage', ['missing file', 'truncated file'])
+def test_damaged_newest_checkpoint_is_skipped_and_left_as_it_is(workdir, tiny_config, capsys,
+                                                                 damage):
+  newest = workdir / 'checkpoints' / '4'
+  if damage == 'missing file':
+    (newest / 'default' / 'manifest.ocdbt').unlink()
+  else:
+    _truncate_largest_array_file(newest)
+  before = _snapshot(newest)
+  capsys.readouterr()
+
+  manager = checkpoints.Manager(workdir, tiny_config)
+  state = manager.restore_or(_state(tiny_config, 0))
+  assert int(state.step) == 2
+  (line,) = _warnings(capsys)
+  assert line.startswith(f'warning: checkpoint {newest} cannot be restored (')
+  assert _snapshot(newest) == before
+  # The damaged step is not the latest any more: steps before it are saved, and it is moved aside
+  # (not deleted) when its own step is saved again.
+  manager.save(3, _state(tiny_config, 3))
+  manager.save(4, _state(tiny_config, 4))
+  manager.close()
+  assert _snapshot(workdir / 'checkpoints' / '4.damaged') == before
+  assert _restored_step(workdir, tiny_config) == 4
+
+
+def test_no_restorable_checkpoint_is_an_error(workdir, tiny_config):
+  for step in (2, 4):
+    _truncate_largest_array_file(workdir / 'checkpoints' / str(step))
+  manager = checkpoints.Manager(workdir, tiny_config)
+  with pytest.raises(errors.UserError, match=r'^no checkpoint in .* can be restored'):
+    manager.restore_or(_state(tiny_config, 0))
+  manager.close()
+
+
+def test_another_models_config_is_refused_before_anything_is_written(workdir, tiny_config):
+  before = _snapshot(workdir)
+  other = tiny_config.copy_and_resolve_references()
+  other.widths = (8, 16)
+  other.num_classes = 4
+  other.num_epochs = 7  # Not a model field: no complaint.
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(other, str(workdir))
+  message = str(raised.value)
+  assert '\n' not in message
+  assert 'widths: checkpoint [4, 8], config [8, 16]' in message
+  assert 'num_classes: checkpoint 3, config 4' in message
+  assert 'image_size' not in message and 'dtype' not in message and 'num_epochs' not in message
+  assert _snapshot(workdir) == before  # config.json included: no file added, changed or touched.
+  assert checkpoints.load_config(workdir).widths == [4, 8]
+
+
+def _read_only_dir(tmp_path):
+  """A directory this process cannot write, or a skip where none can be made."""
+  path = tmp_path / 'read_only'
+  path.mkdir()
+  path.chmod(0o555)
+  if not os.access(path, os.W_OK):
+    return path
+  # Root writes through permission bits; the kernel refuses writes to /proc/sys even to root.
+  if os.path.isdir('/proc/sys') and not os.access('/proc/sys', os.W_OK):
+    return '/proc/sys'
+  pytest.skip('this process can write everywhere (root, and no /proc/sys)')
+
+
+@pytest.mark.parametrize('kind', ['read-only directory', 'file in the path'])
+def test_unwritable_workdir_is_a_one_line_error(tmp_path, tiny_config, kind):
+  if kind == 'read-only directory':
+    workdir, expected = _read_only_dir(tmp_path), 'is not writable; choose a writable path'
+  else:
+    (tmp_path / 'file').write_text('')
+    workdir, expected = tmp_path / 'file' / 'run', 'cannot be created (Not a directory)'
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert str(raised.value).startswith(f'--workdir {workdir} {expected}')
+  assert '\n' not in str(raised.value)
+
+
+@pytest.mark.parametrize('failure', [
+    OSError(errno.ENOSPC, 'No space left on device', 'checkpoints/6.orbax-checkpoint-tmp/_x'),
+    # What tensorstore, orbax's array writer, raises for the same.
+    ValueError('RESOURCE_EXHAUSTED: Error writing "params.a/0" in OCDBT database at local file '
+               '"checkpoints/6.orbax-checkpoint-tmp/": Failed to write 177 bytes to file 14: No '
+               "space left on device [os_error_code='28']"),
+], ids=['OSError', 'tensorstore'])
+def test_full_disk_is_a_one_line_error_and_the_checkpoints_stay(workdir, tiny_config, monkeypatch,
+                                                                failure):
+  before = _snapshot(workdir / 'checkpoints')
+
+  def save(*args, **kwargs):
+    raise failure
+
+  manager = checkpoints.Manager(workdir, tiny_config)
+  manager.restore_or(_state(tiny_config, 0))
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  with pytest.raises(errors.UserError) as raised:
+    manager.save(6, _state(tiny_config, 6))
+  manager.close()
+  assert str(raised.value).startswith(
+      f'cannot write checkpoint {workdir / "checkpoints" / "6"}')
+  assert str(raised.value).endswith(
+      'no space left on the device; free some space or choose another --workdir; the earlier '
+      'checkpoints are intact')
+  assert '\n' not in str(raised.value)
+  assert _snapshot(workdir / 'checkpoints') == before
+  monkeypatch.undo()
+  assert _restored_step(workdir, tiny_config) == 4
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+  """A 300 kB tmpfs (a real disk that fills up), or a skip where mounting is not allowed."""
+  path = tmp_path / 'disk'
+  path.mkdir()
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', str(path)],
+                         capture_output=True, check=False)
+  if mount.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {mount.stderr.decode().strip()}')
+  yield path
+  subprocess.run(['umount', str(path)], check=True)
+
+
+def test_real_full_disk_in_a_background_save(tiny_disk, tiny_config):
+  manager = checkpoints.Manager(tiny_disk, tiny_config)
+  saved = []
+  with pytest.raises(errors.UserError) as raised:
+    for step in range(1, 20):  # Orbax writes in the background: the error shows at a later call.
+      manager.save(step, _state(tiny_config, step))
+      saved.append(step)
+    manager.wait()
+  with contextlib.suppress(errors.UserError):  # Closing may say it again.
+    manager.close()
+  assert 'no space left on the device; free some space' in str(raised.value)
+  assert '\n' not in str(raised.value)
+  assert len(saved) >= 2  # The disk took one checkpoint at least; it was not the first save.
+  whole = sorted(int(p.name) for p in (tiny_disk / 'checkpoints').iterdir() if p.name.isdigit())
+  assert whole and set(whole) <= set(saved)
+  for step in whole:  # Whatever orbax finished before the disk filled is whole.
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(tiny_disk / 'checkpoints' / str(step) / 'default')
+    assert int(restored['step']) == step

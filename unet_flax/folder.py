@@ -1,0 +1,159 @@
+"""`--config.dataset=folder:/path/to/data`: your own images and masks, through the same pipeline.
+
+The folder holds:
+
+  images/<stem>.jpg (or .jpeg .png .bmp .gif .tif .tiff .webp): any size, any mode PIL reads;
+      made RGB and resized bilinearly, like the tfds images.
+  masks/<stem>.png: the size of its image, one channel (8- or 16-bit grey, or palette indices;
+      grey saved as RGB will do) of class values 0..num_classes-1; resized nearest-neighbour. The values are the classes
+      as they are: unlike Oxford's trimaps (1..3, shifted down by one), there is NO shift.
+  train.txt, test.txt (optional): one stem per line. With both, they are the splits; with one,
+      the other split is every other image; with neither, a fixed 80/20 split of the sorted
+      stems (seeded by SPLIT_SEED, not config.seed, so every run evaluates on the same images).
+      Another split name reads <name>.txt.
+
+`num_classes` comes from the config. Each problem (a missing mask, an image and mask of
+different sizes, a label not below num_classes, an unreadable file) is a one-line UserError
+naming the file.
+"""
+
+import dataclasses
+import io
+
+from etils import epath
+import numpy as np
+from PIL import Image
+
+from unet_flax import errors
+from unet_flax import input_pipeline
+
+PREFIX = 'folder:'
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+MASK_SUFFIX = '.png'
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+# PIL modes that hold one value a pixel: 1-bit, 8-bit grey, palette indices, 16/32-bit integers.
+_MASK_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # What PIL raises on data it cannot parse.
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  image: epath.Path
+  mask: epath.Path
+
+
+class Folder:
+  """The examples of a folder data set; listing it checks that every image has its mask."""
+
+  def __init__(self, root: str):
+    self.root = epath.Path(root)
+    images, masks = self.root / 'images', self.root / 'masks'
+    for d in (images, masks):
+      if not d.is_dir():
+        raise errors.UserError(
+            f'{d} is not a directory; a folder data set holds images/ and masks/ (see '
+            'unet_flax/folder.py)')
+    self.images = {}
+    for path in sorted(images.iterdir()):
+      if path.suffix.lower() not in IMAGE_SUFFIXES:
+        continue
+      if path.stem in self.images:
+        raise errors.UserError(f'{self.images[path.stem]} and {path} have the same stem; '
+                               'rename or remove one')
+      self.images[path.stem] = path
+    if not self.images:
+      raise errors.UserError(f'{images} holds no images ({", ".join(IMAGE_SUFFIXES)}); add some')
+    for stem, path in self.images.items():
+      if not (masks / (stem + MASK_SUFFIX)).is_file():
+        raise errors.UserError(f'{path} has no mask {masks / (stem + MASK_SUFFIX)}; add the mask '
+                               'or remove the image')
+
+  def _read_list(self, split: str) -> list[str]:
+    path = self.root / f'{split}.txt'
+    stems = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      name = line.strip()
+      if not name:
+        continue
+      if name not in self.images and epath.Path(name).stem in self.images:
+        name = epath.Path(name).stem  # The list names files, not stems.
+      if name not in self.images:
+        raise errors.UserError(f'{path} line {number}: no image {name!r} in images/; fix the '
+                               'line or add the image')
+      stems.append(name)
+    return stems
+
+  def stems(self, split: str) -> list[str]:
+    """The stems of `split`, in a fixed order."""
+    lists = {name: self._read_list(name) for name in ('train', 'test')
+             if (self.root / f'{name}.txt').is_file()}
+    if split in lists:
+      return lists[split]
+    if split in ('train', 'test'):
+      if lists:  # The one list given: this split is the rest.
+        (taken,) = (set(stems) for stems in lists.values())
+        return [s for s in self.images if s not in taken]
+      stems = sorted(self.images)
+      order = np.random.default_rng(SPLIT_SEED).permutation(len(stems))
+      num_test = max(1, round(TEST_FRACTION * len(stems))) if len(stems) > 1 else 0
+      chosen = order[:num_test] if split == 'test' else order[num_test:]
+      return [stems[i] for i in sorted(chosen)]
+    if (self.root / f'{split}.txt').is_file():
+      return self._read_list(split)
+    raise errors.UserError(f'split {split!r}: {self.root / (split + ".txt")} does not exist; '
+                           'use train or test, or write the list')
+
+  def examples(self, split: str) -> list[Example]:
+    masks = self.root / 'masks'
+    return [Example(self.images[s], masks / (s + MASK_SUFFIX)) for s in self.stems(split)]
+
+
+def _open(path: epath.Path, data: bytes, load: bool) -> Image.Image:
+  """PIL's image of `data` (the header only unless `load`); a UserError naming `path` if bad."""
+  try:
+    image = Image.open(io.BytesIO(data))
+    if load:
+      image.load()
+  except _DECODE_ERRORS as e:
+    raise errors.UserError(f'{path}: cannot decode ({e}); remove or replace the file') from None
+  return image
+
+
+def decode_example(example: Example, size: int,
+                   num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """-> image [S, S, 3] uint8 (bilinear), labels [S, S] uint8 (nearest), through the tfds path."""
+  data = example.image.read_bytes()
+  image_size = _open(example.image, data, load=False).size
+  mask = _open(example.mask, example.mask.read_bytes(), load=True)
+  if mask.size != image_size:
+    raise errors.UserError(
+        f'{example.mask} is {mask.size[0]}x{mask.size[1]} but its image {example.image} is '
+        f'{image_size[0]}x{image_size[1]}; masks must be the size of their image')
+  if mask.mode in ('LA', 'La', 'PA'):
+    mask = mask.getchannel(0)  # A mask's alpha means nothing.
+  if mask.mode in _MASK_MODES:
+    values = np.asarray(mask)  # Palette masks: the indices are the classes.
+  else:  # Grey values saved as RGB(A) are fine; colours are not classes.
+    rgb = np.asarray(mask.convert('RGB'))
+    if (rgb != rgb[..., :1]).any():
+      raise errors.UserError(
+          f'{example.mask} is a colour {mask.mode} picture, not a mask; save it as a one-channel '
+          f'PNG of class values 0..{num_classes - 1}')
+    values = rgb[..., 0]
+  bad = values[(values < 0) | (values >= num_classes)]
+  if bad.size:
+    raise errors.UserError(
+        f'{example.mask}: label {int(bad.flat[0])} is not in 0..{num_classes - 1} '
+        f'(config.num_classes={num_classes}; folder masks are not shifted); fix the mask or raise '
+        'num_classes')
+  image = input_pipeline._decode_image(  # pylint: disable=protected-access
+      data, size, Image.Resampling.BILINEAR, 'RGB', str(example.image))
+  labels = input_pipeline._decode_image(  # pylint: disable=protected-access
+      values.astype(np.uint8), size, Image.Resampling.NEAREST, 'L', str(example.mask))
+  return image, labels
+
+
+def parse(dataset: str) -> str | None:
+  """'folder:/path' -> '/path'; None for any other data set name."""
+  return dataset[len(PREFIX):] if dataset.startswith(PREFIX) else None
