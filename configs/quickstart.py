@@ -9,7 +9,9 @@ def get_config():
   config.image_size = 64
   config.widths = (16, 32, 64)
   config.dropout_rate = 0.1
-  config.batch_size = 32
-  config.num_epochs = 6
-  config.log_every_steps = 8
+  config.batch_size = 16
+  config.learning_rate = 2e-3
+  config.num_epochs = 14  # 64 steps an epoch: 896 steps in all.
+  config.eval_every_epochs = 7
+  config.log_every_steps = 64
   return config

@@ -34,6 +34,24 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
+# XLA:CPU hands convolutions to YNNPACK by default; its weight-gradient convolutions run at about
+# half the speed of Eigen's (measured here: the default U-Net's train step, batch 8, 3.8 s with
+# YNNPACK and 3.0-3.4 s without; a 4096^3 matmul 178 against 200 GFLOP/s).
+_XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
+
+
+def configure_xla_cpu() -> None:
+  """Adds our XLA:CPU flags to $XLA_FLAGS, unless the user set them. Call before JAX starts.
+
+  They only concern the CPU backend; GPUs and TPUs ignore them.
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  for flag in _XLA_CPU_FLAGS:
+    if flag.split('=')[0] not in flags:
+      flags = f'{flags} {flag}'.strip()
+  os.environ['XLA_FLAGS'] = flags
+
+
 def _is_multihost_tpu() -> bool:
   return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
 
@@ -45,6 +63,7 @@ def setup(coordinator_address: str | None = None, num_processes: int | None = No
   With a coordinator address, the processes meet there (on CPU they talk through gloo); on a
   multi-host TPU slice everything is detected. Otherwise this is a single-process run.
   """
+  configure_xla_cpu()
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise errors.UserError('--coordinator_address needs --num_processes and --process_id')
