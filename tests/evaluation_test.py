@@ -7,11 +7,14 @@ import sys
 
 import jax
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
+from tests import folder_test
 from unet_flax import evaluation
 from unet_flax import input_pipeline
 from unet_flax import metrics
+from unet_flax import train
 
 ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
 
@@ -66,6 +69,34 @@ def test_evaluate_at_original_resolution_counts_every_original_pixel(trained_wor
   assert pixels != 12 * 16 * 16
   assert np.sum(report['confusion_matrix']) == pixels
   assert "at each image's original resolution" in printed[0]
+  assert (tmp_path / 'original_worst.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_evaluate_a_folder_data_set_at_both_resolutions(tmp_path, tiny_config):
+  data = folder_test._write(tmp_path / 'data')  # pylint: disable=protected-access
+  test_stems = ['cat_01', 'dog_01']  # cat_01's mask is a palette PNG: its indices are classes.
+  (data / 'test.txt').write_text('\n'.join(test_stems) + '\n')
+  tiny_config.dataset, tiny_config.data_dir = f'folder:{data}', None
+  tiny_config.num_epochs = 1
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config, str(workdir))
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  trainer = [l for l in lines if l['split'] == 'eval'][-1]
+
+  network = evaluation.evaluate(workdir, out=tmp_path / 'network.json', worst_k=1,
+                                log=lambda _: None)
+  assert network['step'] == trainer['step'] == 1  # 8 train images // batch 8.
+  assert network['confusion_matrix'] == trainer['confusion_matrix']
+  assert network['mean_iou'] == trainer['mean_iou']
+  assert network['pixel_accuracy'] == trainer['pixel_accuracy']
+
+  original = evaluation.evaluate(workdir, out=tmp_path / 'original.json', worst_k=2,
+                                 original_resolution=True, log=lambda _: None)
+  masks = [np.asarray(Image.open(data / 'masks' / f'{s}.png')) for s in test_stems]
+  truth = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=folder_test.K)
+  assert np.sum(original['confusion_matrix']) == sum(m.size for m in masks) == 20 * 24 + 24 * 16
+  np.testing.assert_array_equal(np.sum(original['confusion_matrix'], axis=1), truth)  # No shift.
+  assert sorted(w['file_name'] for w in original['worst']) == ['cat_01.jpg', 'dog_01.jpg']
   assert (tmp_path / 'original_worst.png').read_bytes()[:4] == b'\x89PNG'
 
 

@@ -1,21 +1,18 @@
 """Scoring a trained workdir on a split: the IoU table, JSON, a confusion matrix, the worst images.
 
 `evaluate(workdir)` scores a split with the trainer's own pipeline and eval step, so its numbers
-are the trainer's; with `original_resolution=True` it scores against the original-size trimaps,
-the logits upsampled bilinearly to each image's size as predict.py does (inference.py).
+are the trainer's; with `original_resolution=True` it scores against the original-size masks
+(input_pipeline.originals: tfds trimaps or folder masks), the logits upsampled bilinearly to each
+image's size as predict.py does (inference.py).
 """
 
-import io
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
-from unet_flax import errors
 from unet_flax import inference
 from unet_flax import input_pipeline
 from unet_flax import metrics
@@ -67,43 +64,26 @@ def _logit_batches(state, images: np.ndarray, rows, devices: train.Devices):
     yield chunk, np.asarray(jax.device_get(predict(state, batch['image'])))[:len(chunk)]
 
 
-def _file_name(example: dict, row: int) -> str:
-  name = example.get('file_name', f'#{row}')
-  return name.decode() if isinstance(name, bytes) else str(name)
-
-
-def _original_example(source, row: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  """(image [H, W, 3] uint8, labels [H, W] uint8) of example `row`, at its original size."""
-  example = source[row]
-  image = np.asarray(Image.open(io.BytesIO(example['image'])).convert('RGB'))
-  trimap = np.asarray(Image.open(io.BytesIO(example['segmentation_mask'])).convert('L'))
-  labels = trimap.astype(np.int16) - input_pipeline.TRIMAP_OFFSET
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise errors.UserError(f'{_file_name(example, row)} (mask): trimap values outside '
-                           f'{input_pipeline.TRIMAP_OFFSET}..{num_classes}; fix the mask')
-  return image, labels.astype(np.uint8)
-
-
-def _original_predictions(state, data, source, rows, num_classes: int, devices):
+def _original_predictions(state, data, originals, rows, devices):
   """Yields, a batch of `rows` at a time, [(row, image, labels, predicted)] at original size.
 
-  image: [H, W, 3] uint8; labels: the original trimap's classes [H, W] uint8; predicted: the
+  image: [H, W, 3] uint8; labels: the original mask's classes [H, W] uint8; predicted: the
   network's logits upsampled bilinearly to [H, W] before the argmax, uint8.
   """
   for chunk, logits in _logit_batches(state, data.images, rows, devices):
     batch = []
     for row, image_logits in zip(chunk, logits):
-      image, labels = _original_example(source, row, num_classes)
+      _, image, labels = originals[row]
       batch.append((row, image, labels, inference.upsample_classes(image_logits, *labels.shape)))
     yield batch
 
 
-def _original_confusions(state, data, source, config, devices) -> np.ndarray:
+def _original_confusions(state, data, originals, config, devices) -> np.ndarray:
   """[N, K, K] per-image confusion matrices at each image's original resolution."""
   k = config.num_classes
   result = np.zeros((len(data), k, k), np.int64)
   progress = inference.Progress('evaluated', len(data))
-  for batch in _original_predictions(state, data, source, range(len(data)), k, devices):
+  for batch in _original_predictions(state, data, originals, range(len(data)), devices):
     for row, _, labels, predicted in batch:
       result[row] = confusions(labels[None], predicted[None], k)[0]
     progress.update(batch[-1][0] + 1)
@@ -114,14 +94,14 @@ def _original_confusions(state, data, source, config, devices) -> np.ndarray:
 # Scores, pictures and the report.
 
 
-def _score(state, data, source, config, devices, original: bool):
+def _score(state, data, originals, config, devices, original: bool):
   """(results as from metrics.iou + 'confusion_matrix', [N, K, K] per image, [N, S, S] or None).
 
   At the network's resolution the totals come from the trainer's own eval step and batches, so
   they are the numbers of its metrics.jsonl.
   """
   if original:
-    per_image = _original_confusions(state, data, source, config, devices)
+    per_image = _original_confusions(state, data, originals, config, devices)
     results = jax.device_get(metrics.iou(jnp.asarray(per_image.sum(axis=0))))
     results['confusion_matrix'] = per_image.sum(axis=0)
     return results, per_image, None
@@ -131,8 +111,8 @@ def _score(state, data, source, config, devices, original: bool):
   return results, confusions(data.labels, predictions, config.num_classes), predictions
 
 
-def _worst_gallery(path, worst, image_iou, data, source, state, config, devices, predictions,
-                   title) -> None:
+def _worst_gallery(path, worst, file_names, image_iou, data, originals, state, config, devices,
+                   predictions, title) -> None:
   """Draws input / truth / prediction of the `worst` rows, titled with their names and IoUs.
 
   With `predictions` ([N, S, S]) at the network's resolution; without, at the original one.
@@ -140,10 +120,10 @@ def _worst_gallery(path, worst, image_iou, data, source, state, config, devices,
   if predictions is not None:
     images, labels, predicted = data.images[worst], data.labels[worst], predictions[worst]
   else:
-    drawn = [x for batch in _original_predictions(state, data, source, worst,
-                                                  config.num_classes, devices) for x in batch]
+    drawn = [x for batch in _original_predictions(state, data, originals, worst, devices)
+             for x in batch]
     _, images, labels, predicted = (list(column) for column in zip(*drawn))
-  row_titles = [f'{_file_name(source[r], r)}\nmean IoU {image_iou[r]:.3f}' for r in worst]
+  row_titles = [f'{file_names[r]}\nmean IoU {image_iou[r]:.3f}' for r in worst]
   plots.predictions(path, images, labels, predicted, title=title,
                     num_classes=config.num_classes, row_titles=row_titles)
 
@@ -185,7 +165,7 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
     step: the checkpoint; None: the latest.
     split, dataset, data_dir: default: the run's config.eval_split, dataset and data_dir.
     original_resolution: score each image at its original size (logits upsampled bilinearly,
-      truth = the original trimap) instead of at the network's image_size x image_size.
+      truth = the original mask) instead of at the network's image_size x image_size.
     worst_k: images drawn in the gallery of the worst by per-image mean IoU.
     out: a .json path, or a directory; default <workdir>/eval.
     log: where the table goes.
@@ -203,13 +183,13 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
   data = input_pipeline.load_split(
       dataset, split, data_dir=data_dir, image_size=config.image_size,
       num_classes=config.num_classes, num_threads=config.input_threads)
-  skip = tfds.decode.SkipDecoding()  # Originals are decoded only where needed.
-  source = input_pipeline.get_builder(dataset, data_dir).as_data_source(
-      split=split, decoders={'image': skip, 'segmentation_mask': skip})
-  results, per_image, predictions = _score(state, data, source, config, devices,
+  # Originals are decoded only where needed: every row at original resolution, else the worst.
+  originals = input_pipeline.originals(dataset, split, data_dir, config.num_classes)
+  results, per_image, predictions = _score(state, data, originals, config, devices,
                                            original_resolution)
   image_iou = image_mean_iou(per_image)
   worst = [int(r) for r in np.argsort(image_iou, kind='stable')[:max(worst_k, 0)]]
+  file_names = {r: originals[r][0] for r in worst}
 
   names = plots.class_names(config.num_classes)
   what = f'step {step} on {dataset} {split} ({len(data)} images)'
@@ -224,8 +204,8 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
                          title=f'{what}\nat {resolution} resolution, rows sum to 100%')
   if worst:
     files['worst'] = f'{stem}_worst.png'
-    _worst_gallery(files['worst'], worst, image_iou, data, source, state, config, devices,
-                   predictions,
+    _worst_gallery(files['worst'], worst, file_names, image_iou, data, originals, state, config,
+                   devices, predictions,
                    f'the {len(worst)} worst of {len(data)} {split} images by mean IoU\n'
                    f'(step {step}, {resolution} resolution)')
   report = _json_ready({
@@ -236,7 +216,7 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
       'per_class_iou': dict(zip(names, results['per_class_iou'])),
       'per_class_dice': dict(zip(names, results['per_class_dice'])),
       'confusion_matrix': results['confusion_matrix'],
-      'worst': [{'index': r, 'file_name': _file_name(source[r], r), 'mean_iou': image_iou[r]}
+      'worst': [{'index': r, 'file_name': file_names[r], 'mean_iou': image_iou[r]}
                 for r in worst],
       'files': files,
   })

@@ -120,9 +120,12 @@ def _open(path: epath.Path, data: bytes, load: bool) -> Image.Image:
   return image
 
 
-def decode_example(example: Example, size: int,
+def decode_example(example: Example, size: int | None,
                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  """-> image [S, S, 3] uint8 (bilinear), labels [S, S] uint8 (nearest), through the tfds path."""
+  """-> image [S, S, 3] uint8 (bilinear), labels [S, S] uint8 (nearest), through the tfds path.
+
+  size None: both at their stored size, [H, W, 3] and [H, W], after the same checks.
+  """
   data = example.image.read_bytes()
   image_size = _open(example.image, data, load=False).size
   mask = _open(example.mask, example.mask.read_bytes(), load=True)

@@ -16,7 +16,7 @@ import concurrent.futures
 import dataclasses
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -73,8 +73,10 @@ def get_builder(dataset: str, data_dir: str | None):
   return builder
 
 
-def _decode_image(data, size: int, resample, mode: str, what: str) -> np.ndarray:
+def _decode_image(data, size: int | None, resample, mode: str, what: str) -> np.ndarray:
   """Encoded bytes (or an already decoded array) -> [size, size(, 3)] integers.
+
+  size None: at the stored size, [H, W(, 3)], neither drafted nor resized (evaluation's truth).
 
   mode 'RGB' (pictures) -> uint8 RGB from any PIL mode: grey, palette, CMYK, 1-bit; 16-bit and
   float scaled to 8 bits (PIL's convert clips them: a 16-bit photo comes out white); transparent
@@ -91,7 +93,7 @@ def _decode_image(data, size: int, resample, mode: str, what: str) -> np.ndarray
       if not len(data):
         raise errors.UserError(f'{what}: the file is empty (0 bytes); remove or replace it')
       image = Image.open(io.BytesIO(data))
-      if mode == 'RGB':
+      if mode == 'RGB' and size is not None:
         # JPEG decodes straight to the smallest scale (1/2, 1/4, 1/8) still >= size: 2-4x faster.
         image.draft('RGB', (size, size))
     image.load()  # Cut-short or corrupt data shows only when the pixels are decoded.
@@ -105,7 +107,7 @@ def _decode_image(data, size: int, resample, mode: str, what: str) -> np.ndarray
               f'{what}: a colour {image.mode} picture, not a mask; save it with one channel of '
               'class values')
         image = Image.fromarray(rgb[..., 0])
-      return np.asarray(image.resize((size, size), resample))
+      return _resized(image, size, resample)
     if image.mode.startswith('I') or image.mode == 'F':
       pixels = np.asarray(image, np.float32)
       if image.mode.startswith('I;16') or pixels.max() > 255:
@@ -116,7 +118,7 @@ def _decode_image(data, size: int, resample, mode: str, what: str) -> np.ndarray
     if 'A' in image.mode or 'a' in image.mode or 'transparency' in image.info:
       rgba = image.convert('RGBA')  # Transparent pixels hold arbitrary colours.
       image = Image.alpha_composite(Image.new('RGBA', rgba.size, 'white'), rgba)
-    return np.asarray(image.convert('RGB').resize((size, size), resample))
+    return _resized(image.convert('RGB'), size, resample)
   except errors.UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (PIL: OSError, SyntaxError, ValueError...)
@@ -126,18 +128,28 @@ def _decode_image(data, size: int, resample, mode: str, what: str) -> np.ndarray
         f'{what}: cannot decode ({reason}); remove or replace the file') from None
 
 
-def decode_example(example: dict, size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _resized(image: Image.Image, size: int | None, resample) -> np.ndarray:
+  return np.asarray(image if size is None else image.resize((size, size), resample))
+
+
+def _file_name(example: dict, default: str) -> str:
+  name = example.get('file_name', default)
+  return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def decode_example(example: dict, size: int | None,
+                   num_classes: int) -> tuple[np.ndarray, np.ndarray]:
   """A tfds oxford_iiit_pet-style example -> image [S, S, 3] uint8, labels [S, S] uint8.
 
   The image is resized bilinearly; the trimap nearest-neighbour, so that labels stay labels (the
-  chapter's bilinear mask resize invents fractional classes along every border).
+  chapter's bilinear mask resize invents fractional classes along every border). size None: both
+  at their stored size, [H, W, 3] and [H, W].
 
   Raises:
     UserError: naming the file, if the image or trimap cannot be decoded, or if a trimap value is
       not a class (TRIMAP_OFFSET..num_classes).
   """
-  name = example.get('file_name', b'?')
-  name = name.decode() if isinstance(name, bytes) else str(name)
+  name = _file_name(example, '?')
   image = _decode_image(example['image'], size, Image.Resampling.BILINEAR, 'RGB', name)
   trimap = _decode_image(example['segmentation_mask'], size, Image.Resampling.NEAREST, 'L',
                          f'{name} (mask)')
@@ -150,18 +162,51 @@ def decode_example(example: dict, size: int, num_classes: int) -> tuple[np.ndarr
   return image, labels.astype(np.uint8)
 
 
-def _reader(dataset: str, split: str, data_dir: str | None, image_size: int, num_classes: int):
-  """(examples in `split`, index -> (image, labels)) for a tfds or a folder data set."""
+def _reader(dataset: str, split: str, data_dir: str | None, image_size: int | None,
+            num_classes: int):
+  """(examples in `split`, index -> (file name, image, labels)) for a tfds or a folder data set.
+
+  image_size None: images and labels at their stored size.
+  """
   from unet_flax import folder  # pylint: disable=g-import-not-at-top
   builder = get_builder(dataset, data_dir)
   if isinstance(builder, folder.Folder):
     examples = builder.examples(split)
-    return len(examples), lambda i: folder.decode_example(examples[i], image_size, num_classes)
+    return len(examples), lambda i: (examples[i].image.name, *folder.decode_example(
+        examples[i], image_size, num_classes))
   # Images and masks arrive encoded: decoding with PIL ourselves lets JPEG decode at reduced scale.
   skip = tfds.decode.SkipDecoding()
   source = builder.as_data_source(split=split,
                                   decoders={'image': skip, 'segmentation_mask': skip})
-  return len(source), lambda i: decode_example(source[i], image_size, num_classes)
+
+  def read(i):
+    example = source[i]
+    return (_file_name(example, f'#{i}'), *decode_example(example, image_size, num_classes))
+
+  return len(source), read
+
+
+@dataclasses.dataclass(frozen=True)
+class Originals(Sequence):
+  """A whole split as stored, in load_split's order; each row is read and checked when asked for.
+
+  originals[row] -> (file name, image [H, W, 3] uint8, labels [H, W] uint8 in [0, num_classes)),
+  at the example's own size, decoded as load_split decodes it but not resized: the classes of
+  tfds trimaps are shifted by TRIMAP_OFFSET, those of folder masks are the values as they are.
+  """
+  num_examples: int
+  read: Callable[[int], tuple[str, np.ndarray, np.ndarray]]
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, row: int) -> tuple[str, np.ndarray, np.ndarray]:
+    return self.read(range(self.num_examples)[row])  # range: IndexError past the end.
+
+
+def originals(dataset: str, split: str, data_dir: str | None, num_classes: int) -> Originals:
+  """The examples of the whole `split` at their original size, for scoring at full resolution."""
+  return Originals(*_reader(dataset, split, data_dir, None, num_classes))
 
 
 def num_examples(dataset: str, split: str, data_dir: str | None) -> int:
@@ -189,7 +234,7 @@ def load_split(dataset: str, split: str, *, data_dir: str | None, image_size: in
 
   def work(row_and_index):
     row, index = row_and_index
-    images[row], labels[row] = decode(index)
+    _, images[row], labels[row] = decode(index)
 
   threads = num_threads or os.cpu_count() or 1
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
