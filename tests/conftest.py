@@ -8,6 +8,11 @@ ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `configs` is a directory of the repository, not a package.
 
 from configs import quickstart  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_flax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# The XLA:CPU flags train.py uses, before JAX starts: in-process runs then compute with the same
+# kernels as the train.py subprocesses they are compared with, bit for bit.
+runtime.configure_xla_cpu()
 
 
 @pytest.fixture(scope='session')
@@ -25,6 +30,7 @@ def make_tiny_config(data_dir):
   config.widths = (4, 8)
   config.batch_size = 8
   config.num_epochs = 2
+  config.eval_every_epochs = 1
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
   config.num_prediction_images = 2
