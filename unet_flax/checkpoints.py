@@ -113,16 +113,7 @@ def disk_errors(what: str | None, note: str = '', errnos=tuple(_DISK_ERRNOS)):
 
 def check_workdir(workdir: epath.Path) -> None:
   """Refuses a workdir that is a file or that cannot be written, with what to do."""
-  if workdir.exists() and not workdir.is_dir():
-    raise errors.UserError(f'--workdir {workdir} is a file, not a directory; choose another path')
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise errors.UserError(f'--workdir {workdir} cannot be created ({e.strerror}); '
-                           'choose a writable path') from None
-  # Root passes permission bits but not a read-only file system: access() checks both.
-  if not os.access(workdir, os.W_OK):
-    raise errors.UserError(f'--workdir {workdir} is not writable; choose a writable path')
+  errors.make_output_dir(workdir, '--workdir')
 
 
 @dataclasses.dataclass

@@ -276,16 +276,6 @@ def _output_paths(paths: list[str], out: epath.Path) -> list[tuple[epath.Path, e
           for p in paths]
 
 
-def _prepare_out(out: epath.Path) -> None:
-  if out.exists() and not out.is_dir():
-    raise errors.UserError(f'--out {out} is a file; pass a directory for the masks')
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise errors.UserError(f'--out {out} cannot be created ({e.strerror}); '
-                           'choose a writable path') from None
-
-
 def _save_png(pixels: np.ndarray, path: epath.Path) -> None:
   try:
     Image.fromarray(pixels).save(path, format='PNG')
@@ -321,7 +311,7 @@ def predict_files(state: train.TrainState, config: ml_collections.ConfigDict, pa
   """
   stderr = stderr or sys.stderr
   out = epath.Path(out)
-  _prepare_out(out)
+  errors.make_output_dir(out, '--out')
   outputs = dict(zip(paths, _output_paths(paths, out)))
   batch_size = max(1, min(batch_size, len(paths)))
   predict = jax.jit(logits_fn)
