@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
 import re
 import sys
 import warnings
