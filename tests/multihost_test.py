@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 
 from tests import multihost_worker
