@@ -36,7 +36,7 @@ def main(argv):
   from unet_flax import evaluation  # pylint: disable=g-import-not-at-top
   from unet_flax import runtime  # pylint: disable=g-import-not-at-top
   try:
-    runtime.enable_compilation_cache()
+    runtime.setup()  # train.py's XLA flags and compile cache: the trainer's kernels.
     evaluation.evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
                         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
                         original_resolution=FLAGS.original_resolution, worst_k=FLAGS.worst_k,

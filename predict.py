@@ -31,7 +31,7 @@ def main(argv):
   from unet_flax import inference  # pylint: disable=g-import-not-at-top
   from unet_flax import runtime  # pylint: disable=g-import-not-at-top
   try:
-    runtime.enable_compilation_cache()
+    runtime.setup()  # train.py's XLA flags and compile cache: the trainer's kernels.
     config, state = inference.load_model(FLAGS.workdir, FLAGS.step)
     failed = inference.predict_files(state, config, paths, FLAGS.out,
                                      batch_size=FLAGS.batch_size)

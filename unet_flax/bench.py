@@ -142,8 +142,7 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   del argv
-  runtime.configure_xla_cpu()  # As train.py does.
-  runtime.enable_compilation_cache()
+  runtime.setup()  # As train.py: its XLA flags and compile cache.
   config = FLAGS.config
   device = jax.devices()[0]
   results = {
