@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Optimisation: Keras's Adam defaults.
   config.batch_size = 64  # Global batch, split over all devices of all hosts.
+  # Gradients accumulated over this many parts of each device's batch (the same loss and
+  # gradient, but not with dice_weight); 0: auto, microbatches of 16 on CPUs, else 1.
+  config.num_microbatches = 0
   config.learning_rate = 1e-3
   config.adam_b1 = 0.9
   config.adam_b2 = 0.999

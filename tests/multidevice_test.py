@@ -25,6 +25,9 @@ STEP = textwrap.dedent('''
     from tests.conftest import make_tiny_config
     from unet_flax import train
     config = make_tiny_config(None)
+    config.num_microbatches = int(sys.argv[2])
+    if config.num_microbatches:  # Not auto: compared across microbatch counts.
+      config.dropout_rate = 0.0  # Microbatches draw their own dropout masks.
     devices = train.Devices(config.batch_size)
     step, _ = train.compile_steps(config, devices)
     state = jax.jit(lambda k: train.create_train_state(config, k),
@@ -32,9 +35,16 @@ STEP = textwrap.dedent('''
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, (8, 16, 16)).astype(np.uint8)
     batch = {'image': rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8), 'label': labels}
-    state, metrics = step(state, devices.put(batch), jax.random.key(1))
+    batch = devices.put(batch)
+    hlo = step.lower(state, batch, jax.random.key(1)).compile().as_text()
+    moves = sum(hlo.count(op) for op in ('all-to-all', 'all-gather', 'collective-permute'))
+    state, metrics = step(state, batch, jax.random.key(1))
     leaves = jax.tree.leaves(jax.device_get(state.params))
-    np.savez(sys.argv[1], loss=metrics['loss'], devices=jax.device_count(), *leaves)
+    # Adam's first moment after one step: (1 - b1) x the gradient.
+    mu = {f'mu_{i}': m for i, m in enumerate(
+        jax.tree.leaves(jax.device_get(state.opt_state.inner_state[0].mu)))}
+    np.savez(sys.argv[1], loss=metrics['loss'], devices=jax.device_count(), moves=moves, *leaves,
+             **mu)
 ''')
 
 
@@ -44,15 +54,20 @@ def _env(devices: int) -> dict:
   return env
 
 
-def test_four_devices_give_the_same_step_as_one(tmp_path):
+def _steps(tmp_path, runs):
+  """Runs STEP for each (devices, microbatches); returns the saved results."""
   results = []
-  for devices in (1, 4):
-    out = tmp_path / f'{devices}.npz'
-    subprocess.run([sys.executable, '-c', STEP, str(out)], env=_env(devices), cwd=ROOT,
-                   check=True, timeout=300)
+  for devices, microbatches in runs:
+    out = tmp_path / f'{devices}_{microbatches}.npz'
+    subprocess.run([sys.executable, '-c', STEP, str(out), str(microbatches)],
+                   env=_env(devices), cwd=ROOT, check=True, timeout=300)
     results.append(np.load(out))
-  one, four = results
-  assert int(one['devices']) == 1 and int(four['devices']) == 4
+    assert int(results[-1]['devices']) == devices
+  return results
+
+
+def test_four_devices_give_the_same_step_as_one(tmp_path):
+  one, four = _steps(tmp_path, [(1, 0), (4, 0)])
   np.testing.assert_allclose(four['loss'], one['loss'], atol=1e-5)
   leaves = [k for k in one.files if k.startswith('arr_')]
   assert leaves
@@ -122,3 +137,16 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, tfds_
                if json.loads(l)['split'] == 'eval'][-1]
   np.testing.assert_array_equal(last_eval['confusion_matrix'], reference_confusion)
   assert reference_confusion.sum() == 12 * 16 * 16
+
+
+def test_microbatches_on_four_devices_give_one_batchs_step_and_move_no_data(tmp_path):
+  one, four = _steps(tmp_path, [(1, 1), (4, 2)])
+  # Each device splits its own rows: no batch data crosses devices, only gradients are summed.
+  assert int(four['moves']) == 0
+  np.testing.assert_allclose(four['loss'], one['loss'], rtol=1e-6)
+  # Gradients, not parameters: Adam's first step is about lr x sign(gradient), whose sign
+  # rounding can flip where a gradient is nearly zero.
+  moments = [k for k in one.files if k.startswith('mu_')]
+  assert moments
+  for key in moments:
+    np.testing.assert_allclose(four[key], one[key], rtol=1e-4, atol=1e-8)

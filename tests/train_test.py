@@ -5,8 +5,10 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from unet_flax import checkpoints
+from unet_flax import errors
 from unet_flax import metrics
 from unet_flax import train
 
@@ -93,3 +95,35 @@ def test_second_run_resumes_from_the_saved_step(tmp_path, tiny_config, capsys):
   train_steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
                  if json.loads(l)['split'] == 'train']
   assert train_steps == [1, 2, 3, 4, 5, 6]  # Steps 1-3 were not run again.
+
+
+@pytest.mark.parametrize('class_weights', [None, (1.0, 0.5, 3.0)])
+def test_microbatched_step_has_the_whole_batchs_loss_and_gradient(tiny_config, class_weights):
+  tiny_config.dropout_rate = 0.0  # Microbatches draw their own dropout masks.
+  batch = _batch(tiny_config, 8)
+  results = []
+  for microbatches in (1, 4):
+    state = train.create_train_state(tiny_config, jax.random.key(0))
+    results.append(train.train_step(state, batch, jax.random.key(1), class_weights=class_weights,
+                                    microbatches=microbatches))
+  (whole, whole_metrics), (parts, parts_metrics) = results
+  np.testing.assert_allclose(parts_metrics['loss'], whole_metrics['loss'], rtol=1e-6)
+  # After one step Adam's first moment is (1 - b1) x the gradient.
+  grads = [jax.tree.leaves(s.opt_state.inner_state[0].mu) for s in (whole, parts)]
+  for got, want in zip(grads[1], grads[0]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)
+
+
+def test_num_microbatches(tiny_config):
+  def count(batch_size, **overrides):
+    tiny_config.batch_size = batch_size
+    tiny_config.update(overrides)
+    return train.num_microbatches(tiny_config, train.Devices(batch_size))
+  # Auto on CPU: microbatches of 8 to 16 examples, else the whole batch.
+  assert [count(b) for b in (8, 16, 24, 32, 64, 17)] == [1, 1, 2, 2, 4, 1]
+  assert count(64, dice_weight=0.5) == 1  # A batch's Dice is not a sum over microbatches.
+  assert count(64, dice_weight=0.0, num_microbatches=8) == 8
+  with pytest.raises(errors.UserError, match='config.num_microbatches=3 must divide the 64'):
+    count(64, num_microbatches=3)
+  with pytest.raises(errors.UserError, match='config.dice_weight=0.5'):
+    count(64, num_microbatches=2, dice_weight=0.5)

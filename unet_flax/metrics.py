@@ -94,9 +94,25 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array
   if class_weights is None:
     return cross_entropy(logits, labels, mask)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  weights = _pixel_weights(mask, labels) * jnp.asarray(class_weights, jnp.float32)[labels]
+  weights = _class_pixel_weights(labels, mask, class_weights)
   total = jnp.sum(weights)
   return jnp.sum(losses * weights) / jnp.where(total > 0, total, 1.0)
+
+
+def _class_pixel_weights(labels: jax.Array, mask: jax.Array, class_weights=None) -> jax.Array:
+  weights = _pixel_weights(mask, labels)
+  if class_weights is not None:
+    weights = weights * jnp.asarray(class_weights, jnp.float32)[labels]
+  return weights
+
+
+def cross_entropy_weight(labels: jax.Array, mask: jax.Array, class_weights=None) -> jax.Array:
+  """The denominator of `weighted_cross_entropy`: the summed weight of the valid pixels.
+
+  A batch's loss is the weight-share-weighted sum of its parts' losses, which is how a step that
+  accumulates gradients over microbatches gets the gradient of the whole batch's loss.
+  """
+  return jnp.sum(_class_pixel_weights(labels, mask, class_weights))
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
