@@ -116,21 +116,34 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=
   else:
     if dice_weight:
       raise ValueError('microbatches need dice_weight == 0')
-    parts = zip(_microbatches(batch['image'], microbatches),
-                _microbatches(labels, microbatches))
-    total = metrics.cross_entropy_weight(labels, jnp.ones(labels.shape[0]), class_weights)
-    loss = grads = 0.0
-    # Unrolled: XLA:CPU runs the convolutions of a while loop's body far slower (a lax.scan of
-    # this step took over 100x as long).
-    for i, (images_i, labels_i) in enumerate(parts):
-      part = metrics.cross_entropy_weight(labels_i, jnp.ones(labels_i.shape[0]), class_weights)
-      share = jnp.where(total > 0, part / total, 0.0)
-      loss_i, grads_i = jax.value_and_grad(
-          lambda p: loss_fn(p, images_i, labels_i, jax.random.fold_in(dropout_rng, i)) * share)(
-              state.params)
-      loss = loss + loss_i
-      grads = jax.tree.map(jnp.add, grads, grads_i) if i else grads_i
+    loss, grads = _accumulated_value_and_grad(loss_fn, state.params, batch['image'], labels,
+                                              dropout_rng, microbatches, class_weights)
   return state.apply_gradients(grads=grads), {'loss': loss}
+
+
+def _accumulated_value_and_grad(loss_fn, params, images, labels, dropout_rng, count: int,
+                                class_weights):
+  """The whole batch's cross-entropy and its gradient, summed over `count` microbatches.
+
+  Each microbatch's loss is a weighted mean over its pixels; scaled by its share of the batch's
+  total pixel weight, the parts sum to the batch's mean. Each draws its own dropout masks. The
+  loop is unrolled: XLA:CPU runs convolutions in a while loop's body far slower (a lax.scan of
+  this step took over 100x as long).
+  """
+  def weight(labels):
+    return metrics.cross_entropy_weight(labels, jnp.ones(labels.shape[0]), class_weights)
+
+  def scaled_loss(params, images, labels, dropout_rng, share):
+    return loss_fn(params, images, labels, dropout_rng) * share
+
+  total = weight(labels)
+  parts = []
+  for i, (images_i, labels_i) in enumerate(zip(_microbatches(images, count),
+                                               _microbatches(labels, count))):
+    share = jnp.where(total > 0, weight(labels_i) / total, 0.0)
+    parts.append(jax.value_and_grad(scaled_loss)(params, images_i, labels_i,
+                                                 jax.random.fold_in(dropout_rng, i), share))
+  return jax.tree.map(lambda *values: sum(values), *parts)
 
 
 def _microbatches(x: jax.Array, count: int) -> list[jax.Array]:
@@ -310,9 +323,12 @@ def _train(config, devices: Devices, manager: checkpoints.Manager, report: repor
   init_rng, dropout_rng = jax.random.split(rng)
   state = jax.jit(functools.partial(create_train_state, config),
                   out_shardings=devices.replicated)(init_rng)
+  microbatches = num_microbatches(config, devices)
   report.text(f'model: {models.param_count(state.params):,} parameters, '
               f'{jax.device_count()} {jax.devices()[0].platform} device(s), '
-              f'{jax.process_count()} process(es)')
+              f'{jax.process_count()} process(es)'
+              + (f', gradients summed over {microbatches} microbatches a step'
+                 if microbatches > 1 else ''))
   state = manager.restore_or(state)
   train_fn, eval_fn = compile_steps(config, devices)
 
