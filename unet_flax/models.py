@@ -47,12 +47,12 @@ class Upsample(nn.Module):
                         self.param_dtype)
     bias = self.param('bias', bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    # Per axis: the even phase takes (k[0], k[2]) over (x[m-1], x[m]), so it is padded by one
-    # in front; the odd phase takes k[1] over x[m].
-    even, odd = jnp.array([0, 2]), jnp.array([1])
-    taps = {0: (even, (1, 0)), 1: (odd, (0, 0))}
-    phases = [[_conv(x, kernel[taps[py][0]][:, taps[px][0]], (taps[py][1], taps[px][1]))
-               for px in (0, 1)] for py in (0, 1)]
+    # Per axis and output phase, the kernel taps and the padding: the even phase takes
+    # (k[0], k[2]) over (x[m-1], x[m]), so it is padded by one in front; the odd one k[1] over x[m].
+    taps = (jnp.array([0, 2]), jnp.array([1]))
+    pads = ((1, 0), (0, 0))
+    phases = [[_conv(x, kernel[taps[py]][:, taps[px]], (pads[py], pads[px])) for px in (0, 1)]
+              for py in (0, 1)]
     # [B, H, (py), W, (px), F] -> [B, 2H, 2W, F].
     y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
     b, h, _, w, _, f = y.shape
