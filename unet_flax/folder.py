@@ -32,8 +32,6 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.we
 MASK_SUFFIX = '.png'
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
-# PIL modes that hold one value a pixel: 1-bit, 8-bit grey, palette indices, 16/32-bit integers.
-_MASK_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # What PIL raises on data it cannot parse.
 
 
@@ -135,7 +133,7 @@ def decode_example(example: Example, size: int | None,
         f'{image_size[0]}x{image_size[1]}; masks must be the size of their image')
   if mask.mode in ('LA', 'La', 'PA'):
     mask = mask.getchannel(0)  # A mask's alpha means nothing.
-  if mask.mode in _MASK_MODES:
+  if mask.mode in input_pipeline.MASK_MODES:
     values = np.asarray(mask)  # Palette masks: the indices are the classes.
   else:  # Grey values saved as RGB(A) are fine; colours are not classes.
     rgb = np.asarray(mask.convert('RGB'))

@@ -24,11 +24,11 @@ from PIL import ImageOps
 
 from unet_flax import checkpoints
 from unet_flax import errors
+from unet_flax import input_pipeline
 from unet_flax import train
 
 # What PIL raises on files that are not images, are cut short, or are too large to decode.
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
 # ---------------------------------------------------------------------------------------------
 # The model, restored read-only.
@@ -158,27 +158,9 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
   return height, width
 
 
-def _to_8bit(pixels: np.ndarray, sixteen_bit: bool) -> np.ndarray:
-  """Grey levels of a 16/32-bit integer or float image -> uint8, keeping the picture visible."""
-  pixels = pixels.astype(np.float32)
-  if sixteen_bit or pixels.max() > 255:
-    pixels = pixels / 257  # 0..65535 -> 0..255.
-  elif pixels.max() <= 1:
-    pixels = pixels * 255  # Float images in [0, 1].
-  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
-  """The upright RGB picture of an image of any mode (L, P, RGBA, CMYK, 16-bit, float...)."""
-  image = ImageOps.exif_transpose(image)
-  if image.mode in _SIXTEEN_BIT_MODES + ('I', 'F'):
-    # PIL's convert('RGB') clips these at 255: a 16-bit photo would come out white.
-    image = Image.fromarray(_to_8bit(np.asarray(image), image.mode in _SIXTEEN_BIT_MODES), 'L')
-  if 'A' in image.mode or 'transparency' in image.info:
-    # Transparent pixels hold arbitrary colours; white is what a viewer shows there.
-    rgba = image.convert('RGBA')
-    image = Image.alpha_composite(Image.new('RGBA', rgba.size, 'white'), rgba)
-  return image.convert('RGB')
+  """The upright RGB picture of an image of any mode, converted as the trainer converts its data."""
+  return input_pipeline.to_rgb(ImageOps.exif_transpose(image))
 
 
 def network_input(image: Image.Image, size: int) -> np.ndarray:

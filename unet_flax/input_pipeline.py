@@ -29,6 +29,9 @@ from unet_flax import errors
 TRIMAP_OFFSET = 1
 CLASS_NAMES = ('pet', 'background', 'border')
 
+# PIL modes that hold one value a pixel: 1-bit, 8-bit grey, palette indices, 16/32-bit integers.
+MASK_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:
@@ -100,7 +103,7 @@ def _decode_image(data, size: int | None, resample, mode: str, what: str) -> np.
     if mode == 'L':
       if image.mode in ('LA', 'La', 'PA'):
         image = image.getchannel(0)  # The values; a mask's alpha means nothing.
-      elif image.mode not in ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N'):
+      elif image.mode not in MASK_MODES:
         rgb = np.asarray(image.convert('RGB'))
         if (rgb != rgb[..., :1]).any():
           raise errors.UserError(
@@ -108,17 +111,7 @@ def _decode_image(data, size: int | None, resample, mode: str, what: str) -> np.
               'class values')
         image = Image.fromarray(rgb[..., 0])
       return _resized(image, size, resample)
-    if image.mode.startswith('I') or image.mode == 'F':
-      pixels = np.asarray(image, np.float32)
-      if image.mode.startswith('I;16') or pixels.max() > 255:
-        pixels = pixels / 257  # 0..65535 -> 0..255.
-      elif image.mode == 'F' and pixels.max() <= 1:
-        pixels = pixels * 255  # Float pictures in [0, 1].
-      image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
-    if 'A' in image.mode or 'a' in image.mode or 'transparency' in image.info:
-      rgba = image.convert('RGBA')  # Transparent pixels hold arbitrary colours.
-      image = Image.alpha_composite(Image.new('RGBA', rgba.size, 'white'), rgba)
-    return _resized(image.convert('RGB'), size, resample)
+    return _resized(to_rgb(image), size, resample)
   except errors.UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (PIL: OSError, SyntaxError, ValueError...)
@@ -126,6 +119,25 @@ def _decode_image(data, size: int | None, resample, mode: str, what: str) -> np.
               isinstance(e, Image.UnidentifiedImageError) else str(e))
     raise errors.UserError(
         f'{what}: cannot decode ({reason}); remove or replace the file') from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """The RGB picture of a decoded image of any PIL mode, as a viewer shows it.
+
+  Grey, palette, CMYK and 1-bit are converted; 16-bit and float are scaled to 8 bits (PIL's
+  convert clips them: a 16-bit photo comes out white); transparent ones go over white.
+  """
+  if image.mode.startswith('I') or image.mode == 'F':
+    pixels = np.asarray(image, np.float32)
+    if image.mode.startswith('I;16') or pixels.max() > 255:
+      pixels = pixels / 257  # 0..65535 -> 0..255.
+    elif image.mode == 'F' and pixels.max() <= 1:
+      pixels = pixels * 255  # Float pictures in [0, 1].
+    image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+  if 'A' in image.mode or 'a' in image.mode or 'transparency' in image.info:
+    rgba = image.convert('RGBA')  # Transparent pixels hold arbitrary colours.
+    image = Image.alpha_composite(Image.new('RGBA', rgba.size, 'white'), rgba)
+  return image.convert('RGB')
 
 
 def _resized(image: Image.Image, size: int | None, resample) -> np.ndarray:
