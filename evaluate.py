@@ -6,17 +6,20 @@ By default the split is scored as the trainer scores it (its pipeline and eval s
 numbers equal its metrics.jsonl); --original_resolution scores each image at its own size.
 """
 
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
+
+from unet_flax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to score; default: the latest.')
-flags.DEFINE_string('split', None, "Split to score; default: the run's config.eval_split.")
-flags.DEFINE_string('dataset', None, "tfds data set to score on; default: the run's.")
+flags.DEFINE_string('split', None,
+                    "Split to score, e.g. test, train, or a tfds slice such as 'test[:100]' or "
+                    "'train+test'; default: the run's config.eval_split.")
+flags.DEFINE_string('dataset', None,
+                    "Data set to score on: a tfds name, or folder:/path/to/data (your own images "
+                    "and masks, laid out as for training); default: the run's.")
 flags.DEFINE_string('data_dir', None, "tfds data_dir; default: the run's.")
 flags.DEFINE_bool('original_resolution', False,
                   "Score at each image's original size (logits upsampled bilinearly) instead "
@@ -24,26 +27,21 @@ flags.DEFINE_bool('original_resolution', False,
 flags.DEFINE_integer('worst_k', 6, 'Images in the gallery of the worst; 0: no gallery.',
                      lower_bound=0)
 flags.DEFINE_string('out', None, 'A .json file, or a directory; default: <workdir>/eval.')
+flags.DEFINE_integer('batch_size', None,
+                     "Images per forward pass; default: the run's config.batch_size.",
+                     lower_bound=1)
 flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
-  from unet_flax import errors  # pylint: disable=g-import-not-at-top  (fast --help)
-  from unet_flax import evaluation  # pylint: disable=g-import-not-at-top
-  from unet_flax import runtime  # pylint: disable=g-import-not-at-top
-  try:
-    runtime.setup()  # train.py's XLA flags and compile cache: the trainer's kernels.
-    evaluation.evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
-                        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-                        original_resolution=FLAGS.original_resolution, worst_k=FLAGS.worst_k,
-                        out=FLAGS.out)
-  except errors.UserError as e:
-    sys.exit(f'error: {e}')
+  from unet_flax import evaluation  # pylint: disable=g-import-not-at-top  (fast --help)
+  evaluation.evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, dataset=FLAGS.dataset,
+                      data_dir=FLAGS.data_dir, original_resolution=FLAGS.original_resolution,
+                      worst_k=FLAGS.worst_k, out=FLAGS.out,
+                      batch_size=FLAGS.batch_size)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

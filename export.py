@@ -5,11 +5,10 @@ uint8 images [B, S, S, 3] -> float32 logits [B, S, S, K], parameters baked in), 
 <out>/model.json (image size, classes). unet_flax/export.py shows how to run it with jax alone.
 """
 
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
+
+from unet_flax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
@@ -26,18 +25,12 @@ flags.mark_flags_as_required(['workdir', 'out'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
-  from unet_flax import errors  # pylint: disable=g-import-not-at-top  (fast --help)
-  from unet_flax import export  # pylint: disable=g-import-not-at-top
-  try:
-    info = export.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, batch_size=FLAGS.batch_size,
-                         overwrite=FLAGS.overwrite, platforms=tuple(FLAGS.platforms))
-  except errors.UserError as e:
-    sys.exit(f'error: {e}')
+  from unet_flax import export  # pylint: disable=g-import-not-at-top  (fast --help)
+  info = export.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, batch_size=FLAGS.batch_size,
+                       overwrite=FLAGS.overwrite, platforms=tuple(FLAGS.platforms))
   print(f'exported step {info["step"]} to {FLAGS.out}: input {info["input"]["shape"]} uint8, '
         f'logits {info["output"]["shape"]} float32, for {", ".join(info["platforms"])}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

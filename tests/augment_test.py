@@ -6,6 +6,7 @@ import pytest
 
 from configs import default
 from unet_flax import augment
+from unet_flax import config as config_lib
 from unet_flax import errors
 
 SIZE = 16  # A power of two: no output pixel centre falls exactly on a source pixel boundary.
@@ -95,4 +96,4 @@ def test_out_of_range_settings_are_user_errors(field, value):
   config = default.get_config()
   config[field] = value
   with pytest.raises(errors.UserError, match=f'config.{field}'):
-    augment.Options.from_config(config)
+    config_lib.validate(config)

@@ -18,10 +18,11 @@ import pytest
 from unet_flax import checkpoints
 from unet_flax import errors
 from unet_flax import train
+from unet_flax import steps
 
 
 def _state(config, step: int):
-  state = train.create_train_state(config, jax.random.key(0))
+  state = steps.create_train_state(config, jax.random.key(0))
   return state.replace(step=jnp.int32(step), params=jax.tree.map(lambda p: p + step, state.params))
 
 
@@ -133,7 +134,7 @@ def test_another_models_config_is_refused_before_anything_is_written(workdir, ti
   assert 'num_classes: checkpoint 3, config 4' in message
   assert 'image_size' not in message and 'dtype' not in message and 'num_epochs' not in message
   assert _snapshot(workdir) == before  # config.json included: no file added, changed or touched.
-  assert checkpoints.load_config(workdir).widths == [4, 8]
+  assert checkpoints.load_config(workdir).widths == (4, 8)
 
 
 def _read_only_dir(tmp_path):

@@ -119,7 +119,7 @@ def test_unreadable_files_are_named(data):
 def test_a_colour_mask_and_a_bad_list_line_are_user_errors(data):
   for stem in _EXAMPLES:
     Image.new('RGB', _EXAMPLES[stem][1::-1], (200, 0, 0)).save(data / 'masks' / (stem + '.png'))
-  _one_line_error(data, r'\.png is a colour RGB picture, not a mask')
+  _one_line_error(data, r'\.png: a colour RGB picture, not a mask')
   (data / 'train.txt').write_text('cat_01\nzebra_9\n')
   _one_line_error(data, r'train\.txt line 2: no image .zebra_9.')
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from unet_flax import errors
 from unet_flax import inference
+from unet_flax import decode
 
 ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
 
@@ -35,11 +36,11 @@ def _gradient(height, width):
 
 def test_load_model_reads_latest_or_given_step_and_writes_nothing(trained_workdir):
   before = _listing(trained_workdir)
-  config, state = inference.load_model(trained_workdir)
-  assert int(state.step) == 6 and config.widths == [4, 8]
-  _, older = inference.load_model(trained_workdir, step=3)
-  assert int(older.step) == 3
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), state.params, older.params)
+  model = inference.load_model(trained_workdir)
+  assert model.step == 6 and model.config.widths == (4, 8)
+  older = inference.load_model(trained_workdir, step=3)
+  assert older.step == 3
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), model.params, older.params)
   assert any(jax.tree.leaves(changed))
   assert _listing(trained_workdir) == before
 
@@ -56,16 +57,16 @@ def test_load_model_errors_name_the_path_and_what_to_do(trained_workdir, tmp_pat
 def test_to_rgb_handles_16_bit_alpha_and_exif_rotation(tmp_path):
   sixteen = Image.fromarray(np.full((4, 6), 128 * 257, np.uint16))  # 257: 0..65535 -> 0..255.
   assert sixteen.mode == 'I;16'
-  np.testing.assert_array_equal(np.asarray(inference.to_rgb(sixteen)), 128)  # Not clipped white.
+  np.testing.assert_array_equal(np.asarray(decode.to_rgb(sixteen)), 128)  # Not clipped white.
   clear = Image.fromarray(np.zeros((3, 3, 4), np.uint8), 'RGBA')
-  np.testing.assert_array_equal(np.asarray(inference.to_rgb(clear)), 255)  # Shown on white.
+  np.testing.assert_array_equal(np.asarray(decode.to_rgb(clear)), 255)  # Shown on white.
   image = Image.fromarray(_gradient(5, 9))
   exif = image.getexif()
   exif[0x0112] = 6  # Stored landscape, shown portrait (turned 90 degrees clockwise).
   image.save(tmp_path / 'turned.png', exif=exif)
   with Image.open(tmp_path / 'turned.png') as turned:
-    assert inference.upright_size(turned) == (9, 5)
-    np.testing.assert_array_equal(np.asarray(inference.to_rgb(turned)),
+    assert decode.upright_size(turned) == (9, 5)
+    np.testing.assert_array_equal(np.asarray(decode.to_rgb(turned)),
                                   np.rot90(_gradient(5, 9), k=-1))
 
 
@@ -96,23 +97,26 @@ def test_predict_cli_writes_masks_at_original_sizes_and_skips_unreadable(trained
                 '--batch_size', 4, *sorted(photos.iterdir()))
   assert result.returncode == 1, result.stderr
   errors_lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
-  assert errors_lines[0] == f'error: {photos / "broken.jpg"}: cannot read (not an image format ' \
-                            'PIL knows); skipped'
+  assert errors_lines[0] == f'error: {photos / "broken.jpg"}: cannot read (not an image, or a ' \
+                            'format PIL does not read); skipped'
   assert errors_lines[1] == 'error: 1 of 6 images could not be read (named above)'
   assert 'Traceback' not in result.stderr
   assert sorted(p.name for p in out.iterdir()) == sorted(
       f'{stem}_{kind}.png' for stem in good for kind in ('mask', 'overlay'))
   for stem, size in good.items():
-    mask = np.asarray(Image.open(out / f'{stem}_mask.png'))
+    with Image.open(out / f'{stem}_mask.png') as mask:
+      assert mask.mode == 'P', stem  # A palette PNG: class values, shown in colour.
+      assert mask.getpalette()[:9] == [242, 142, 43, 78, 121, 167, 237, 201, 72], stem
+      mask = np.asarray(mask)
     assert mask.shape == size and mask.dtype == np.uint8 and mask.max() < 3, stem
     overlay = Image.open(out / f'{stem}_overlay.png')
     assert overlay.mode == 'RGB' and overlay.size == size[::-1]
 
 
 def test_predict_refuses_an_out_that_is_a_file(trained_workdir, tmp_path):
-  config, state = inference.load_model(trained_workdir)
+  model = inference.load_model(trained_workdir)
   (tmp_path / 'masks').write_text('')
   with pytest.raises(errors.UserError, match='--out .*masks is a file'):
-    inference.predict_files(state, config, ['x.jpg'], tmp_path / 'masks')
+    inference.predict_files(model, ['x.jpg'], tmp_path / 'masks')
   with pytest.raises(errors.UserError, match=r'a/x.jpg and b/x.png would both write'):
-    inference.predict_files(state, config, ['a/x.jpg', 'b/x.png'], tmp_path / 'out')
+    inference.predict_files(model, ['a/x.jpg', 'b/x.png'], tmp_path / 'out')

@@ -9,6 +9,7 @@ import pytest
 from unet_flax import augment
 from unet_flax import errors
 from unet_flax import input_pipeline
+from unet_flax import steps
 
 
 def _png(array):

@@ -8,9 +8,12 @@ import numpy as np
 import optax
 import pytest
 
+from unet_flax import config as config_lib
 from unet_flax import errors
 from unet_flax import metrics
-from unet_flax import train
+from unet_flax import steps
+from unet_flax.devices import Devices
+from unet_flax import models
 
 K = 3
 
@@ -101,13 +104,13 @@ def _batch(n=2, size=16):
 
 def _state(config):
   """A TrainState with fixed random params from numpy: the model init compiles for seconds."""
-  model = train.create_model(config)
+  model = models.create(config)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, config.image_size, config.image_size, 3)), train=False))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(s.dtype), shapes['params'])
-  return train.TrainState.create(apply_fn=model.apply, params=params,
-                                 tx=train.create_optimizer(config))
+  return steps.TrainState.create(apply_fn=model.apply, params=params,
+                                 tx=steps.create_optimizer(config))
 
 
 def test_train_step_loss_is_the_configured_segmentation_loss(tiny_config):
@@ -120,11 +123,11 @@ def test_train_step_loss_is_the_configured_segmentation_loss(tiny_config):
       {'params': state.params}, batch['image'] / 255.0))
   want = (_weighted_ce_reference(logits, batch['label'], np.ones(2, bool), (1.0, 2.0, 5.0)) +
           0.5 * _dice_reference(logits, batch['label'], np.ones(2, bool)))
-  _, plain = jax.jit(train.train_step)(state, batch, jax.random.key(1))  # Plain cross-entropy.
+  _, plain = jax.jit(steps.train_step)(state, batch, jax.random.key(1))  # Plain cross-entropy.
   np.testing.assert_allclose(
       plain['loss'], _weighted_ce_reference(logits, batch['label'], np.ones(2, bool), (1,) * K),
       rtol=1e-4)
-  step, _ = train.compile_steps(tiny_config, train.Devices(tiny_config.batch_size))
+  step, _ = steps.compile_steps(tiny_config, Devices(tiny_config.batch_size))
   _, step_metrics = step(state, batch, jax.random.key(1))  # Donates the state: last.
   np.testing.assert_allclose(step_metrics['loss'], want, rtol=1e-4)
 
@@ -132,14 +135,14 @@ def test_train_step_loss_is_the_configured_segmentation_loss(tiny_config):
 def test_class_weights_of_the_wrong_length_are_a_user_error(tiny_config):
   tiny_config.class_weights = (1.0, 2.0)
   with pytest.raises(errors.UserError, match='config.class_weights'):
-    train.compile_steps(tiny_config, train.Devices(tiny_config.batch_size))
+    config_lib.validate(tiny_config)
 
 
 def test_warmup_cosine_schedule_starts_at_zero_and_peaks_after_warmup(tiny_config):
   tiny_config.schedule = 'warmup_cosine'
   tiny_config.warmup_epochs = 1.0
   tiny_config.num_epochs = 3  # 24 examples // batch 8: 3 steps an epoch, 9 in all.
-  tx = train.create_optimizer(tiny_config)
+  tx = steps.create_optimizer(tiny_config, steps_per_epoch=3)
   params = {'w': np.zeros(3, np.float32)}
   state = tx.init(params)
   sizes = []
@@ -158,4 +161,4 @@ def test_bad_schedule_settings_are_user_errors(tiny_config, field, value, match)
   tiny_config.schedule = 'warmup_cosine'
   tiny_config[field] = value
   with pytest.raises(errors.UserError, match=match):
-    train.create_optimizer(tiny_config)
+    config_lib.validate(tiny_config)

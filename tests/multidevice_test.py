@@ -18,19 +18,22 @@ from tests.conftest import make_tiny_config
 from unet_flax import checkpoints
 from unet_flax import input_pipeline
 from unet_flax import train
+from unet_flax import steps
+from unet_flax.devices import Devices
 
 # One step of the tiny model on a fixed global batch of 8, on however many devices JAX has.
 STEP = textwrap.dedent('''
     import sys, jax, numpy as np
     from tests.conftest import make_tiny_config
-    from unet_flax import train
+    from unet_flax import steps
+    from unet_flax.devices import Devices
     config = make_tiny_config(None)
     config.num_microbatches = int(sys.argv[2])
     if config.num_microbatches:  # Not auto: compared across microbatch counts.
       config.dropout_rate = 0.0  # Microbatches draw their own dropout masks.
-    devices = train.Devices(config.batch_size)
-    step, _ = train.compile_steps(config, devices)
-    state = jax.jit(lambda k: train.create_train_state(config, k),
+    devices = Devices(config.batch_size)
+    step, _ = steps.compile_steps(config, devices)
+    state = jax.jit(lambda k: steps.create_train_state(config, k),
                     out_shardings=devices.replicated)(jax.random.key(0))
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, (8, 16, 16)).astype(np.uint8)
@@ -88,8 +91,8 @@ def _reference_run(config):
       num_classes=config.num_classes, process_index=p, process_count=2)
   shards = [read(config.train_split, p) for p in range(2)]
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  state = train.create_train_state(config, init_rng)
-  step = jax.jit(train.train_step)
+  state = steps.create_train_state(config, init_rng)
+  step = jax.jit(steps.train_step)
   per_epoch = train.steps_per_epoch(config, shards[0].num_examples)
   for epoch in range(config.num_epochs):
     local = [input_pipeline.train_batches(s, config.batch_size // 2, seed=config.seed,
@@ -100,7 +103,7 @@ def _reference_run(config):
       state, _ = step(state, batch, dropout_rng)
   eval_shards = [read(config.eval_split, p) for p in range(2)]
   confusion = sum(
-      np.asarray(train.eval_step(state, batch, config.num_classes))
+      np.asarray(steps.eval_step(state, batch, config.num_classes))
       for s in eval_shards for batch in input_pipeline.eval_batches(s, 4, process_count=2))
   return state, confusion
 
@@ -128,7 +131,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, tfds_
 
   reference, reference_confusion = _reference_run(config)
   manager = checkpoints.Manager(workdir, config)
-  restored = manager.restore_or(train.create_train_state(config, jax.random.key(9)))
+  restored = manager.restore_or(steps.create_train_state(config, jax.random.key(9)))
   manager.close()
   assert int(restored.step) == int(reference.step) == 3
   for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(reference.params)):

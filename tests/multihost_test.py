@@ -14,7 +14,8 @@ from tests import multihost_worker
 from tests.conftest import ROOT
 from tests.conftest import make_tiny_config
 from unet_flax import input_pipeline
-from unet_flax import train
+from unet_flax import steps
+from unet_flax.devices import Devices
 
 
 def _free_port() -> int:
@@ -60,10 +61,10 @@ def test_two_processes_read_each_example_once_and_evaluate_like_one(tmp_path, tf
     assert len(set(union)) == len(union) == whole.num_examples  # Each example once...
     assert set(union) == set(_rows(whole.images, whole.labels))  # ...and all of them.
 
-  devices = train.Devices(config.batch_size)
+  devices = Devices(config.batch_size)
   state = multihost_worker.fixed_state(config)
-  _, eval_fn = train.compile_steps(config, devices)
-  want = train.evaluate(eval_fn, state, whole, devices)['confusion_matrix']
+  _, eval_fn = steps.compile_steps(config, devices)
+  want = steps.evaluate(eval_fn, state, whole, devices)['confusion_matrix']
   assert want.sum() == 11 * config.image_size ** 2
   assert np.count_nonzero(want.sum(axis=0)) >= 2  # The predictions vary: the check has teeth.
   for g in got:  # Summed over both processes' padded, masked batches: every process holds it.

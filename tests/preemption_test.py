@@ -25,6 +25,8 @@ from tests.conftest import make_tiny_config
 from unet_flax import checkpoints
 from unet_flax import errors
 from unet_flax import train
+from unet_flax import steps
+from unet_flax.devices import Devices
 
 
 @pytest.fixture(scope='module')
@@ -64,7 +66,7 @@ def _final_state(workdir, step: int = 6) -> dict:
   config = make_tiny_config(None)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   saved = checkpoints._saved  # pylint: disable=protected-access
-  abstract = jax.eval_shape(lambda: saved(train.create_train_state(config, jax.random.key(0))))
+  abstract = jax.eval_shape(lambda: saved(steps.create_train_state(config, jax.random.key(0))))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(workdir / 'checkpoints' / str(step) / 'default', abstract)
@@ -163,9 +165,9 @@ def test_nonfinite_check_names_the_first_bad_step_of_the_fetched_history(losses,
 def test_skip_nonfinite_updates_skips_them_in_the_step_and_counts_them(tiny_config):
   tiny_config.learning_rate = 1e30
   tiny_config.skip_nonfinite_updates = True
-  devices = train.Devices(2)
-  step, _ = train.compile_steps(tiny_config, devices)
-  state = train.create_train_state(tiny_config, jax.random.key(0))
+  devices = Devices(2)
+  step, _ = steps.compile_steps(tiny_config, devices)
+  state = steps.create_train_state(tiny_config, jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = devices.put({'image': rng.integers(0, 256, (2, 16, 16, 3)).astype(np.uint8),
                        'label': rng.integers(0, 3, (2, 16, 16)).astype(np.uint8)})

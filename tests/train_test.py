@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from unet_flax import checkpoints
+from unet_flax import config as config_lib
 from unet_flax import errors
 from unet_flax import metrics
 from unet_flax import train
+from unet_flax import steps
+from unet_flax.devices import Devices
 
 
 def _batch(config, n, seed=0):
@@ -25,8 +28,8 @@ def _batch(config, n, seed=0):
 def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
   tiny_config.dropout_rate = 0.0
   tiny_config.learning_rate = 1e-2
-  state = train.create_train_state(tiny_config, jax.random.key(0))
-  step = jax.jit(train.train_step, donate_argnums=0)
+  state = steps.create_train_state(tiny_config, jax.random.key(0))
+  step = jax.jit(steps.train_step, donate_argnums=0)
   batch = _batch(tiny_config, 4)
   losses = []
   for _ in range(20):
@@ -38,22 +41,22 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
 
 def test_train_step_loss_is_cross_entropy_of_the_model(tiny_config):
   tiny_config.dropout_rate = 0.0
-  state = train.create_train_state(tiny_config, jax.random.key(0))
+  state = steps.create_train_state(tiny_config, jax.random.key(0))
   batch = _batch(tiny_config, 2)
   logits = state.apply_fn({'params': state.params}, batch['image'] / 255.0, train=False)
   log_probs = jax.nn.log_softmax(logits)
   expected = -np.mean(np.take_along_axis(np.asarray(log_probs),
                                          batch['label'][..., None].astype(int), -1))
-  _, step_metrics = train.train_step(state, batch, jax.random.key(1))
+  _, step_metrics = steps.train_step(state, batch, jax.random.key(1))
   np.testing.assert_allclose(step_metrics['loss'], expected, rtol=1e-5)
 
 
 def test_eval_step_counts_only_valid_examples(tiny_config):
-  state = train.create_train_state(tiny_config, jax.random.key(0))
+  state = steps.create_train_state(tiny_config, jax.random.key(0))
   batch = _batch(tiny_config, 3)
   batch['mask'] = np.array([True, False, True])
-  confusion = train.eval_step(state, batch, tiny_config.num_classes)
-  predictions = np.asarray(train.predict(state, batch['image']))
+  confusion = steps.eval_step(state, batch, tiny_config.num_classes)
+  predictions = np.asarray(steps.predict(state, batch['image']))
   expected = metrics.confusion_matrix(batch['label'][[0, 2]], predictions[[0, 2]],
                                       tiny_config.num_classes, np.ones(2, bool))
   np.testing.assert_array_equal(confusion, expected)
@@ -62,11 +65,11 @@ def test_eval_step_counts_only_valid_examples(tiny_config):
 
 def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(tiny_config):
   tiny_config.dtype = 'bfloat16'
-  state = train.create_train_state(tiny_config, jax.random.key(0))
-  new_state, step_metrics = train.train_step(state, _batch(tiny_config, 2), jax.random.key(1))
+  state = steps.create_train_state(tiny_config, jax.random.key(0))
+  new_state, step_metrics = steps.train_step(state, _batch(tiny_config, 2), jax.random.key(1))
   assert step_metrics['loss'].dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new_state.params))
-  jaxpr = jax.make_jaxpr(train.train_step)(state, _batch(tiny_config, 2), jax.random.key(1))
+  jaxpr = jax.make_jaxpr(steps.train_step)(state, _batch(tiny_config, 2), jax.random.key(1))
   assert 'bf16' in str(jaxpr)
 
 
@@ -80,7 +83,7 @@ def test_train_and_evaluate_writes_checkpoint_metrics_and_pictures(trained_workd
   assert [l['step'] for l in lines if l['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
   assert (trained_workdir / 'predictions' / 'step_6.png').read_bytes()[:4] == b'\x89PNG'
   assert list((trained_workdir / 'tensorboard').glob('events.out.tfevents.*'))
-  assert checkpoints.load_config(trained_workdir).widths == [4, 8]
+  assert checkpoints.load_config(trained_workdir).widths == (4, 8)
 
 
 def test_second_run_resumes_from_the_saved_step(tmp_path, tiny_config, capsys):
@@ -103,9 +106,9 @@ def test_microbatched_step_has_the_whole_batchs_loss_and_gradient(tiny_config, c
   batch = _batch(tiny_config, 8)
   results = []
   for microbatches in (1, 4):
-    state = train.create_train_state(tiny_config, jax.random.key(0))
-    results.append(train.train_step(state, batch, jax.random.key(1), class_weights=class_weights,
-                                    microbatches=microbatches))
+    state = steps.create_train_state(tiny_config, jax.random.key(0))
+    results.append(steps.train_step(state, batch, jax.random.key(1), class_weights=class_weights,
+                                    num_microbatches=microbatches))
   (whole, whole_metrics), (parts, parts_metrics) = results
   np.testing.assert_allclose(parts_metrics['loss'], whole_metrics['loss'], rtol=1e-6)
   # After one step Adam's first moment is (1 - b1) x the gradient.
@@ -118,12 +121,13 @@ def test_num_microbatches(tiny_config):
   def count(batch_size, **overrides):
     tiny_config.batch_size = batch_size
     tiny_config.update(overrides)
-    return train.num_microbatches(tiny_config, train.Devices(batch_size))
+    return steps.num_microbatches(tiny_config, Devices(batch_size))
   # Auto on CPU: microbatches of 8 to 16 examples, else the whole batch.
   assert [count(b) for b in (8, 16, 24, 32, 64, 17)] == [1, 1, 2, 2, 4, 1]
   assert count(64, dice_weight=0.5) == 1  # A batch's Dice is not a sum over microbatches.
   assert count(64, dice_weight=0.0, num_microbatches=8) == 8
   with pytest.raises(errors.UserError, match='config.num_microbatches=3 must divide the 64'):
     count(64, num_microbatches=3)
+  tiny_config.update({'num_microbatches': 2, 'dice_weight': 0.5})
   with pytest.raises(errors.UserError, match='config.dice_weight=0.5'):
-    count(64, num_microbatches=2, dice_weight=0.5)
+    config_lib.validate(tiny_config)

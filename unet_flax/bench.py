@@ -9,32 +9,31 @@ Two FLOP counts are given: `model` counts the U-Net as the chapter defines it (t
 convolutions, nothing else), which is the work any implementation must do; `xla` is what XLA
 counts for the compiled step as we write it. Achieved GFLOP/s and the ratio to the matmul limit
 use the model count, so that a formulation that does more work cannot look faster. The train
-step is the trainer's own, microbatches included (`micro`: see train.num_microbatches).
+step is the trainer's own, microbatches included (`micro`: see microbatches.count).
 
-The performance issue's target: on CPU, the train step at 85% of the matmul limit; `of target`
+Our target on CPU: the train step at 85% of the matmul limit; `of target`
 is the achieved fraction divided by 0.85.
 """
 
 import functools
 import json
 import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
-from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
 from unet_flax import input_pipeline
-from unet_flax import runtime
-from unet_flax import train
+from unet_flax import cli
+from unet_flax import models
+from unet_flax import steps
+from unet_flax.devices import Devices
 
 FLAGS = flags.FLAGS
-TARGET_FRACTION = 0.85  # The performance issue's target on CPU, as a fraction of the matmul.
+TARGET_FRACTION = 0.85  # Our target on CPU, as a fraction of the matmul.
 
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'The model to measure.')
 flags.DEFINE_list('batch_sizes', ['8', '16', '64'], 'Train-step batch sizes.')
@@ -70,7 +69,7 @@ def numpy_matmul_gflops(n: int, repeats: int) -> float:
   return 2 * n ** 3 / ((time.perf_counter() - start) / repeats) / 1e9
 
 
-def _batch(config, batch_size: int, devices: train.Devices) -> dict:
+def _batch(config, batch_size: int, devices: Devices) -> dict:
   rng = np.random.default_rng(0)
   size = config.image_size
   return devices.put({
@@ -82,20 +81,20 @@ def _batch(config, batch_size: int, devices: train.Devices) -> dict:
 
 def model_flops(config, state, batch) -> float:
   """FLOPs of one train step of the chapter's formulation (nn.ConvTranspose upsampling)."""
-  model = train.create_model(config).clone(fast_upsample=False)
+  model = models.create(config).clone(fast_upsample=False)
   reference = state.replace(apply_fn=model.apply)
-  lowered = jax.jit(train.train_step).lower(reference, batch, jax.random.key(0))
+  lowered = jax.jit(steps.train_step).lower(reference, batch, jax.random.key(0))
   return lowered.cost_analysis()['flops']
 
 
 def bench_train(config, batch_size: int, repeats: int) -> dict:
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
-  devices = train.Devices(batch_size)
-  state = jax.jit(functools.partial(train.create_train_state, config),
+  devices = Devices(batch_size)
+  state = jax.jit(functools.partial(steps.create_train_state, config),
                   out_shardings=devices.replicated)(jax.random.key(0))
   batch = {k: v for k, v in _batch(config, batch_size, devices).items() if k != 'mask'}
-  step, _ = train.compile_steps(config, devices)
+  step, _ = steps.compile_steps(config, devices)
   start = time.perf_counter()
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
   compile_seconds = time.perf_counter() - start
@@ -111,7 +110,7 @@ def bench_train(config, batch_size: int, repeats: int) -> dict:
   jax.block_until_ready(state)
   seconds = (time.perf_counter() - start) / repeats
   return {
-      'batch_size': batch_size, 'microbatches': train.num_microbatches(config, devices),
+      'batch_size': batch_size, 'microbatches': steps.num_microbatches(config, devices),
       'step_seconds': seconds, 'images_per_second': batch_size / seconds,
       'compile_seconds': compile_seconds, 'model_gflop': flops / 1e9, 'xla_gflop': xla_flops / 1e9,
       'gflops_per_second': flops / seconds / 1e9,
@@ -119,10 +118,10 @@ def bench_train(config, batch_size: int, repeats: int) -> dict:
 
 
 def bench_eval(config, batch_size: int, repeats: int) -> dict:
-  devices = train.Devices(batch_size)
-  state = jax.jit(functools.partial(train.create_train_state, config),
+  devices = Devices(batch_size)
+  state = jax.jit(functools.partial(steps.create_train_state, config),
                   out_shardings=devices.replicated)(jax.random.key(0))
-  _, evaluate = train.compile_steps(config, devices)
+  _, evaluate = steps.compile_steps(config, devices)
   batch = _batch(config, batch_size, devices)
   start = time.perf_counter()
   compiled = evaluate.lower(state, batch).compile()
@@ -146,10 +145,7 @@ def bench_cached_input(config, batch_size: int, num_examples: int = 2048) -> flo
 
 
 def main(argv):
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
   del argv
-  runtime.setup()  # As train.py: its XLA flags and compile cache.
   config = FLAGS.config
   device = jax.devices()[0]
   results = {
@@ -196,4 +192,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.exit(app.run(main))
+  cli.run(main)  # As train.py: its XLA flags and compile cache.

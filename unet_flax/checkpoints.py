@@ -16,21 +16,22 @@ written stay as they are.
 import contextlib
 import dataclasses
 import errno
-import json
+import functools
 import logging
 import re
 import sys
 import warnings
+from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from unet_flax import config as config_lib
 from unet_flax import errors
+from unet_flax import workdir as workdir_lib
 
-# Fields that decide the shapes and meaning of the parameters: a checkpoint only fits their values.
-MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype')
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax writes <step><suffix>, then renames it to <step>.
@@ -54,19 +55,8 @@ _TENSORSTORE_STATUS = re.compile(r'^([A-Z_]{5,}: [^\n]*?)(?: in OCDBT| at local|
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise errors.UserError(f'{path} not found: is {workdir} the --workdir of a training run?')
-  return ml_collections.ConfigDict(_read_json(path))
-
-
-def _read_json(path: epath.Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise errors.UserError(f'{path} is damaged ({e}); restore it from a copy, or use another '
-                           '--workdir') from None
+  """The config a workdir was trained with, on today's defaults and checked (config.load)."""
+  return config_lib.load(epath.Path(workdir) / CONFIG_FILE)
 
 
 def _comparable(value):
@@ -81,7 +71,7 @@ def _warn(line: str) -> None:
 def disk_error_reason(e: BaseException, errnos=tuple(_DISK_ERRNOS)) -> tuple[str, str] | None:
   """(what went wrong, what to do) if `e` is a failed write the user can fix, else None."""
   code = e.errno if isinstance(e, OSError) else None
-  if isinstance(e, ValueError) and not isinstance(e, errors.UserError):
+  if isinstance(e, ValueError):
     match = _TENSORSTORE_ERRNO.search(str(e))
     code = int(match.group(1)) if match else None
   return _DISK_ERRNOS[code] if code in errnos else None
@@ -108,11 +98,6 @@ def disk_errors(what: str | None, note: str = '', errnos=tuple(_DISK_ERRNOS)):
     what = (what or filename or 'a file') + (f' ({filename})' if what and filename else '')
     raise errors.UserError(f'cannot write {what}: {reason[0]}; {reason[1]} or choose another '
                            f'--workdir{note}') from None
-
-
-def check_workdir(workdir: epath.Path) -> None:
-  """Refuses a workdir that is a file or that cannot be written, with what to do."""
-  errors.make_output_dir(workdir, '--workdir')
 
 
 @dataclasses.dataclass
@@ -142,9 +127,9 @@ class Manager:
   """Saves and restores the train state; knows the run's config."""
 
   def __init__(self, workdir, config: ml_collections.ConfigDict):
-    self.workdir = epath.Path(workdir)
+    self.workdir = errors.absolute(workdir)  # Orbax takes absolute paths only.
     self.directory = self.workdir / CHECKPOINT_DIR
-    check_workdir(self.workdir)
+    workdir_lib.check(self.workdir)
     self._names = _SkippingNameFormat()
     _silence_orbax_echoes()
     self._check_config(config)  # Before orbax creates anything.
@@ -154,17 +139,15 @@ class Manager:
       self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def _stored_steps(self) -> list[int]:
-    if not self.directory.is_dir():
-      return []
-    return sorted(m.step for m in self._names.find_all(self.directory))
+    return _steps(self.directory, self._names)
 
   def _check_config(self, config):
     """Stores the config, or refuses one whose model fields differ from the stored one."""
     path = self.workdir / CONFIG_FILE
     if path.exists() and self._stored_steps():
-      stored = _read_json(path)
-      differ = [f'{k}: checkpoint {stored.get(k)!r}, config {_comparable(config[k])!r}'
-                for k in MODEL_FIELDS if _comparable(stored.get(k)) != _comparable(config[k])]
+      stored = config_lib.load(path)
+      differ = [f'{k}: checkpoint {_comparable(stored[k])!r}, config {_comparable(config[k])!r}'
+                for k in config_lib.MODEL_FIELDS if _comparable(stored[k]) != _comparable(config[k])]
       if differ:
         raise errors.UserError(
             f'the checkpoints in {self.workdir} do not fit this config ({"; ".join(differ)}); '
@@ -187,27 +170,26 @@ class Manager:
     that is more likely a mismatch than damage, and an error.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _saved(state))
+
+    def skip(step, e, next_step):
+      del next_step
+      _warn(f'checkpoint {self.path(step)} cannot be restored ({_reason(e)}); '
+            'skipping it (left as is)')
+      self._names.damaged.add(step)
+
     steps = sorted(self._manager.all_steps(), reverse=True)
-    newest_error = None
-    for step in steps:
-      try:
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-      except Exception as e:  # pylint: disable=broad-except  (tensorstore raises bare Exception)
-        _warn(f'checkpoint {self.path(step)} cannot be restored ({_reason(e)}); '
-              'skipping it (left as is)')
-        self._names.damaged.add(step)
-        newest_error = newest_error or e
-        continue
-      if self._names.damaged:
-        self._manager.reload()  # Orbax forgets the damaged steps.
-      self._warn_interrupted_saves(after=step)
-      return state.replace(**restored)
-    if steps:
-      raise errors.UserError(
-          f'no checkpoint in {self.directory} can be restored into this model (newest: '
-          f'{_reason(newest_error)}); use another --workdir')
-    self._warn_interrupted_saves(after=-1)
-    return state
+    if not steps:
+      self._warn_interrupted_saves(after=-1)
+      return state
+    step, restored = _restore_newest(
+        steps, lambda step: self._manager.restore(step, args=ocp.args.StandardRestore(abstract)),
+        skip, lambda e: errors.UserError(
+            f'no checkpoint in {self.directory} can be restored into this model (newest: '
+            f'{_reason(e)}); use another --workdir'))
+    if self._names.damaged:
+      self._manager.reload()  # Orbax forgets the damaged steps.
+    self._warn_interrupted_saves(after=step)
+    return state.replace(**restored)
 
   def _warn_interrupted_saves(self, after: int) -> None:
     for path in sorted(self.directory.glob(f'*{_TMP_SUFFIX}*')):
@@ -255,7 +237,93 @@ class Manager:
       with contextlib.suppress(Exception):  # It re-raises the error just reported.
         self._manager.close()
       raise
-    self._manager.close()
+    with disk_errors(f'a checkpoint in {self.directory}', _INTACT):  # A failure after wait().
+      self._manager.close()
+
+
+def _steps(directory: epath.Path, names=None) -> list[int]:
+  """The steps of the whole checkpoints in `directory`, oldest first (orbax's step names)."""
+  if not directory.is_dir():
+    return []
+  names = names or ocp.path.step.standard_name_format()
+  return sorted(m.step for m in names.find_all(directory))
+
+
+def _restore_newest(steps: list[int], restore, skip, no_restore):
+  """(step, restore(step)) for the first of `steps` that restores.
+
+  Args:
+    steps: candidates, the preferred first.
+    restore: step -> the restored tree; raises if the checkpoint cannot be read.
+    skip: called as skip(step, error, next step) for each one that fails but the last.
+    no_restore: error -> the exception to raise when none restores (given the first's error).
+  """
+  first_error = None
+  for step, next_step in zip(steps, [*steps[1:], None]):
+    try:
+      return step, restore(step)
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore raises bare Exception)
+      first_error = first_error or e
+      if next_step is not None:
+        skip(step, e, next_step)
+  raise no_restore(first_error)
+
+
+def restorable_steps(workdir) -> list[int]:
+  """The steps of the checkpoints of a training run's workdir, oldest first."""
+  return _steps(errors.absolute(workdir) / CHECKPOINT_DIR)
+
+
+def restore_params(workdir, config: ml_collections.ConfigDict, step: int | None = None,
+                   sharding: jax.sharding.Sharding | None = None) -> tuple[int, Any]:
+  """(step, parameters) of a checkpoint of `workdir`, read without writing anything there.
+
+  Only the parameters are read, into the shapes of `models.init_params(config)`: neither the
+  optimizer nor the data set is needed, so a run trained elsewhere restores anywhere, while its
+  trainer may still be writing beside it.
+
+  Args:
+    workdir: a training run's --workdir.
+    config: the run's config (its model fields decide the shapes).
+    step: which checkpoint; None: the newest that restores (a damaged one is skipped, with a
+      warning, as the trainer skips it).
+    sharding: where the arrays go; default: the first local device.
+
+  Raises:
+    UserError: if there is no such checkpoint, or none restores into the config's model.
+  """
+  from unet_flax import models  # pylint: disable=g-import-not-at-top  (flax only when restoring)
+  workdir = errors.absolute(workdir)
+  directory = workdir / CHECKPOINT_DIR
+  steps = restorable_steps(workdir)
+  if not steps:
+    raise errors.UserError(f'{directory} holds no checkpoint; train first (python train.py '
+                           f'--workdir {workdir} ...) or pass another --workdir')
+  if step is not None and step not in steps:
+    raise errors.UserError(f'{directory} has no checkpoint of step {step}; '
+                           f'pass --step with one of {", ".join(map(str, steps))}')
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(0))
+  target = {'params': jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)}
+  args = ocp.args.PyTreeRestore(target, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  _silence_orbax_echoes()
+
+  def skip(step, e, next_step):
+    _warn(f'checkpoint {directory / str(step)} cannot be restored ({_reason(e)}); trying step '
+          f'{next_step}')
+
+  # A checkpointer only reads: unlike a CheckpointManager it creates no directory and cleans up
+  # nothing, so a training run may go on writing beside it.
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    step, restored = _restore_newest(
+        [step] if step is not None else steps[::-1],
+        lambda step: checkpointer.restore(directory / str(step) / 'default', args=args), skip,
+        lambda e: errors.UserError(
+            f'{directory} has no checkpoint that restores into the model of '
+            f'{workdir / CONFIG_FILE} ({_reason(e)}); pass another --step or --workdir'))
+  return step, restored['params']
 
 
 def _reason(e: BaseException) -> str:

@@ -1,17 +1,40 @@
-"""One-line errors for bad input: the exception the user sees, and checks of output paths."""
+"""The exception a user sees as one line, and the paths a user gives.
+
+A `UserError` is bad input the user can fix (a missing file, a bad config value, a mismatched
+checkpoint): the command-line tools print its message as one line and exit 1 (unet_flax/cli.py).
+It is not a ValueError, so that no `except ValueError` meant for a library's errors catches it.
+"""
 
 import os
 
 from etils import epath
 
 
-class UserError(ValueError):
+class UserError(Exception):
   """Bad input the user can fix: the message names the thing and says what to do."""
 
 
-def make_output_dir(path, flag: str) -> None:
-  """Creates the directory `path` that `flag` names, or raises a UserError saying why not."""
-  path = epath.Path(path)
+def absolute(path) -> epath.Path:
+  """A path the user gave -> absolute: `~` expanded, relative to the current directory, symlinks
+  resolved. URLs (gs://bucket/...) are returned as they are.
+
+  Every tool takes paths relative to where the user runs it; resolving them once, where they enter
+  the library, keeps later changes of directory and libraries that need absolute paths (orbax's
+  checkpoints) from seeing anything else.
+  """
+  text = os.fspath(path)
+  if '://' in text:
+    return epath.Path(text)
+  return epath.Path(os.path.expanduser(text)).resolve()
+
+
+def make_output_dir(path, flag: str) -> epath.Path:
+  """Creates the directory `path` that `flag` names, or raises a UserError saying why not.
+
+  Returns:
+    The directory, absolute (see `absolute`).
+  """
+  path = absolute(path)
   if path.exists() and not path.is_dir():
     raise UserError(f'{flag} {path} is a file, not a directory; choose another path')
   try:
@@ -22,3 +45,4 @@ def make_output_dir(path, flag: str) -> None:
   # Root passes permission bits but not a read-only file system: access() checks both.
   if not os.access(path, os.W_OK):
     raise UserError(f'{flag} {path} is not writable; choose a writable path')
+  return path

@@ -1,27 +1,29 @@
 """Scoring a trained workdir on a split: the IoU table, JSON, a confusion matrix, the worst images.
 
-`evaluate(workdir)` scores a split with the trainer's own pipeline and eval step, so its numbers
-are the trainer's; with `original_resolution=True` it scores against the original-size masks
-(input_pipeline.originals: tfds trimaps or folder masks), the logits upsampled bilinearly to each
-image's size as predict.py does (inference.py).
+`evaluate(workdir)` runs the model once over the split. At the network's resolution it uses the
+trainer's own pipeline and eval step (per example), so its totals are the trainer's numbers; with
+`original_resolution=True` it scores against the original-size masks (input_pipeline.originals:
+tfds trimaps or folder masks), the logits upsampled bilinearly to each image's size as predict.py
+does (inference.py). Per-image confusion matrices give both the totals and the worst images.
 """
 
+import functools
+import heapq
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from unet_flax import errors
 from unet_flax import inference
 from unet_flax import input_pipeline
 from unet_flax import metrics
+from unet_flax import models
 from unet_flax import plots
 from unet_flax import reporting
-from unet_flax import train
-
-# ---------------------------------------------------------------------------------------------
-# Per-image scores, on the host.
+from unet_flax import steps
+from unet_flax.devices import Devices
 
 
 def confusions(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -40,92 +42,61 @@ def image_mean_iou(confusion: np.ndarray) -> np.ndarray:
     return np.nanmean(np.where(union > 0, true_positives / union, np.nan), axis=1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Predictions at the network's resolution and at the original one.
+class _Worst:
+  """The k images of lowest mean IoU seen so far, with what to draw of them."""
+
+  def __init__(self, k: int):
+    self.k, self._heap = k, []  # (-iou, -row, picture rows): the best of the worst on top.
+
+  def offer(self, row: int, iou: float, pictures) -> None:
+    if self.k == 0:
+      return
+    item = (-iou, -row, pictures)
+    if len(self._heap) < self.k:
+      heapq.heappush(self._heap, item)
+    elif item[:2] > self._heap[0][:2]:
+      heapq.heapreplace(self._heap, item)
+
+  def rows(self) -> list[tuple[int, float, tuple]]:
+    """(row, mean IoU, (image, labels, prediction)), worst first (the earlier row at a tie)."""
+    return [(-r, -i, p) for i, r, p in sorted(self._heap, key=lambda x: (-x[0], -x[1]))]
 
 
-def _network_predictions(state, data, devices) -> np.ndarray:
-  """[N, S, S] uint8: train.predict over the split, in the trainer's eval batches."""
-  predict = jax.jit(train.predict)
-  predictions = []
-  for batch in devices.prefetch(input_pipeline.eval_batches(data, devices.local_batch_size)):
-    predictions.append(np.asarray(jax.device_get(predict(state, batch['image']))))
-  return np.concatenate(predictions)[:len(data)].astype(np.uint8)
+def _score_split(model: inference.Model, data, originals, devices: Devices, original: bool,
+                 worst_k: int) -> tuple[np.ndarray, _Worst]:
+  """One pass of the model over the split -> ([N, K, K] per-image confusions, the worst k).
 
-
-def _logit_batches(state, images: np.ndarray, rows, devices: train.Devices):
-  """(rows, logits [b, S, S, K] on the host) for the given rows of `images`, in fixed batches."""
-  batch_size = devices.local_batch_size
-  rows = list(rows)
-  predict = jax.jit(inference.logits_fn)
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    batch = devices.put({'image': inference.padded_batch(list(images[chunk]), batch_size)})
-    yield chunk, np.asarray(jax.device_get(predict(state, batch['image'])))[:len(chunk)]
-
-
-def _original_predictions(state, data, originals, rows, devices):
-  """Yields, a batch of `rows` at a time, [(row, image, labels, predicted)] at original size.
-
-  image: [H, W, 3] uint8; labels: the original mask's classes [H, W] uint8; predicted: the
-  network's logits upsampled bilinearly to [H, W] before the argmax, uint8.
+  At the network's resolution the counts come from the trainer's eval step, per example; at the
+  original one, from the network's logits upsampled to each original mask.
   """
-  for chunk, logits in _logit_batches(state, data.images, rows, devices):
-    batch = []
-    for row, image_logits in zip(chunk, logits):
+  config, k = model.config, model.config.num_classes
+  state = steps.TrainState(step=model.step, apply_fn=model.module.apply, params=model.params,
+                           tx=None, opt_state=None)
+  per_example = jax.jit(functools.partial(steps.eval_step_per_example, num_classes=k),
+                        in_shardings=(devices.replicated, devices.data))
+  logits_fn = jax.jit(functools.partial(models.logits, model.module))
+  per_image = np.zeros((len(data), k, k), np.int64)
+  worst = _Worst(worst_k)
+  progress = reporting.Progress('evaluated', len(data)) if original else None
+  batches = input_pipeline.eval_batches(data, devices.local_batch_size)
+  for i, batch in enumerate(devices.prefetch(batches)):
+    rows = range(i * devices.local_batch_size,
+                 min((i + 1) * devices.local_batch_size, len(data)))
+    if not original:
+      out = jax.device_get(per_example(state, batch))
+      for j, row in enumerate(rows):
+        per_image[row] = out['confusion'][j]
+        iou = image_mean_iou(per_image[row][None])[0]
+        worst.offer(row, iou, (data.images[row], data.labels[row], out['prediction'][j]))
+      continue
+    logits = np.asarray(jax.device_get(logits_fn(model.params, batch['image'])))
+    for j, row in enumerate(rows):
       _, image, labels = originals[row]
-      batch.append((row, image, labels, inference.upsample_classes(image_logits, *labels.shape)))
-    yield batch
-
-
-def _original_confusions(state, data, originals, config, devices) -> np.ndarray:
-  """[N, K, K] per-image confusion matrices at each image's original resolution."""
-  k = config.num_classes
-  result = np.zeros((len(data), k, k), np.int64)
-  progress = inference.Progress('evaluated', len(data))
-  for batch in _original_predictions(state, data, originals, range(len(data)), devices):
-    for row, _, labels, predicted in batch:
-      result[row] = confusions(labels[None], predicted[None], k)[0]
-    progress.update(batch[-1][0] + 1)
-  return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Scores, pictures and the report.
-
-
-def _score(state, data, originals, config, devices, original: bool):
-  """(results as from metrics.iou + 'confusion_matrix', [N, K, K] per image, [N, S, S] or None).
-
-  At the network's resolution the totals come from the trainer's own eval step and batches, so
-  they are the numbers of its metrics.jsonl.
-  """
-  if original:
-    per_image = _original_confusions(state, data, originals, config, devices)
-    results = jax.device_get(metrics.iou(jnp.asarray(per_image.sum(axis=0))))
-    results['confusion_matrix'] = per_image.sum(axis=0)
-    return results, per_image, None
-  _, eval_fn = train.compile_steps(config, devices)
-  results = train.evaluate(eval_fn, state, data, devices)
-  predictions = _network_predictions(state, data, devices)
-  return results, confusions(data.labels, predictions, config.num_classes), predictions
-
-
-def _worst_gallery(path, worst, file_names, image_iou, data, originals, state, config, devices,
-                   predictions, title) -> None:
-  """Draws input / truth / prediction of the `worst` rows, titled with their names and IoUs.
-
-  With `predictions` ([N, S, S]) at the network's resolution; without, at the original one.
-  """
-  if predictions is not None:
-    images, labels, predicted = data.images[worst], data.labels[worst], predictions[worst]
-  else:
-    drawn = [x for batch in _original_predictions(state, data, originals, worst, devices)
-             for x in batch]
-    _, images, labels, predicted = (list(column) for column in zip(*drawn))
-  row_titles = [f'{file_names[r]}\nmean IoU {image_iou[r]:.3f}' for r in worst]
-  plots.predictions(path, images, labels, predicted, title=title,
-                    num_classes=config.num_classes, row_titles=row_titles)
+      predicted = inference.upsample_classes(logits[j], *labels.shape)
+      per_image[row] = confusions(labels[None], predicted[None], k)[0]
+      worst.offer(row, image_mean_iou(per_image[row][None])[0], (image, labels, predicted))
+    progress.update(rows[-1] + 1)
+  return per_image, worst
 
 
 def _json_ready(value):
@@ -144,20 +115,20 @@ def _json_ready(value):
 def _output_stem(workdir, out, step, config, split, dataset, original) -> epath.Path:
   """<out>.json's path without the suffix: <workdir>/eval/step_<N>[_split][_original]."""
   if out and str(out).endswith('.json'):
-    return epath.Path(str(out)[:-len('.json')])
+    return errors.absolute(str(out)[:-len('.json')])
   name = f'step_{step}'
   if dataset != config.dataset:
     name += '_' + ''.join(c if c.isalnum() else '-' for c in dataset)
   if split != config.eval_split:
     name += f'_{split}'
-  return epath.Path(out or epath.Path(workdir) / 'eval') / (name + ('_original' if original
-                                                                   else ''))
+  directory = errors.absolute(out) if out else workdir / 'eval'
+  return directory / (name + ('_original' if original else ''))
 
 
 def evaluate(workdir, *, step: int | None = None, split: str | None = None,
              dataset: str | None = None, data_dir: str | None = None,
              original_resolution: bool = False, worst_k: int = 6, out=None,
-             log=print) -> dict:
+             batch_size: int | None = None, log=print) -> dict:
   """Scores a checkpoint on a split; writes JSON, a confusion-matrix PNG and a worst-k gallery.
 
   Args:
@@ -168,59 +139,70 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
       truth = the original mask) instead of at the network's image_size x image_size.
     worst_k: images drawn in the gallery of the worst by per-image mean IoU.
     out: a .json path, or a directory; default <workdir>/eval.
+    batch_size: images per forward pass; None: the run's config.batch_size, whose batches are
+      the trainer's.
     log: where the table goes.
 
   Returns:
     The dict written as JSON.
+
+  Raises:
+    UserError: for a workdir that is no training run's, or data that cannot be read.
   """
-  workdir = epath.Path(workdir)
-  config = inference.trained_config(workdir)
-  dataset, data_dir = dataset or config.dataset, data_dir or config.data_dir
+  workdir = errors.absolute(workdir)
+  model = inference.load_model(workdir, step)
+  config = model.config
+  count = jax.device_count()
+  devices = Devices(-(-(batch_size or config.batch_size) // count) * count)
+  dataset = dataset or config.dataset
+  if dataset.startswith('folder:'):
+    dataset = 'folder:' + str(errors.absolute(dataset[len('folder:'):]))
+  data_dir = str(errors.absolute(data_dir)) if data_dir else config.data_dir
   split = split or config.eval_split
-  devices = train.Devices(config.batch_size)
-  state = inference.restore(workdir, config, step, devices.replicated)
-  step = int(state.step)
   data = input_pipeline.load_split(
       dataset, split, data_dir=data_dir, image_size=config.image_size,
       num_classes=config.num_classes, num_threads=config.input_threads)
-  # Originals are decoded only where needed: every row at original resolution, else the worst.
   originals = input_pipeline.originals(dataset, split, data_dir, config.num_classes)
-  results, per_image, predictions = _score(state, data, originals, config, devices,
-                                           original_resolution)
-  image_iou = image_mean_iou(per_image)
-  worst = [int(r) for r in np.argsort(image_iou, kind='stable')[:max(worst_k, 0)]]
-  file_names = {r: originals[r][0] for r in worst}
+  per_image, worst = _score_split(model, data, originals, devices, original_resolution, worst_k)
+  total = per_image.sum(axis=0)
+  results = jax.device_get(metrics.iou(total))
+  results['confusion_matrix'] = total
 
   names = plots.class_names(config.num_classes)
-  what = f'step {step} on {dataset} {split} ({len(data)} images)'
+  what = f'step {model.step} on {dataset} {split} ({len(data)} images)'
   where = ("each image's original resolution (logits upsampled bilinearly)"
            if original_resolution else f"the network's {config.image_size}x"
            f'{config.image_size} resolution (as the trainer evaluates)')
   log(f'evaluation of {what} at {where}:\n{reporting.iou_table(results, names)}')
   resolution = 'original' if original_resolution else 'network'
-  stem = _output_stem(workdir, out, step, config, split, dataset, original_resolution)
+  stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution)
   files = {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png'}
-  plots.confusion_matrix(files['confusion_matrix'], results['confusion_matrix'],
+  plots.confusion_matrix(files['confusion_matrix'], total,
                          title=f'{what}\nat {resolution} resolution, rows sum to 100%')
-  if worst:
+  drawn = worst.rows()
+  file_names = {row: originals[row][0] for row, _, _ in drawn}
+  if drawn:
     files['worst'] = f'{stem}_worst.png'
-    _worst_gallery(files['worst'], worst, file_names, image_iou, data, originals, state, config,
-                   devices, predictions,
-                   f'the {len(worst)} worst of {len(data)} {split} images by mean IoU\n'
-                   f'(step {step}, {resolution} resolution)')
+    images, labels, predicted = (list(c) for c in zip(*(p for _, _, p in drawn)))
+    plots.predictions(files['worst'], images, labels, predicted,
+                      title=f'the {len(drawn)} worst of {len(data)} {split} images by mean IoU\n'
+                      f'(step {model.step}, {resolution} resolution)',
+                      num_classes=config.num_classes,
+                      row_titles=[f'{file_names[row]}\nmean IoU {iou:.3f}'
+                                  for row, iou, _ in drawn])
   report = _json_ready({
-      'workdir': str(workdir), 'step': step, 'dataset': dataset, 'split': split,
+      'workdir': str(workdir), 'step': model.step, 'dataset': dataset, 'split': split,
       'num_examples': len(data), 'resolution': resolution, 'image_size': config.image_size,
       'mean_iou': results['mean_iou'], 'pixel_accuracy': results['pixel_accuracy'],
       'mean_dice': results['mean_dice'],
       'per_class_iou': dict(zip(names, results['per_class_iou'])),
       'per_class_dice': dict(zip(names, results['per_class_dice'])),
-      'confusion_matrix': results['confusion_matrix'],
-      'worst': [{'index': r, 'file_name': file_names[r], 'mean_iou': image_iou[r]}
-                for r in worst],
+      'confusion_matrix': total,
+      'worst': [{'index': row, 'file_name': file_names[row], 'mean_iou': iou}
+                for row, iou, _ in drawn],
       'files': files,
   })
   epath.Path(files['json']).parent.mkdir(parents=True, exist_ok=True)
   epath.Path(files['json']).write_text(json.dumps(report, indent=2) + '\n')
-  log('wrote ' + ', '.join(files.values()))
+  log('wrote ' + ', '.join(reporting.shown(f) for f in files.values()))
   return report

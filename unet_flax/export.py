@@ -12,27 +12,8 @@ only jax (no Flax, no orbax, no parameter tree to rebuild and keep in step with 
 The price is a new export for every checkpoint, and a file as large as the parameters
 (about 31 MB for the default U-Net), which is what a parameter file beside it would weigh too.
 
-Using it, without this package (and the photo's own size back, as predict.py does):
-
-  import json
-  import jax
-  import numpy as np
-  from PIL import Image
-
-  model_dir, photo_path = 'model', 'cat.jpg'
-  info = json.load(open(f'{model_dir}/model.json'))
-  with open(f'{model_dir}/model.jax_export', 'rb') as f:
-    model = jax.export.deserialize(bytearray(f.read()))
-
-  photo = Image.open(photo_path).convert('RGB')
-  size = info['image_size']
-  images = np.asarray(photo.resize((size, size), Image.BILINEAR))[None]  # [1, S, S, 3] uint8
-  logits = model.call(images)  # [1, S, S, K] float32; any batch size works
-  # Bilinear on the logits back to the photo's size, then the most likely class per pixel.
-  logits = jax.image.resize(logits[0], (photo.height, photo.width, info['num_classes']),
-                            'bilinear')
-  mask = np.asarray(logits.argmax(-1), np.uint8)  # [H, W]: 0 pet, 1 background, 2 border
-  print({name: float((mask == k).mean()) for k, name in enumerate(info['class_names'])})
+The README ("Use the trained model") shows how to run it without this package, in an environment
+with only `jax flatbuffers pillow` installed; tests/export_test.py runs that snippet.
 """
 
 import json
@@ -43,6 +24,7 @@ from etils import epath
 
 from unet_flax import errors
 from unet_flax import inference
+from unet_flax import models
 
 MODEL_FILE = 'model.jax_export'
 INFO_FILE = 'model.json'
@@ -51,23 +33,24 @@ PLATFORMS = ('cpu', 'cuda', 'tpu')
 KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names ('gpu' is not one).
 
 
-def export_model(state, config, *, batch_size: int | None = None,
+def export_model(model: inference.Model, *, batch_size: int | None = None,
                  platforms=PLATFORMS) -> jax.export.Exported:
   """The model's forward pass, parameters baked in, as a `jax.export.Exported`.
 
   Args:
-    state: a train state (its params and apply_fn).
-    config: its config (image_size).
+    model: a restored model (inference.load_model).
     batch_size: a fixed batch size; None: symbolic, any batch size at call time.
     platforms: what to lower for.
   """
 
   def serve(images):
     """images: [B, S, S, 3] uint8 -> logits [B, S, S, K] float32."""
-    return inference.logits_fn(state, images)  # The closed-over params become constants.
+    # The closed-over params become constants.
+    return models.logits(model.module, model.params, images)
 
   batch = jax.export.symbolic_shape('b')[0] if batch_size is None else batch_size
-  spec = jax.ShapeDtypeStruct((batch, config.image_size, config.image_size, 3), jnp.uint8)
+  size = model.config.image_size
+  spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
   return jax.export.export(jax.jit(serve), platforms=platforms)(spec)
 
 
@@ -110,10 +93,11 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
   if unknown or not platforms:
     raise errors.UserError(f'--platforms {",".join(platforms)}: {", ".join(unknown) or "none"} '
                            f'not known; choose from {",".join(KNOWN_PLATFORMS)}')
-  out = epath.Path(out)
+  out = errors.absolute(out)
   _check_out(out, overwrite)
-  config, state = inference.load_model(workdir, step)
-  exported = export_model(state, config, batch_size=batch_size, platforms=platforms)
+  model = inference.load_model(workdir, step)
+  config = model.config
+  exported = export_model(model, batch_size=batch_size, platforms=platforms)
   batch = 'b' if batch_size is None else batch_size
   size, k = config.image_size, config.num_classes
   info = {
@@ -127,8 +111,8 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
       'output': {'shape': [batch, size, size, k], 'dtype': 'float32',
                  'meaning': 'logits; the argmax over the last axis is the class'},
       'platforms': list(exported.platforms),
-      'step': int(state.step),
-      'workdir': str(workdir),
+      'step': model.step,
+      'workdir': str(errors.absolute(workdir)),
       'jax_version': jax.__version__,
   }
   _write(out, {MODEL_FILE: bytes(exported.serialize()),

@@ -24,15 +24,13 @@ from etils import epath
 import numpy as np
 from PIL import Image
 
+from unet_flax import decode
 from unet_flax import errors
-from unet_flax import input_pipeline
 
-PREFIX = 'folder:'
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 MASK_SUFFIX = '.png'
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # What PIL raises on data it cannot parse.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,54 +105,39 @@ class Folder:
     return [Example(self.images[s], masks / (s + MASK_SUFFIX)) for s in self.stems(split)]
 
 
-def _open(path: epath.Path, data: bytes, load: bool) -> Image.Image:
-  """PIL's image of `data` (the header only unless `load`); a UserError naming `path` if bad."""
+def _header(path: epath.Path, data: bytes) -> Image.Image:
+  """PIL's image of `data`, the header only; a UserError naming `path` if it is not an image."""
   try:
-    image = Image.open(io.BytesIO(data))
-    if load:
-      image.load()
-  except _DECODE_ERRORS as e:
-    raise errors.UserError(f'{path}: cannot decode ({e}); remove or replace the file') from None
-  return image
+    return Image.open(io.BytesIO(data))
+  except decode.DECODE_ERRORS as e:
+    raise errors.UserError(f'{path}: cannot decode ({decode.reason(e)}); remove or replace the '
+                           'file') from None
 
 
 def decode_example(example: Example, size: int | None,
                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  """-> image [S, S, 3] uint8 (bilinear), labels [S, S] uint8 (nearest), through the tfds path.
+  """-> image [S, S, 3] uint8 (bilinear), labels [S, S] uint8 (nearest), as tfds examples decode.
 
   size None: both at their stored size, [H, W, 3] and [H, W], after the same checks.
+
+  Raises:
+    UserError: naming the file, for an unreadable image or mask, a mask whose size differs from
+      its image's (both upright), or a label not below num_classes.
   """
   data = example.image.read_bytes()
-  image_size = _open(example.image, data, load=False).size
-  mask = _open(example.mask, example.mask.read_bytes(), load=True)
-  if mask.size != image_size:
+  image_size = decode.upright_size(_header(example.image, data))
+  mask_data = example.mask.read_bytes()
+  values = decode.decode(mask_data, None, 'mask', str(example.mask))
+  if values.shape != image_size:
     raise errors.UserError(
-        f'{example.mask} is {mask.size[0]}x{mask.size[1]} but its image {example.image} is '
-        f'{image_size[0]}x{image_size[1]}; masks must be the size of their image')
-  if mask.mode in ('LA', 'La', 'PA'):
-    mask = mask.getchannel(0)  # A mask's alpha means nothing.
-  if mask.mode in input_pipeline.MASK_MODES:
-    values = np.asarray(mask)  # Palette masks: the indices are the classes.
-  else:  # Grey values saved as RGB(A) are fine; colours are not classes.
-    rgb = np.asarray(mask.convert('RGB'))
-    if (rgb != rgb[..., :1]).any():
-      raise errors.UserError(
-          f'{example.mask} is a colour {mask.mode} picture, not a mask; save it as a one-channel '
-          f'PNG of class values 0..{num_classes - 1}')
-    values = rgb[..., 0]
+        f'{example.mask} is {values.shape[1]}x{values.shape[0]} but its image {example.image} is '
+        f'{image_size[1]}x{image_size[0]}; masks must be the size of their image')
   bad = values[(values < 0) | (values >= num_classes)]
   if bad.size:
     raise errors.UserError(
         f'{example.mask}: label {int(bad.flat[0])} is not in 0..{num_classes - 1} '
         f'(config.num_classes={num_classes}; folder masks are not shifted); fix the mask or raise '
         'num_classes')
-  image = input_pipeline._decode_image(  # pylint: disable=protected-access
-      data, size, Image.Resampling.BILINEAR, 'RGB', str(example.image))
-  labels = input_pipeline._decode_image(  # pylint: disable=protected-access
-      values.astype(np.uint8), size, Image.Resampling.NEAREST, 'L', str(example.mask))
+  image = decode.decode(data, size, 'picture', str(example.image))
+  labels = decode.decode(values.astype(np.uint8), size, 'mask', str(example.mask))
   return image, labels
-
-
-def parse(dataset: str) -> str | None:
-  """'folder:/path' -> '/path'; None for any other data set name."""
-  return dataset[len(PREFIX):] if dataset.startswith(PREFIX) else None

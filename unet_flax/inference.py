@@ -2,178 +2,73 @@
 
 `load_model(workdir)` rebuilds the model from <workdir>/config.json and a checkpoint without
 writing anything there, so it is safe while a training run is still going. Photos are read as
-the trainer reads its data (JPEG drafted, bilinear resize to config.image_size); the logits are
-then upsampled bilinearly to each photo's own size before the argmax, so that masks follow the
-outlines at full resolution instead of showing the network's pixel grid.
+the trainer reads its data (decode.py: upright, JPEG drafted, bilinear resize to
+config.image_size); the logits are then upsampled bilinearly to each photo's own size before the
+argmax, so that masks follow the outlines at full resolution instead of the network's pixel grid.
 
 Scoring a workdir on a split (evaluate.py) is evaluation.py's job; it builds on this module.
 """
 
+import dataclasses
 import functools
 import sys
-import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from PIL import Image
-from PIL import ImageOps
 
 from unet_flax import checkpoints
+from unet_flax import decode
 from unet_flax import errors
-from unet_flax import input_pipeline
-from unet_flax import train
-
-# What PIL raises on files that are not images, are cut short, or are too large to decode.
-READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-# ---------------------------------------------------------------------------------------------
-# The model, restored read-only.
+from unet_flax import models
+from unet_flax import reporting
 
 
-def checkpoint_steps(workdir) -> list[int]:
-  """The steps of the checkpoints under <workdir>/checkpoints, oldest first."""
-  directory = epath.Path(workdir) / 'checkpoints'
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A trained U-Net: the run's config, the checkpoint's step and its parameters."""
+  config: ml_collections.ConfigDict
+  step: int
+  params: Any
+
+  @property
+  def module(self) -> models.UNet:
+    return models.create(self.config)
+
+  def logits_fn(self):
+    """The jitted forward pass: (params, uint8 images [B, S, S, 3]) -> logits [B, S, S, K]."""
+    return jax.jit(functools.partial(models.logits, self.module))
 
 
-def _check_trained(workdir: epath.Path) -> None:
+def load_model(workdir, step: int | None = None,
+               sharding: jax.sharding.Sharding | None = None) -> Model:
+  """The model of a training run, from its workdir alone (config.json and a checkpoint).
+
+  Args:
+    workdir: a training run's --workdir (relative paths and `~` are fine).
+    step: the checkpoint; None: the newest that restores.
+    sharding: where the parameters go; default: the first local device.
+
+  Raises:
+    UserError: if the workdir is no training run's, or its checkpoint does not fit its config.
+  """
+  workdir = errors.absolute(workdir)
   if not workdir.is_dir():
     raise errors.UserError(f'--workdir {workdir} is not a directory; pass the --workdir of a '
                            'training run (python train.py --workdir ...)')
-  if not checkpoint_steps(workdir):
-    raise errors.UserError(f'{workdir / "checkpoints"} holds no checkpoint; train first '
-                           f'(python train.py --workdir {workdir} ...) or pass another --workdir')
+  if not checkpoints.restorable_steps(workdir):
+    raise errors.UserError(f'{workdir / checkpoints.CHECKPOINT_DIR} holds no checkpoint; train '
+                           f'first (python train.py --workdir {workdir} ...) or pass another '
+                           '--workdir')
+  config = checkpoints.load_config(workdir)
+  step, params = checkpoints.restore_params(workdir, config, step, sharding)
+  return Model(config, step, params)
 
 
-def restore(workdir, config: ml_collections.ConfigDict, step: int | None = None,
-            sharding: jax.sharding.Sharding | None = None) -> train.TrainState:
-  """The model of checkpoint `step`, read without writing anything.
-
-  Only the step and the parameters are read: the optimizer state is not needed to predict, and
-  skipping it also reads checkpoints whose optimizer differs from today's.
-
-  Args:
-    workdir: a training run's --workdir.
-    config: the run's config (its model fields decide the shapes restored into).
-    step: which checkpoint; None: the newest that restores (a damaged one is skipped, with a
-      warning, as the trainer skips it).
-    sharding: where the arrays go; default: the first local device.
-
-  Returns:
-    A TrainState with step, params and apply_fn; opt_state is None.
-  """
-  workdir = epath.Path(workdir)
-  _check_trained(workdir)
-  steps = checkpoint_steps(workdir)
-  if step is not None and step not in steps:
-    raise errors.UserError(f'{workdir / "checkpoints"} has no checkpoint of step {step}; '
-                           f'pass --step with one of {", ".join(map(str, steps))}')
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  # Shapes only: nothing is initialised, the checkpoint fills them.
-  abstract = jax.eval_shape(functools.partial(train.create_train_state, config),
-                            jax.random.key(0))
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        {'step': abstract.step, 'params': abstract.params})
-  args = ocp.args.PyTreeRestore(target, partial_restore=True,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-  candidates = [step] if step is not None else steps[::-1]
-  # A checkpointer only reads: unlike a CheckpointManager it creates no directory and cleans up
-  # nothing, so a training run may go on writing beside it.
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    for i, candidate in enumerate(candidates):
-      path = workdir / 'checkpoints' / str(candidate) / 'default'
-      try:
-        restored = checkpointer.restore(path.resolve(), args=args)  # Orbax wants absolute paths.
-        return abstract.replace(opt_state=None, **restored)
-      except Exception as e:  # pylint: disable=broad-except  (tensorstore raises bare Exception)
-        if i + 1 == len(candidates):
-          raise errors.UserError(
-              f'{path} cannot be restored into the model of {workdir / checkpoints.CONFIG_FILE}'
-              f' ({_reason(e)}); pass another --step or --workdir') from None
-        print(f'warning: {path} cannot be restored ({_reason(e)}); trying step '
-              f'{candidates[i + 1]}', file=sys.stderr, flush=True)
-  raise AssertionError('unreachable: there is at least one checkpoint')
-
-
-def trained_config(workdir) -> ml_collections.ConfigDict:
-  """The config of a training run; a UserError saying what to do if it has no checkpoint."""
-  workdir = epath.Path(workdir)
-  _check_trained(workdir)
-  return checkpoints.load_config(workdir)
-
-
-def load_model(workdir, step: int | None = None) -> tuple[ml_collections.ConfigDict,
-                                                          train.TrainState]:
-  """(config, train state) of a training run, from its workdir alone."""
-  config = trained_config(workdir)
-  return config, restore(workdir, config, step)
-
-
-def logits_fn(state: train.TrainState, images: jax.Array) -> jax.Array:
-  """images: [B, S, S, 3] uint8 -> logits [B, S, S, K] float32."""
-  return state.apply_fn({'params': state.params}, train.normalize(images), train=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Photos of any mode and size.
-
-
-def read_image(path, decode):
-  """decode(the opened PIL image) of the file at `path`.
-
-  Raises:
-    UserError: naming the file, if it is missing, not an image, corrupt or cut short.
-  """
-  try:
-    with Image.open(path) as image:
-      return decode(image)
-  except errors.UserError:  # A ValueError too, but already one line that names the file.
-    raise
-  except READ_ERRORS as e:  # Corrupt or cut-short data shows only when the pixels are decoded.
-    raise errors.UserError(f'{path}: cannot read ({_reason(e)})') from None
-
-
-def _reason(e: Exception) -> str:
-  """What went wrong reading a file, in a few words."""
-  if isinstance(e, Image.UnidentifiedImageError):
-    return 'not an image format PIL knows'
-  if isinstance(e, OSError) and e.strerror:
-    return e.strerror  # 'No such file or directory', 'Is a directory', ... without the path.
-  message = str(e).strip()
-  return message.splitlines()[0][:160] if message else type(e).__name__  # Tensorstore's are long.
-
-
-def upright_size(image: Image.Image) -> tuple[int, int]:
-  """(height, width) of the image as shown, i.e. after its EXIF rotation."""
-  width, height = image.size
-  # EXIF orientations 5-8 turn the picture by 90 degrees.
-  if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-    width, height = height, width
-  return height, width
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-  """The upright RGB picture of an image of any mode, converted as the trainer converts its data."""
-  return input_pipeline.to_rgb(ImageOps.exif_transpose(image))
-
-
-def network_input(image: Image.Image, size: int) -> np.ndarray:
-  """An opened photo -> [size, size, 3] uint8, resized exactly as the trainer resizes its data.
-
-  Call before anything loads the pixels: like the trainer, a JPEG is decoded at the smallest
-  scale (1/2 .. 1/8) still >= size.
-  """
-  image.draft('RGB', (size, size))
-  return np.asarray(to_rgb(image).resize((size, size), Image.Resampling.BILINEAR))
-
-
-# ---------------------------------------------------------------------------------------------
 # Logits -> classes at any resolution.
 
 
@@ -187,16 +82,18 @@ def _bucket(n: int) -> int:
     size *= 2
 
 
-@functools.partial(jax.jit, static_argnames='bucket')
-def _upsampled_classes(logits: jax.Array, size: jax.Array, bucket: int) -> jax.Array:
-  """[S, S, K] logits -> [bucket, bucket] uint8 classes, of which [:H, :W] are the photo's.
+@functools.partial(jax.jit, static_argnames='buckets')
+def _upsampled_classes(logits: jax.Array, size: jax.Array,
+                       buckets: tuple[int, int]) -> jax.Array:
+  """[S, S, K] logits -> [bucket_h, bucket_w] uint8 classes, of which [:H, :W] are the photo's.
 
   jax.image.resize(logits, (H, W, K), 'bilinear') is scale_and_translate with scale (H/S, W/S)
   and no translation; output pixels past H or W only get zero weights. So the scale is traced and
-  the output is a square bucket: one compile serves every photo whose sides fit the bucket.
+  each side is bucketed: one compile serves every photo whose sides fit the buckets, and memory
+  follows the photo's own sides (a long strip is not padded to a square).
   """
   scale = size.astype(jnp.float32) / jnp.array(logits.shape[:2], jnp.float32)
-  resized = jax.image.scale_and_translate(logits, (bucket, bucket, logits.shape[-1]), (0, 1),
+  resized = jax.image.scale_and_translate(logits, (*buckets, logits.shape[-1]), (0, 1),
                                           scale, jnp.zeros(2, jnp.float32), 'linear')
   return jnp.argmax(resized, axis=-1).astype(jnp.uint8)
 
@@ -207,34 +104,9 @@ def upsample_classes(logits, height: int, width: int) -> np.ndarray:
   Upsampling the logits rather than the argmax puts the outline between the network's pixels,
   where the classes' scores cross, instead of drawing the network's pixel grid.
   """
-  bucket = _bucket(max(height, width))
-  classes = _upsampled_classes(logits, jnp.array([height, width]), bucket=bucket)
+  classes = _upsampled_classes(logits, jnp.array([height, width]),
+                               buckets=(_bucket(height), _bucket(width)))
   return np.asarray(classes)[:height, :width]
-
-
-# ---------------------------------------------------------------------------------------------
-# Predicting files.
-
-
-class Progress:
-  """'done/total, img/s, ETA' on stderr for long loops: in place on a terminal, else every 10 s."""
-
-  def __init__(self, what: str, total: int, stream=None):
-    self.what, self.total = what, total
-    self.stream = stream or sys.stderr
-    self.in_place = self.stream.isatty()
-    self.started = self._shown = time.perf_counter()
-
-  def update(self, done: int) -> None:
-    now = time.perf_counter()
-    if done < self.total and not self.in_place and now - self._shown < 10:
-      return
-    self._shown = now
-    rate = done / max(now - self.started, 1e-9)
-    eta = (self.total - done) / max(rate, 1e-9)
-    line = f'{self.what} {done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f}s'
-    end = '\n' if done >= self.total or not self.in_place else ''
-    print(('\r' if self.in_place else '') + line, end=end, file=self.stream, flush=True)
 
 
 def padded_batch(images: list[np.ndarray], batch_size: int) -> np.ndarray:
@@ -244,9 +116,16 @@ def padded_batch(images: list[np.ndarray], batch_size: int) -> np.ndarray:
   return batch
 
 
-def _output_paths(paths: list[str], out: epath.Path) -> list[tuple[epath.Path, epath.Path]]:
-  """(mask, overlay) paths of each input; two inputs with one stem would overwrite each other."""
-  seen = {}
+def _output_paths(paths: list[str], out: epath.Path,
+                  overwrite: bool) -> list[tuple[epath.Path, epath.Path]]:
+  """(mask, overlay) paths of each input, checked before anything is written.
+
+  Raises:
+    UserError: if two inputs would write the same file, an output is one of the inputs, or an
+      output exists and `overwrite` is off.
+  """
+  seen, inputs = {}, {errors.absolute(p): p for p in paths}
+  outputs = []
   for path in paths:
     stem = epath.Path(path).stem
     if stem in seen:
@@ -254,37 +133,53 @@ def _output_paths(paths: list[str], out: epath.Path) -> list[tuple[epath.Path, e
           f'{seen[stem]} and {path} would both write {out / (stem + "_mask.png")}; rename one '
           'or predict them into different --out directories')
     seen[stem] = path
-  return [(out / f'{epath.Path(p).stem}_mask.png', out / f'{epath.Path(p).stem}_overlay.png')
-          for p in paths]
+    outputs.append((out / f'{stem}_mask.png', out / f'{stem}_overlay.png'))
+  targets = [t for pair in outputs for t in pair]
+  for target in targets:
+    if target in inputs:
+      raise errors.UserError(f'--out {out} would write {target.name} over the input '
+                             f'{inputs[target]}; choose another --out')
+  existing = [t for t in targets if t.exists()]
+  if existing and not overwrite:
+    more = f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''
+    raise errors.UserError(f'{existing[0]} exists{more}; pass --overwrite to replace, or choose '
+                           'another --out')
+  return outputs
 
 
-def _save_png(pixels: np.ndarray, path: epath.Path) -> None:
+def _save_png(picture: Image.Image, path: epath.Path) -> None:
   try:
-    Image.fromarray(pixels).save(path, format='PNG')
+    picture.save(path, format='PNG')
   except OSError as e:
     raise errors.UserError(f'cannot write {path} ({e.strerror or e}); '
                            'free space or choose another --out') from None
 
 
 def _write_outputs(photo: np.ndarray, classes: np.ndarray, targets, num_classes: int) -> int:
-  """Writes the mask and the overlay; returns how many of the two replaced existing files."""
+  """Writes the mask (palette PNG) and the overlay; returns how many replaced existing files."""
   from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
   replaced = 0
-  for picture, target in zip((classes, plots.overlay(photo, classes, num_classes)), targets):
+  pictures = (plots.mask_image(classes, num_classes),
+              Image.fromarray(plots.overlay(photo, classes, num_classes)))
+  for picture, target in zip(pictures, targets):
     replaced += target.exists()
     _save_png(picture, target)
   return replaced
 
 
-def predict_files(state: train.TrainState, config: ml_collections.ConfigDict, paths: list[str],
-                  out, *, batch_size: int = 8, stderr=None) -> list[str]:
+def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
+                  overwrite: bool = False, stderr=None) -> list[str]:
   """Writes <out>/<stem>_mask.png and <stem>_overlay.png at each image's own resolution.
 
+  The mask is a palette PNG whose pixel values are the classes (0..K-1), shown in the class
+  colours; the overlay is the photo tinted by class, with a legend.
+
   Args:
-    state: the restored model.
-    config: its config (image_size, num_classes).
+    model: the restored model.
     paths: image files of any format, mode and size.
     out: the output directory (created).
+    overwrite: replace masks and overlays that exist in `out`; without it they are refused
+      before anything is written.
     batch_size: images per jit call; every call has this shape, so the model compiles once.
     stderr: where failures and progress go.
 
@@ -292,12 +187,12 @@ def predict_files(state: train.TrainState, config: ml_collections.ConfigDict, pa
     The paths that could not be read; each was reported on `stderr` in one line and skipped.
   """
   stderr = stderr or sys.stderr
-  out = epath.Path(out)
-  errors.make_output_dir(out, '--out')
-  outputs = dict(zip(paths, _output_paths(paths, out)))
+  config = model.config
+  outputs = dict(zip(paths, _output_paths(paths, errors.absolute(out), overwrite)))
+  out = errors.make_output_dir(out, '--out')
   batch_size = max(1, min(batch_size, len(paths)))
-  predict = jax.jit(logits_fn)
-  progress = Progress('predicted', len(paths), stderr) if len(paths) > batch_size else None
+  predict = model.logits_fn()
+  progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > batch_size else None
   failed, replaced = [], 0
 
   def failure(path, error):
@@ -305,20 +200,21 @@ def predict_files(state: train.TrainState, config: ml_collections.ConfigDict, pa
     failed.append(path)
 
   def read_input(image):
-    return upright_size(image), network_input(image, config.image_size)
+    return decode.upright_size(image), decode.network_input(image, config.image_size)
 
   for start in range(0, len(paths), batch_size):
     batch = []
     for path in paths[start:start + batch_size]:
       try:
-        batch.append((path, *read_image(path, read_input)))
+        batch.append((path, *decode.read_image(path, read_input)))
       except errors.UserError as e:
         failure(path, e)
     if batch:
-      logits = np.asarray(predict(state, padded_batch([x for _, _, x in batch], batch_size)))
+      logits = np.asarray(predict(model.params,
+                                  padded_batch([x for _, _, x in batch], batch_size)))
       for (path, size, _), image_logits in zip(batch, logits):
         try:
-          photo = read_image(path, lambda image: np.asarray(to_rgb(image)))  # For the overlay.
+          photo = decode.read_image(path, lambda image: np.asarray(decode.to_rgb(image)))
         except errors.UserError as e:
           failure(path, e)
           continue

@@ -14,23 +14,21 @@ bench/input_pipeline.py measures the first pass (decode + resize) and the cached
 
 import concurrent.futures
 import dataclasses
-import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from unet_flax import augment
+from unet_flax import config as config_lib
+from unet_flax import decode
 from unet_flax import errors
+from unet_flax import folder
 
 # Oxford trimaps: 1 pet, 2 background, 3 border; the model's classes are 0, 1, 2.
 TRIMAP_OFFSET = 1
 CLASS_NAMES = ('pet', 'background', 'border')
-
-# PIL modes that hold one value a pixel: 1-bit, 8-bit grey, palette indices, 16/32-bit integers.
-MASK_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +53,8 @@ def get_builder(dataset: str, data_dir: str | None):
 
   For 'folder:/path', the `folder.Folder` instead, listed and checked (data_dir is not used).
   """
-  from unet_flax import folder  # pylint: disable=g-import-not-at-top  (it imports this module)
-  if folder.parse(dataset) is not None:
-    return folder.Folder(folder.parse(dataset))
+  if config_lib.folder_path(dataset) is not None:
+    return folder.Folder(config_lib.folder_path(dataset))
   if dataset.split('/')[0] == 'synthetic_pets':
     from unet_flax import synthetic  # pylint: disable=g-import-not-at-top  (registers it)
     builder = synthetic.builder(dataset.partition('/')[2] or None, data_dir)
@@ -74,74 +71,6 @@ def get_builder(dataset: str, data_dir: str | None):
   if not builder.is_prepared():
     builder.download_and_prepare()
   return builder
-
-
-def _decode_image(data, size: int | None, resample, mode: str, what: str) -> np.ndarray:
-  """Encoded bytes (or an already decoded array) -> [size, size(, 3)] integers.
-
-  size None: at the stored size, [H, W(, 3)], neither drafted nor resized (evaluation's truth).
-
-  mode 'RGB' (pictures) -> uint8 RGB from any PIL mode: grey, palette, CMYK, 1-bit; 16-bit and
-  float scaled to 8 bits (PIL's convert clips them: a 16-bit photo comes out white); transparent
-  ones over white, as a viewer shows them. mode 'L' (masks) -> the stored values: palette indices,
-  not their colours; 16-bit values unchanged (the caller checks the range); grey saved as RGB.
-
-  Raises:
-    UserError: naming `what`, if the data is empty, cut short, not an image, or a colour mask.
-  """
-  try:
-    if isinstance(data, np.ndarray):
-      image = Image.fromarray(data.squeeze(-1) if data.shape[-1] == 1 else data)
-    else:
-      if not len(data):
-        raise errors.UserError(f'{what}: the file is empty (0 bytes); remove or replace it')
-      image = Image.open(io.BytesIO(data))
-      if mode == 'RGB' and size is not None:
-        # JPEG decodes straight to the smallest scale (1/2, 1/4, 1/8) still >= size: 2-4x faster.
-        image.draft('RGB', (size, size))
-    image.load()  # Cut-short or corrupt data shows only when the pixels are decoded.
-    if mode == 'L':
-      if image.mode in ('LA', 'La', 'PA'):
-        image = image.getchannel(0)  # The values; a mask's alpha means nothing.
-      elif image.mode not in MASK_MODES:
-        rgb = np.asarray(image.convert('RGB'))
-        if (rgb != rgb[..., :1]).any():
-          raise errors.UserError(
-              f'{what}: a colour {image.mode} picture, not a mask; save it with one channel of '
-              'class values')
-        image = Image.fromarray(rgb[..., 0])
-      return _resized(image, size, resample)
-    return _resized(to_rgb(image), size, resample)
-  except errors.UserError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (PIL: OSError, SyntaxError, ValueError...)
-    reason = ('not an image, or a format PIL does not read' if
-              isinstance(e, Image.UnidentifiedImageError) else str(e))
-    raise errors.UserError(
-        f'{what}: cannot decode ({reason}); remove or replace the file') from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-  """The RGB picture of a decoded image of any PIL mode, as a viewer shows it.
-
-  Grey, palette, CMYK and 1-bit are converted; 16-bit and float are scaled to 8 bits (PIL's
-  convert clips them: a 16-bit photo comes out white); transparent ones go over white.
-  """
-  if image.mode.startswith('I') or image.mode == 'F':
-    pixels = np.asarray(image, np.float32)
-    if image.mode.startswith('I;16') or pixels.max() > 255:
-      pixels = pixels / 257  # 0..65535 -> 0..255.
-    elif image.mode == 'F' and pixels.max() <= 1:
-      pixels = pixels * 255  # Float pictures in [0, 1].
-    image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
-  if 'A' in image.mode or 'a' in image.mode or 'transparency' in image.info:
-    rgba = image.convert('RGBA')  # Transparent pixels hold arbitrary colours.
-    image = Image.alpha_composite(Image.new('RGBA', rgba.size, 'white'), rgba)
-  return image.convert('RGB')
-
-
-def _resized(image: Image.Image, size: int | None, resample) -> np.ndarray:
-  return np.asarray(image if size is None else image.resize((size, size), resample))
 
 
 def _file_name(example: dict, default: str) -> str:
@@ -162,9 +91,8 @@ def decode_example(example: dict, size: int | None,
       not a class (TRIMAP_OFFSET..num_classes).
   """
   name = _file_name(example, '?')
-  image = _decode_image(example['image'], size, Image.Resampling.BILINEAR, 'RGB', name)
-  trimap = _decode_image(example['segmentation_mask'], size, Image.Resampling.NEAREST, 'L',
-                         f'{name} (mask)')
+  image = decode.decode(example['image'], size, 'picture', name)
+  trimap = decode.decode(example['segmentation_mask'], size, 'mask', f'{name} (mask)')
   labels = trimap.astype(np.int64) - TRIMAP_OFFSET
   if labels.min() < 0 or labels.max() >= num_classes:
     raise errors.UserError(
@@ -180,7 +108,6 @@ def _reader(dataset: str, split: str, data_dir: str | None, image_size: int | No
 
   image_size None: images and labels at their stored size.
   """
-  from unet_flax import folder  # pylint: disable=g-import-not-at-top
   builder = get_builder(dataset, data_dir)
   if isinstance(builder, folder.Folder):
     examples = builder.examples(split)
@@ -222,12 +149,37 @@ def originals(dataset: str, split: str, data_dir: str | None, num_classes: int) 
 
 
 def num_examples(dataset: str, split: str, data_dir: str | None) -> int:
-  """Examples in the whole `split`, without decoding any."""
-  from unet_flax import folder  # pylint: disable=g-import-not-at-top
+  """Examples in the whole `split`, without decoding any.
+
+  Raises:
+    UserError: if the data set has no such split, saying which it has.
+  """
   builder = get_builder(dataset, data_dir)
   if isinstance(builder, folder.Folder):
     return len(builder.stems(split))
-  return builder.info.splits[split].num_examples
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError):  # tfds: an unknown split, or a slice it cannot parse.
+    raise errors.UserError(
+        f'split {split!r} is not a split of {dataset}; use one of '
+        f'{", ".join(sorted(builder.info.splits.keys()))}, or a slice such as '
+        f'{sorted(builder.info.splits.keys())[0]}[:80%]') from None
+
+
+def check_data(config) -> int:
+  """Prepares the config's data set if needed and checks both splits; -> train examples.
+
+  Raises:
+    UserError: naming the config field, if a split does not exist or holds no example.
+  """
+  counts = {}
+  for field in ('train_split', 'eval_split'):
+    counts[field] = num_examples(config.dataset, config[field], config.data_dir)
+    if not counts[field]:
+      raise errors.UserError(
+          f'config.{field}={config[field]!r} of {config.dataset} holds no examples; choose '
+          'another split, or give the split examples')
+  return counts['train_split']
 
 
 def load_split(dataset: str, split: str, *, data_dir: str | None, image_size: int,
@@ -235,9 +187,9 @@ def load_split(dataset: str, split: str, *, data_dir: str | None, image_size: in
                num_threads: int = 0) -> Split:
   """Decodes and resizes this process's shard of `split` into memory, in parallel.
 
-  Threads, not processes (bench/input_pipeline.py times both): on a 2-core CPU a spawned
-  process pool took twice as long for 1,024 images, each worker first spending ~2 s importing
-  tfds; ~60% of a decode is in Pillow's C decoders and resize, which release the GIL.
+  Threads, not processes: most of a decode is in Pillow's C decoders and resize, which release
+  the GIL, and worker processes would each import tfds first (bench/input_pipeline.py times both;
+  the README has figures).
   """
   total, decode = _reader(dataset, split, data_dir, image_size, num_classes)
   indices = range(process_index, total, process_count)

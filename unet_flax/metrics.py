@@ -7,12 +7,24 @@ once, so that every pixel of the split weighs the same.
 
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def _pixel_weights(mask: jax.Array, labels: jax.Array) -> jax.Array:
   """mask: [B] -> [B, H, W] float32 weights, broadcast over the pixels of each example."""
   return jnp.broadcast_to(mask.astype(jnp.float32)[:, None, None], labels.shape)
+
+
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy of each pixel: [B, H, W, K] logits, [B, H, W] int labels -> [B, H, W].
+
+  -sum_k onehot(label)_k log softmax(logits)_k, computed in float32. The true class is picked by a
+  one-hot product rather than a gather (optax's take_along_axis): its gradient is then
+  elementwise, where a gather's is a scatter-add that XLA constant-folds for seconds at compile
+  time and TPUs serialise.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(log_probs * jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32),
+                  axis=-1)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -26,14 +38,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.
   Returns:
     scalar float32.
   """
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  losses = pixel_cross_entropy(logits, labels)
   weights = _pixel_weights(mask, labels)
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int,
-                     mask: jax.Array) -> jax.Array:
-  """[K, K] int32 counts; row = true class, column = predicted class.
+def confusion_matrices(labels: jax.Array, predictions: jax.Array, num_classes: int,
+                       mask: jax.Array) -> jax.Array:
+  """[B, K, K] int32 counts, one matrix per example; row = true class, column = predicted class.
 
   One-hot contraction rather than a scatter: it runs at matmul speed on every backend (TPUs
   serialise scatters).
@@ -41,14 +53,20 @@ def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int
   Args:
     labels, predictions: [B, H, W] int in [0, K).
     num_classes: K.
-    mask: [B]; examples with 0 count nothing.
+    mask: [B]; examples with 0 count nothing (their matrix is zero).
   """
   weights = _pixel_weights(mask, labels)
   true = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * weights[..., None]
   pred = jax.nn.one_hot(predictions, num_classes, dtype=jnp.float32)
-  # Per-example float32 sums stay exact (< 2**24 pixels); the sum over examples is int32.
+  # Per-example float32 sums stay exact (< 2**24 pixels).
   per_example = jnp.einsum('bhwk,bhwl->bkl', true, pred, precision=jax.lax.Precision.HIGHEST)
-  return jnp.sum(jnp.round(per_example).astype(jnp.int32), axis=0)
+  return jnp.round(per_example).astype(jnp.int32)
+
+
+def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int,
+                     mask: jax.Array) -> jax.Array:
+  """[K, K] int32 counts of the whole batch: the sum of `confusion_matrices`."""
+  return jnp.sum(confusion_matrices(labels, predictions, num_classes, mask), axis=0)
 
 
 def iou(confusion: jax.Array) -> dict[str, jax.Array]:
@@ -93,7 +111,7 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array
   """
   if class_weights is None:
     return cross_entropy(logits, labels, mask)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  losses = pixel_cross_entropy(logits, labels)
   weights = _class_pixel_weights(labels, mask, class_weights)
   total = jnp.sum(weights)
   return jnp.sum(losses * weights) / jnp.where(total > 0, total, 1.0)

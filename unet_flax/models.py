@@ -1,7 +1,9 @@
-"""The U-Net of the chapter, in Flax linen.
+"""The U-Net of the chapter, in Flax linen, and its forward pass on uint8 images.
 
 Nothing here knows about data or training: `UNet` maps images [B, H, W, 3] to per-class logits
-[B, H, W, num_classes]; the softmax belongs to the loss.
+[B, H, W, num_classes]; the softmax belongs to the loss. `create(config)` builds it from a run's
+config, `init_params` gives its parameters (or only their shapes, under jax.eval_shape) and
+`logits` is the forward pass that training, evaluation, predict and export share.
 """
 
 from collections.abc import Sequence
@@ -10,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 # Keras's defaults, which the chapter relies on: glorot-uniform kernels and zero biases.
 kernel_init = nn.initializers.glorot_uniform()
@@ -49,7 +52,8 @@ class Upsample(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     # Per axis and output phase, the kernel taps and the padding: the even phase takes
     # (k[0], k[2]) over (x[m-1], x[m]), so it is padded by one in front; the odd one k[1] over x[m].
-    taps = (jnp.array([0, 2]), jnp.array([1]))
+    # Static slices, not index arrays: an index array is a gather, whose gradient is a scatter-add.
+    taps = (slice(0, 3, 2), slice(1, 2))
     pads = ((1, 0), (0, 0))
     phases = [[_conv(x, kernel[taps[py]][:, taps[px]], (pads[py], pads[px])) for px in (0, 1)]
               for py in (0, 1)]
@@ -139,3 +143,29 @@ class UNet(nn.Module):
 
 def param_count(params) -> int:
   return sum(p.size for p in jax.tree_util.tree_leaves(params))
+
+
+def create(config: ml_collections.ConfigDict) -> UNet:
+  """The U-Net of a run's config (widths, num_classes, dropout_rate, dtype)."""
+  return UNet(num_classes=config.num_classes, widths=tuple(config.widths),
+              dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype))
+
+
+def init_params(config: ml_collections.ConfigDict, rng: jax.Array):
+  """The initial parameters of `create(config)` for config.image_size inputs.
+
+  Under `jax.eval_shape` it computes nothing: the shapes alone, to restore a checkpoint into.
+  """
+  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  return create(config).init(rng, images, train=False)['params']
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, 3] -> float32 in [0, 1]. Done on the device: a quarter of the transfer."""
+  return images.astype(jnp.float32) / 255.0
+
+
+def logits(model: UNet, params, images: jax.Array, *, train: bool = False,
+           rngs=None) -> jax.Array:
+  """images: [B, H, W, 3] uint8 -> logits [B, H, W, K] float32 (dropout only with train=True)."""
+  return model.apply({'params': params}, normalize(images), train=train, rngs=rngs)

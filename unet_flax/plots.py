@@ -14,6 +14,9 @@ import numpy as np
 from etils import epath
 from matplotlib.colors import ListedColormap, to_rgb  # pylint: disable=g-import-not-at-top
 from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+from PIL import Image  # pylint: disable=g-import-not-at-top
+from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
+from PIL import ImageFont  # pylint: disable=g-import-not-at-top
 
 from unet_flax import input_pipeline
 
@@ -34,7 +37,8 @@ def class_names(num_classes: int) -> list[str]:
 def _legend(fig, num_classes: int) -> None:
   handles = [Patch(color=c, label=n)
              for c, n in zip(class_colors(num_classes), class_names(num_classes))]
-  fig.legend(handles=handles, loc='lower center', ncol=num_classes, frameon=False)
+  fig.legend(handles=handles, loc='outside lower center', ncol=min(num_classes, 6),
+             frameon=False)
 
 
 def _save(fig, path) -> None:
@@ -56,8 +60,8 @@ def predictions(path, image: np.ndarray, label: np.ndarray, prediction: np.ndarr
   """
   cmap = ListedColormap(class_colors(num_classes))
   n = len(image)
-  height = 3 * n + 0.6 + (0.4 if title else 0)
-  fig, axes = plt.subplots(n, 3, figsize=(9, height), squeeze=False)
+  # Constrained layout keeps every title, the suptitle and the legend clear of the pictures.
+  fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n + 1), squeeze=False, layout='constrained')
   for row in range(n):
     for col, (picture, name) in enumerate(
         [(image[row], row_titles[row] if row_titles else 'Input Image'),
@@ -72,25 +76,62 @@ def predictions(path, image: np.ndarray, label: np.ndarray, prediction: np.ndarr
   if title:
     fig.suptitle(title)
   _legend(fig, num_classes)
-  # Room at the bottom for the legend and, with a title, at the top for it.
-  fig.tight_layout(rect=(0, 0.4 / height, 1, 1 - (0.4 / height if title else 0)))
   _save(fig, path)
 
 
-def overlay(image: np.ndarray, classes: np.ndarray, num_classes: int,
-            alpha: float = 0.45) -> np.ndarray:
-  """The photo with each pixel tinted by its class colour.
+def class_palette(num_classes: int) -> np.ndarray:
+  """[num_classes, 3] uint8: the RGB colour of each class, as in every picture."""
+  return np.array([np.round(np.array(to_rgb(c)) * 255) for c in class_colors(num_classes)],
+                  np.uint8)
+
+
+def mask_image(classes: np.ndarray, num_classes: int) -> Image.Image:
+  """A palette ('P') PIL image of a mask: the pixel values are the classes, shown in their colours.
+
+  Args:
+    classes: [H, W] int in [0, num_classes), num_classes <= 256.
+  """
+  mask = Image.fromarray(classes.astype(np.uint8), 'P')
+  mask.putpalette(class_palette(num_classes).ravel().tolist())
+  return mask
+
+
+def overlay(image: np.ndarray, classes: np.ndarray, num_classes: int, alpha: float = 0.45,
+            legend: bool = True) -> np.ndarray:
+  """The photo with each pixel tinted by its class colour, and a legend naming the classes.
 
   Args:
     image: [H, W, 3] uint8.
     classes: [H, W] int in [0, num_classes).
+    alpha: the weight of the class colour.
+    legend: draw the class names over their colours in the top-left corner.
 
   Returns:
     [H, W, 3] uint8.
   """
-  palette = np.array([to_rgb(c) for c in class_colors(num_classes)], np.float32) * 255
-  tinted = (1 - alpha) * image.astype(np.float32) + alpha * palette[classes]
-  return np.round(tinted).astype(np.uint8)
+  palette = class_palette(num_classes).astype(np.float32)
+  tinted = np.round((1 - alpha) * image.astype(np.float32) + alpha * palette[classes])
+  tinted = tinted.astype(np.uint8)
+  return _draw_legend(tinted, num_classes) if legend else tinted
+
+
+def _draw_legend(picture: np.ndarray, num_classes: int) -> np.ndarray:
+  """Colour swatches and class names in a white box at the top left, scaled to the picture."""
+  canvas = Image.fromarray(picture)
+  draw = ImageDraw.Draw(canvas)
+  size = max(10, min(canvas.size) // 25)
+  font = ImageFont.load_default(size)
+  names = class_names(num_classes)
+  pad = size // 2
+  text_width = max(draw.textlength(name, font=font) for name in names)
+  box = (pad, pad, pad * 4 + size + text_width, pad * 2 + len(names) * (size + pad))
+  draw.rectangle(box, fill=(255, 255, 255))
+  for k, (name, colour) in enumerate(zip(names, class_palette(num_classes))):
+    top = pad * 2 + k * (size + pad)
+    draw.rectangle((pad * 2, top, pad * 2 + size, top + size), fill=tuple(int(c) for c in colour),
+                   outline=(0, 0, 0))
+    draw.text((pad * 3 + size, top), name, fill=(0, 0, 0), font=font)
+  return np.asarray(canvas)
 
 
 def confusion_matrix(path, confusion: np.ndarray, title: str = '') -> None:

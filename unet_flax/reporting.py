@@ -6,6 +6,7 @@ TensorFlow needed); pictures to <workdir>/predictions/step_<N>.png.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -35,6 +36,33 @@ def iou_table(results: dict, class_names=input_pipeline.CLASS_NAMES) -> str:
   return '\n'.join(lines)
 
 
+class Progress:
+  """'done/total, img/s, ETA' on stderr for long loops: in place on a terminal, else every 10 s."""
+
+  def __init__(self, what: str, total: int, stream=None):
+    self.what, self.total = what, total
+    self.stream = stream or sys.stderr
+    self.in_place = self.stream.isatty()
+    self.started = self._shown = time.perf_counter()
+
+  def update(self, done: int) -> None:
+    now = time.perf_counter()
+    if done < self.total and not self.in_place and now - self._shown < 10:
+      return
+    self._shown = now
+    rate = done / max(now - self.started, 1e-9)
+    eta = (self.total - done) / max(rate, 1e-9)
+    line = f'{self.what} {done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f}s'
+    end = '\n' if done >= self.total or not self.in_place else ''
+    print(('\r' if self.in_place else '') + line, end=end, file=self.stream, flush=True)
+
+
+def shown(path) -> str:
+  """`path` as the user would type it here: relative below the current directory."""
+  relative = os.path.relpath(path)
+  return str(path) if relative.startswith('..') else relative
+
+
 class Reporter:
   """Progress, metrics and pictures of one training run."""
 
@@ -44,13 +72,48 @@ class Reporter:
     self.is_lead = is_lead
     self._writer = None
     self._last = None
+    self._purge_step = None
+    self._evaluated = set()
 
   @property
   def writer(self):
     if self._writer is None:
       import tensorboardX  # pylint: disable=g-import-not-at-top  (slow import; lead only)
-      self._writer = tensorboardX.SummaryWriter(str(self.workdir / 'tensorboard'))
+      # TensorBoard drops what a crashed run logged after the restored step.
+      self._writer = tensorboardX.SummaryWriter(str(self.workdir / 'tensorboard'),
+                                                purge_step=self._purge_step)
     return self._writer
+
+  def resume(self, step: int) -> None:
+    """Forgets what an interrupted run logged after `step`, the checkpoint restored.
+
+    metrics.jsonl keeps its complete records of steps <= step (a line cut short by a kill is
+    dropped) and ends with a whole line; TensorBoard purges its later events. So steps that are
+    run again are logged once, and curves never go back in time.
+    """
+    path = self.workdir / 'metrics.jsonl'
+    self._purge_step = step + 1
+    if not self.is_lead or not path.exists():
+      return
+    kept = []
+    for line in path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and record.get('step', 0) <= step:
+        kept.append(line)
+        if record.get('split') == 'eval':
+          self._evaluated.add(record['step'])
+    text = ''.join(line + '\n' for line in kept)
+    if text != path.read_text():
+      temporary = path.parent / (path.name + '.tmp')
+      temporary.write_text(text)
+      temporary.replace(path)
+
+  def evaluated(self, step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation of `step` (after `resume`)."""
+    return step in self._evaluated
 
   def text(self, line: str) -> None:
     if self.is_lead:
@@ -107,6 +170,15 @@ class Reporter:
       plots.predictions(path, **sample, title=f'step {step}, mean IoU {values["mean_iou"]:.3f}')
     # The timer restarts so that evaluation does not count against training speed.
     self._last = (step, time.perf_counter())
+
+  def done(self, evaluated: bool) -> None:
+    """Says where the outputs are and what to run next."""
+    workdir = shown(self.workdir)
+    outputs = ('checkpoints/, metrics.jsonl, curves.png and predictions/' if evaluated
+               else 'checkpoints/')
+    self.text(f'{outputs} are in {workdir}\nnext:\n'
+              f'  python predict.py --workdir {workdir} --out masks/ photos/*.jpg\n'
+              f'  python evaluate.py --workdir {workdir} --original_resolution')
 
   def close(self) -> None:
     if self._writer is not None:

@@ -1,5 +1,7 @@
 """Process-wide JAX set-up: several processes, and the persistent compilation cache."""
 
+import importlib.metadata
+import itertools
 import os
 
 import jax
@@ -34,10 +36,26 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-# XLA:CPU hands convolutions to YNNPACK by default; its weight-gradient convolutions run at about
-# half the speed of Eigen's (measured here: the default U-Net's train step, batch 8, 3.8 s with
-# YNNPACK and 3.0-3.4 s without; a 4096^3 matmul 178 against 200 GFLOP/s).
-_XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
+# XLA:CPU flags, each with the first jaxlib that knows it: an older jaxlib aborts at start-up on a
+# flag it does not know, so a flag is only set where it exists.
+# The empty YNN fusion type keeps convolutions off YNNPACK, whose weight-gradient convolutions
+# are slower than Eigen's (the README's Speed section has the figures).
+_XLA_CPU_FLAGS = {'--xla_cpu_experimental_ynn_fusion_type=': (0, 8, 1)}
+
+
+def _version(text: str) -> tuple[int, ...]:
+  """'0.8.1' -> (0, 8, 1); '0.12.0.1' and '0.9.0rc1' compare by their leading numbers."""
+  numbers = []
+  for part in text.split('.')[:3]:
+    digits = ''.join(itertools.takewhile(str.isdigit, part))
+    numbers.append(int(digits or 0))
+  return tuple(numbers)
+
+
+def xla_cpu_flags(jaxlib_version: str | None = None) -> list[str]:
+  """Our XLA:CPU flags that the installed jaxlib (or `jaxlib_version`) knows."""
+  version = _version(jaxlib_version or importlib.metadata.version('jaxlib'))
+  return [flag for flag, first in _XLA_CPU_FLAGS.items() if version >= first]
 
 
 def configure_xla_cpu() -> None:
@@ -46,7 +64,7 @@ def configure_xla_cpu() -> None:
   They only concern the CPU backend; GPUs and TPUs ignore them.
   """
   flags = os.environ.get('XLA_FLAGS', '')
-  for flag in _XLA_CPU_FLAGS:
+  for flag in xla_cpu_flags():
     if flag.split('=')[0] not in flags:
       flags = f'{flags} {flag}'.strip()
   os.environ['XLA_FLAGS'] = flags

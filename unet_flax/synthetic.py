@@ -20,8 +20,10 @@ identical bytes. Configs (train / test examples): `small` 1024 / 256 (the defaul
 `tfds.data_source` random access without TensorFlow.
 """
 
+import contextlib
 import dataclasses
 import io
+import time
 import zlib
 
 from etils import epath
@@ -217,11 +219,18 @@ class SyntheticPets(tfds.core.GeneratorBasedBuilder):
     # Generation takes seconds: progress bars would only flood the logs with carriage returns.
     bars_were_on = getattr(tqdm_utils, '_active', True)
     tfds.display_progress_bar(False)
+    config = self.builder_config
+    print(f'generating {self.name}/{config.name} ({config.num_train:,} train and '
+          f'{config.num_test:,} test images) in {self.data_dir}...', flush=True)
+    started = time.perf_counter()
     try:
-      super().download_and_prepare(
-          download_config=download_config.replace(try_download_gcs=False), **kwargs)
+      # tfds's own lines speak of a download of "Unknown size": nothing is downloaded here.
+      with contextlib.redirect_stdout(io.StringIO()):
+        super().download_and_prepare(
+            download_config=download_config.replace(try_download_gcs=False), **kwargs)
     finally:
       tfds.display_progress_bar(bars_were_on)
+    print(f'generated in {time.perf_counter() - started:.0f}s', flush=True)
 
   def _info(self):
     return tfds.core.DatasetInfo(

@@ -1,0 +1,96 @@
+"""The command-line tools as a user runs them: from another directory, with relative paths, `~`
+and symlinks, a SIGTERM and a resume; and the shell's one-line errors and exit codes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import ROOT
+from tests.conftest import run_script
+from tests.conftest import script_env
+from tests.conftest import tiny_overrides
+
+
+def test_every_tool_takes_relative_home_and_symlinked_paths_from_anywhere(tmp_path, tfds_dir):
+  home, here = tmp_path / 'home', tmp_path / 'somewhere' / 'else'
+  home.mkdir()
+  here.mkdir(parents=True)
+  (home / 'tfds').symlink_to(tfds_dir)  # --config.data_dir=~/tfds, through a symlink.
+  cache = tmp_path / 'cache'
+  config = os.path.relpath(ROOT / 'configs' / 'quickstart.py', here)
+  train = [sys.executable, str(ROOT / 'train.py'), '--config', config, '--workdir', 'runs/tiny',
+           *tiny_overrides('~/tfds')]
+  env = script_env(cache, HOME=home)
+  log = tmp_path / 'train.log'
+  with open(log, 'w') as out:  # SIGTERM once the first step is logged: save, say so, exit 0.
+    process = subprocess.Popen(train, cwd=here, env=env, stdout=out, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 300
+  while process.poll() is None and 'step 1/6' not in log.read_text():
+    assert time.monotonic() < deadline, log.read_text()
+    time.sleep(0.01)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=300) == 0, log.read_text()
+  workdir = here / 'runs' / 'tiny'
+  saved = [int(p.name) for p in (workdir / 'checkpoints').iterdir()]
+  assert len(saved) == 1 and f'preempted at step {saved[0]}: checkpoint saved to' in log.read_text()
+
+  resumed = subprocess.run(train, cwd=here, env=env, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'resumed from step {saved[0]} of 6' in resumed.stdout
+  assert (workdir / 'checkpoints' / '6').is_dir()
+  assert 'next:\n  python predict.py --workdir runs/tiny' in resumed.stdout
+  again = subprocess.run(train, cwd=here, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and 'already trained: step 6 of 6' in again.stdout, again.stderr
+
+  Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(here / 'photo.jpg')
+  (here / 'run_link').symlink_to(workdir)
+  predicted = run_script('predict.py', '--workdir', 'run_link', '--out=~/masks', 'photo.jpg',
+                         cache=cache, cwd=here, HOME=home)
+  assert predicted.returncode == 0, predicted.stderr
+  with Image.open(home / 'masks' / 'photo_mask.png') as mask:
+    assert mask.size == (40, 30) and mask.mode == 'P'
+  evaluated = run_script('evaluate.py', '--workdir', 'runs/tiny', '--out', 'scores/tiny.json',
+                         cache=cache, cwd=here, HOME=home)
+  assert evaluated.returncode == 0, evaluated.stderr
+  assert (here / 'scores' / 'tiny.json').is_file()
+  exported = run_script('export.py', '--workdir=~/../somewhere/else/runs/tiny', '--out', 'model',
+                        '--platforms', 'cpu', cache=cache, cwd=here, HOME=home)
+  assert exported.returncode == 0, exported.stderr
+  assert (here / 'model' / 'model.jax_export').is_file()
+
+
+def test_config_file_errors_name_the_file_and_line(tmp_path):
+  bad = tmp_path / 'bad.py'
+  bad.write_text('from configs import default\n\ndef get_config():\n  config = default.get_config()\n'
+                 '  config.batch_size = 1 / 0\n  return config\n')
+  result = run_script('train.py', '--config', bad, '--workdir', tmp_path / 'run',
+                      cache=tmp_path / 'cache')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      f'error: the config file fails at {bad} line 5 (ZeroDivisionError: division by zero); fix '
+      'the file']
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+  result = run_script('train.py', '--config', 'nothere.py', '--workdir', tmp_path / 'run',
+                      cache=tmp_path / 'cache', cwd=tmp_path)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      'error: the --config file nothere.py does not exist; pass a file such as '
+      'configs/default.py']
+
+
+def test_a_bad_config_value_stops_in_one_line_before_anything_is_written(tmp_path):
+  result = run_script('train.py', '--config', ROOT / 'configs' / 'quickstart.py', '--workdir',
+                      tmp_path / 'run', '--config.max_checkpoints_to_keep=0',
+                      cache=tmp_path / 'cache')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      'error: config.max_checkpoints_to_keep=0 must be a whole number >= 1']
+  assert not (tmp_path / 'run').exists()

@@ -1,0 +1,108 @@
+"""The one shell of the command-line tools: train.py, predict.py, evaluate.py and export.py.
+
+`cli.run(main)` parses the flags (a mistake is one line, not a traceback), quiets the libraries'
+INFO logs, sets up the process as the trainer does (runtime.setup: XLA:CPU flags, the compile
+cache, several processes), runs `main(argv)` and turns a `UserError` into one line on stderr.
+
+Exit codes: 0 done (also after a SIGTERM/Ctrl-C save), 1 a UserError or bad flags (what to do is
+on stderr), 130 a second Ctrl-C (stopped without saving). `main` may return another code.
+
+Nothing heavy is imported here or before the flags are parsed, so `--help` answers at once.
+"""
+
+import logging as std_logging
+import sys
+import traceback
+from collections.abc import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+
+
+def define_process_flags() -> None:
+  """--coordinator_address, --num_processes, --process_id: several processes without a TPU pod."""
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, to run over several processes (not needed on TPU '
+                      'pods, where it is detected).')
+  flags.DEFINE_integer('num_processes', None, 'With --coordinator_address: how many processes.')
+  flags.DEFINE_integer('process_id', None, 'With --coordinator_address: this process, 0-based.')
+
+
+def _user_frames(e: BaseException) -> list[traceback.FrameSummary]:
+  """The frames of `e`'s traceback in the user's files: not a library's, not this shell's."""
+  return [f for f in traceback.extract_tb(e.__traceback__)
+          if 'site-packages' not in f.filename and not f.filename.startswith('<')
+          and f.filename != __file__]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with each mistake reported in one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if _user_frames(e) or isinstance(e, SyntaxError):  # A --config file's own code failed.
+      sys.exit(f'error: {config_error(None, e)}')
+    if isinstance(e, (KeyError, AttributeError)):  # ml_collections: an unknown field's override.
+      message = str(e.args[0] if e.args else e).replace('\\n', ' ').replace("\\'", '')
+      sys.exit(f'error: unknown config field {message.strip(chr(34) + chr(39))}; '
+               'see unet_flax/config.py for the fields')
+    if isinstance(e, OSError):  # ml_collections: a --config file that cannot be read.
+      sys.exit(f'error: the --config file {e.filename or ""} cannot be read ({e.strerror or e}); '
+               'pass a file such as configs/default.py')
+    if isinstance(e, (flags.Error, ValueError, TypeError)):
+      sys.exit(f'error: {e}; see python {sys.argv[0]} --help')
+    raise
+
+
+def config_error(filename: str | None, e: BaseException) -> str:
+  """One line for a config file whose code fails: its file and line, and the error."""
+  frames = _user_frames(e)
+  if isinstance(e, SyntaxError):
+    return f'the config file {e.filename} line {e.lineno}: {e.msg}; fix the file'
+  where = f'{frames[-1].filename} line {frames[-1].lineno}' if frames else filename
+  return f'the config file fails at {where} ({type(e).__name__}: {e}); fix the file'
+
+
+def _quiet_libraries() -> None:
+  if FLAGS['verbosity'].present:
+    return
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads and writes at INFO.
+  # Orbax also logs each failed write with tracebacks; the error it raises is then one line.
+  # tfds warns about its own directory layout while it prepares a data set (a folder without
+  # dataset_info.json yet): nothing a user can act on. Its errors still show.
+  def keep(record):
+    if '/orbax/' in record.pathname:
+      return record.levelno < std_logging.ERROR
+    return '/tensorflow_datasets/' not in record.pathname or record.levelno >= std_logging.ERROR
+  logging.get_absl_logger().addFilter(keep)
+
+
+def run(main: Callable[[list[str]], int | None], *,
+        interrupted: str = 'interrupted: stopped') -> None:
+  """Runs `main(argv)` as a command-line tool; see the module docstring for what it adds.
+
+  Args:
+    main: the tool, given the arguments left after the flags.
+    interrupted: the line printed when Ctrl-C stops it (a second Ctrl-C, for the trainer).
+  """
+
+  def wrapped(argv):
+    _quiet_libraries()
+    from unet_flax import errors  # pylint: disable=g-import-not-at-top  (after --help)
+    from unet_flax import runtime  # pylint: disable=g-import-not-at-top
+    try:
+      if 'coordinator_address' in FLAGS:
+        runtime.setup(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+      else:
+        runtime.setup()
+      return main(argv)
+    except errors.UserError as e:
+      sys.exit(f'error: {e}')
+    except KeyboardInterrupt:
+      print(interrupted, file=sys.stderr)
+      sys.exit(130)
+
+  app.run(wrapped, flags_parser=_parse_flags)

@@ -1,0 +1,251 @@
+"""The run's config: every field with its default, the one check of a config, a stored config read.
+
+`defaults()` is the chapter's recipe, each field with a one-line comment; configs/default.py
+returns it and the other recipes in configs/ change a few fields. `validate(config)` checks every
+field before anything is decoded, compiled or written, and makes the paths in it absolute.
+`load(path)` reads a run's stored config.json: overlaid on today's defaults (older runs lack newer
+fields), then validated, so that every tool sees one complete, checked config.
+"""
+
+import json
+
+import ml_collections
+from etils import epath
+
+from unet_flax import errors
+
+FOLDER_PREFIX = 'folder:'  # config.dataset = 'folder:/path/to/data': your own images and masks.
+# Fields that decide the shapes and meaning of the parameters: a checkpoint only fits their values.
+MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype')
+DTYPES = ('float32', 'bfloat16')
+SCHEDULES = ('constant', 'warmup_cosine')
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The chapter's recipe: U-Net 64-128-256 (+512 bottleneck) on Oxford-IIIT Pet at 128x128."""
+  config = ml_collections.ConfigDict()
+
+  # Data.
+  config.dataset = 'oxford_iiit_pet'  # A tfds name, or 'folder:/path/to/data'.
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir; None: tfds's.
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.image_size = 128  # Images are resized to image_size x image_size.
+  config.num_classes = 3  # Trimap classes: 0 pet, 1 background, 2 border.
+  config.input_threads = 0  # Decode/resize threads for the first pass; 0: one per core.
+  # Train-batch augmentation on the host (unet_flax/augment.py); all off: the chapter's recipe.
+  config.augment_flip = False  # Flip image and mask left-right together, half of the examples.
+  config.augment_min_scale = 1.0  # Crop a random square of side >= this x the image; 1: none.
+  config.augment_brightness = 0.0  # Image only: add uniform(-b, b) x 255; 0: none.
+  config.augment_contrast = 0.0  # Image only: scale about its mean by uniform(1-c, 1+c); 0: none.
+
+  # Model.
+  config.widths = (64, 128, 256)  # Encoder widths; the bottleneck is twice the last.
+  config.dropout_rate = 0.5  # Dropout after the bottleneck.
+  config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+
+  # Optimisation: Keras's Adam defaults.
+  config.batch_size = 64  # Global batch, split over all devices of all hosts.
+  # Gradients accumulated over this many parts of each device's batch (the same loss and
+  # gradient, but not with dice_weight); 0: auto, microbatches of 16 on CPUs, else 1.
+  config.num_microbatches = 0
+  config.learning_rate = 1e-3
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-7  # Keras's epsilon, not optax's 1e-8.
+  config.skip_nonfinite_updates = False  # NaN/Inf loss or gradients: True skips the step's update.
+  config.num_epochs = 5
+  # Steps per epoch: 0 means train_examples // batch_size (3680 // 64 = 57 for Pet).
+  config.steps_per_epoch = 0
+  config.schedule = 'constant'  # Learning rate: 'constant', or 'warmup_cosine' (to 0 at the end).
+  config.warmup_epochs = 0.0  # With 'warmup_cosine': epochs of linear warmup from 0.
+  # Cross-entropy weight of each class, e.g. (1.0, 1.0, 3.0) for a rare border; None: all 1.
+  config.class_weights = ml_collections.config_dict.placeholder(tuple)
+  config.dice_weight = 0.0  # Weight of a soft Dice loss added to the cross-entropy; 0: none.
+
+  # Bookkeeping.
+  config.seed = 0
+  config.log_every_steps = 10  # Steps between progress lines (the host fetches metrics there).
+  config.eval_every_epochs = 1
+  config.checkpoint_every_steps = 200  # Also saved at the end of every epoch.
+  config.max_checkpoints_to_keep = 3
+  config.num_prediction_images = 3  # Test images drawn in predictions.png after each eval.
+  return config
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_at_least(low: int):
+  return lambda v: _is_int(v) and v >= low, f'must be a whole number >= {low}'
+
+
+def _in_range(low, high, *, low_open=False, high_open=False):
+  """A number in [low, high], each end excluded when open; None for no bound."""
+  def check(v):
+    return (_is_number(v) and (low is None or (v > low if low_open else v >= low))
+            and (high is None or (v < high if high_open else v <= high)))
+  ends = ('(' if low_open else '[') + f'{low}, {high}' + (')' if high_open else ']')
+  return check, f'must be a number in {ends}'
+
+
+_STRING = (lambda v: isinstance(v, str) and bool(v), 'must be a non-empty string')
+_BOOL = (lambda v: isinstance(v, bool), 'must be True or False')
+_OPTIONAL_STRING = (lambda v: v is None or (isinstance(v, str) and bool(v)),
+                    'must be a non-empty string or None')
+
+# Each field: (check of its value alone, what a good value is). Relations between fields are
+# checked after these (_check_relations).
+_CHECKS = {
+    'dataset': _STRING,
+    'data_dir': _OPTIONAL_STRING,
+    'train_split': _STRING,
+    'eval_split': _STRING,
+    'image_size': _int_at_least(1),
+    'num_classes': _int_at_least(2),
+    'input_threads': _int_at_least(0),
+    'augment_flip': _BOOL,
+    'augment_min_scale': _in_range(0, 1, low_open=True),
+    'augment_brightness': _in_range(0, 1, high_open=True),
+    'augment_contrast': _in_range(0, 1, high_open=True),
+    'widths': (lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+               and all(_is_int(w) and w >= 1 for w in v),
+               'must be a tuple of whole numbers >= 1, e.g. (64, 128, 256)'),
+    'dropout_rate': _in_range(0, 1, high_open=True),
+    'dtype': (lambda v: v in DTYPES, f'must be one of {", ".join(DTYPES)}'),
+    'batch_size': _int_at_least(1),
+    'num_microbatches': _int_at_least(0),
+    'learning_rate': _in_range(0, None, low_open=True),
+    'adam_b1': _in_range(0, 1, high_open=True),
+    'adam_b2': _in_range(0, 1, high_open=True),
+    'adam_eps': _in_range(0, None, low_open=True),
+    'skip_nonfinite_updates': _BOOL,
+    'num_epochs': _int_at_least(1),
+    'steps_per_epoch': _int_at_least(0),
+    'schedule': (lambda v: v in SCHEDULES, f'must be one of {", ".join(SCHEDULES)}'),
+    'warmup_epochs': _in_range(0, None),
+    'class_weights': (lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) > 0 and all(
+        _is_number(w) and w >= 0 for w in v) and any(w > 0 for w in v)),
+                      'must be None or a tuple of numbers >= 0, not all 0, one per class'),
+    'dice_weight': _in_range(0, None),
+    'seed': _int_at_least(0),
+    'log_every_steps': _int_at_least(1),
+    'eval_every_epochs': _int_at_least(1),
+    'checkpoint_every_steps': _int_at_least(1),
+    'max_checkpoints_to_keep': _int_at_least(1),
+    'num_prediction_images': _int_at_least(0),
+}
+
+
+def _fail(name: str, value, requirement: str, where: str = '') -> errors.UserError:
+  return errors.UserError(f'config.{name}={value!r}{where} {requirement}')
+
+
+def _image_size_problem(size: int, levels: int) -> str | None:
+  """Why image_size cannot pass `levels` 2x2 max-pools and come back, or None if it can."""
+  factor = 2 ** levels
+  if size % factor == 0:
+    return None
+  below, above = size // factor * factor, (size // factor + 1) * factor
+  nearest = f'{below} or {above}' if below else f'{above}'
+  return (f'is not divisible by {factor} (the {levels} levels of widths each halve it); use '
+          f'{nearest}')
+
+
+def _check_relations(config, where: str) -> None:
+  problem = _image_size_problem(config.image_size, len(config.widths))
+  if problem:
+    raise _fail('image_size', config.image_size, problem, where)
+  if config.class_weights is not None and len(config.class_weights) != config.num_classes:
+    raise _fail('class_weights', tuple(config.class_weights),
+                f'needs one weight per class (config.num_classes={config.num_classes})', where)
+  if config.schedule == 'warmup_cosine' and config.warmup_epochs >= config.num_epochs:
+    raise _fail('warmup_epochs', config.warmup_epochs,
+                f'must be below config.num_epochs={config.num_epochs}', where)
+  if config.num_microbatches > 1 and config.dice_weight:
+    raise _fail('num_microbatches', config.num_microbatches,
+                f"cannot be used with config.dice_weight={config.dice_weight} (a batch's Dice is "
+                'not a sum over microbatches); set num_microbatches to 0 or 1', where)
+
+
+def folder_path(dataset: str) -> str | None:
+  """'folder:/path' -> '/path'; None for any other data set name."""
+  return dataset[len(FOLDER_PREFIX):] if dataset.startswith(FOLDER_PREFIX) else None
+
+
+def validate(config: ml_collections.ConfigDict, where: str = '') -> ml_collections.ConfigDict:
+  """Checks every field of `config`; returns a copy whose paths are absolute.
+
+  Args:
+    config: a run's config: the fields of `defaults()`, no more and no fewer.
+    where: said after the field in messages, e.g. ' in runs/pets/config.json'.
+
+  Returns:
+    An unlocked copy, with config.data_dir and a folder data set's path absolute (`~` expanded,
+    relative to the current directory): the stored config.json then works from anywhere.
+
+  Raises:
+    UserError: naming the first field that is missing, unknown or out of range, and what fits.
+  """
+  known = defaults()
+  values = config.to_dict()
+  for name in values:
+    if name not in known:
+      raise errors.UserError(f'config.{name}{where} is not a config field; see '
+                             'unet_flax/config.py for the fields')
+  for name, (check, requirement) in _CHECKS.items():
+    if name not in values:
+      raise errors.UserError(f'config.{name} is missing{where}; add it (see unet_flax/config.py)')
+    if not check(values[name]):
+      raise _fail(name, values[name], requirement, where)
+  config = ml_collections.ConfigDict(values)
+  _check_relations(config, where)
+  if config.data_dir is not None:
+    config.data_dir = str(errors.absolute(config.data_dir))
+  folder = folder_path(config.dataset)
+  if folder is not None:
+    if not folder:
+      raise _fail('dataset', config.dataset, 'names no folder; use folder:/path/to/data', where)
+    config.dataset = FOLDER_PREFIX + str(errors.absolute(folder))
+  return config
+
+
+def load(path) -> ml_collections.ConfigDict:
+  """The config stored at `path` (a run's config.json), on today's defaults, validated.
+
+  Fields that older versions did not store take today's defaults; the model fields must be there.
+
+  Raises:
+    UserError: naming the file, if it is missing or damaged, or a field of it that is missing or
+      out of range.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    raise errors.UserError(f'{path} not found: is {path.parent} the --workdir of a training run?')
+  try:
+    stored = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError, OSError) as e:
+    raise errors.UserError(f'{path} cannot be read ({e}); restore it from a copy, or use another '
+                           '--workdir') from None
+  if not isinstance(stored, dict):
+    raise errors.UserError(f'{path} holds a {type(stored).__name__}, not a config; restore it '
+                           'from a copy, or use another --workdir')
+  for name in MODEL_FIELDS:
+    if name not in stored:
+      raise errors.UserError(f'config.{name} is missing in {path}, and the checkpoints need it; '
+                             'restore the file from a copy, or use another --workdir')
+  values = defaults().to_dict()
+  for name, value in stored.items():
+    if name not in values:
+      raise errors.UserError(f'config.{name} in {path} is not a config field; remove it')
+    if isinstance(value, list):
+      value = tuple(value)  # JSON has no tuples.
+    if isinstance(values[name], float) and _is_int(value):
+      value = float(value)  # 3 -> 3.0: what the field holds.
+    values[name] = value
+  return validate(ml_collections.ConfigDict(values), f' in {path}')
