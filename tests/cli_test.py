@@ -94,3 +94,14 @@ def test_a_bad_config_value_stops_in_one_line_before_anything_is_written(tmp_pat
   assert result.stderr.strip().splitlines() == [
       'error: config.max_checkpoints_to_keep=0 must be a whole number >= 1']
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_config_field_given_twice_is_refused(tmp_path):
+  # ml_collections would concatenate the tuples: widths (4, 8, 8, 16), a model of four levels.
+  result = run_script('train.py', '--config', ROOT / 'configs' / 'quickstart.py', '--workdir',
+                      tmp_path / 'run', '--config.widths=(4,8)', '--config.widths=(8,16)',
+                      cache=tmp_path / 'cache')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      'error: --config.widths is given more than once; give each config field once']
+  assert not (tmp_path / 'run').exists()

@@ -93,7 +93,7 @@ def _one_line_error(root, match, split='train'):
 
 def test_a_missing_mask_names_the_image(data):
   (data / 'masks' / 'dog_01.png').unlink()
-  _one_line_error(data, r'dog_01\.jpg has no mask .*dog_01\.png')
+  _one_line_error(data, r'dog_01\.jpg has no mask named dog_01 \(any image format\) in .*masks')
 
 
 def test_an_image_and_mask_of_different_sizes_name_both(data):
@@ -106,7 +106,7 @@ def test_a_label_not_below_num_classes_names_the_mask(data):
   for stem in _EXAMPLES:
     Image.fromarray(np.full(_EXAMPLES[stem][:2], 3, np.uint8)).save(
         data / 'masks' / (stem + '.png'))
-  _one_line_error(data, r'masks/\w+\.png: label 3 is not in 0\.\.2')
+  _one_line_error(data, r'masks/\w+\.png: value 3 is not a class 0\.\.2')
 
 
 def test_unreadable_files_are_named(data):

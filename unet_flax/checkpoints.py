@@ -30,7 +30,6 @@ from etils import epath
 
 from unet_flax import config as config_lib
 from unet_flax import errors
-from unet_flax import workdir as workdir_lib
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -78,13 +77,15 @@ def disk_error_reason(e: BaseException, errnos=tuple(_DISK_ERRNOS)) -> tuple[str
 
 
 @contextlib.contextmanager
-def disk_errors(what: str | None, note: str = '', errnos=tuple(_DISK_ERRNOS)):
+def disk_errors(what: str | None, note: str = '', errnos=tuple(_DISK_ERRNOS),
+                flag: str = '--workdir'):
   """Turns a failed write (full or read-only disk...) into one UserError line naming `what`.
 
   Args:
     what: what was being written, for the message; None: the file the error names.
     note: said after what to do, e.g. that nothing else was lost.
     errnos: the errors converted; others propagate unchanged.
+    flag: the flag that chooses another place.
   """
   try:
     yield
@@ -97,7 +98,7 @@ def disk_errors(what: str | None, note: str = '', errnos=tuple(_DISK_ERRNOS)):
     filename = e.filename if isinstance(e, OSError) and e.filename else None
     what = (what or filename or 'a file') + (f' ({filename})' if what and filename else '')
     raise errors.UserError(f'cannot write {what}: {reason[0]}; {reason[1]} or choose another '
-                           f'--workdir{note}') from None
+                           f'{flag}{note}') from None
 
 
 @dataclasses.dataclass
@@ -129,7 +130,7 @@ class Manager:
   def __init__(self, workdir, config: ml_collections.ConfigDict):
     self.workdir = errors.absolute(workdir)  # Orbax takes absolute paths only.
     self.directory = self.workdir / CHECKPOINT_DIR
-    workdir_lib.check(self.workdir)
+    errors.make_output_dir(self.workdir, '--workdir')
     self._names = _SkippingNameFormat()
     _silence_orbax_echoes()
     self._check_config(config)  # Before orbax creates anything.
@@ -249,7 +250,7 @@ def _steps(directory: epath.Path, names=None) -> list[int]:
   return sorted(m.step for m in names.find_all(directory))
 
 
-def _restore_newest(steps: list[int], restore, skip, no_restore):
+def _restore_newest(steps: list[int], restore, skip, no_restore, passthrough=()):
   """(step, restore(step)) for the first of `steps` that restores.
 
   Args:
@@ -257,11 +258,14 @@ def _restore_newest(steps: list[int], restore, skip, no_restore):
     restore: step -> the restored tree; raises if the checkpoint cannot be read.
     skip: called as skip(step, error, next step) for each one that fails but the last.
     no_restore: error -> the exception to raise when none restores (given the first's error).
+    passthrough: exceptions of restore that are raised as they are, not skipped.
   """
   first_error = None
   for step, next_step in zip(steps, [*steps[1:], None]):
     try:
       return step, restore(step)
+    except passthrough:
+      raise
     except Exception as e:  # pylint: disable=broad-except  (tensorstore raises bare Exception)
       first_error = first_error or e
       if next_step is not None:
@@ -314,16 +318,48 @@ def restore_params(workdir, config: ml_collections.ConfigDict, step: int | None 
     _warn(f'checkpoint {directory / str(step)} cannot be restored ({_reason(e)}); trying step '
           f'{next_step}')
 
+  def restore(step):
+    try:
+      return checkpointer.restore(directory / str(step) / 'default', args=args)
+    except Exception:  # pylint: disable=broad-except  (tensorstore raises bare Exception)
+      if not (directory / str(step)).exists():
+        raise _Deleted(step) from None  # The trainer removed it (max_checkpoints_to_keep).
+      raise
+
+  def none_restores(e):
+    return errors.UserError(f'{directory} has no checkpoint that restores into the model of '
+                            f'{workdir / CONFIG_FILE} ({_reason(e)}); pass another --step or '
+                            '--workdir')
+
   # A checkpointer only reads: unlike a CheckpointManager it creates no directory and cleans up
-  # nothing, so a training run may go on writing beside it.
+  # nothing, so a training run may go on writing beside it. A checkpoint it deletes while we read
+  # it sends us to the newest again.
   with ocp.PyTreeCheckpointer() as checkpointer:
-    step, restored = _restore_newest(
-        [step] if step is not None else steps[::-1],
-        lambda step: checkpointer.restore(directory / str(step) / 'default', args=args), skip,
-        lambda e: errors.UserError(
-            f'{directory} has no checkpoint that restores into the model of '
-            f'{workdir / CONFIG_FILE} ({_reason(e)}); pass another --step or --workdir'))
-  return step, restored['params']
+    for _ in range(_DELETED_RETRIES):
+      candidates = [step] if step is not None else restorable_steps(workdir)[::-1]
+      try:
+        step, restored = _restore_newest(candidates, restore, skip, none_restores,
+                                         passthrough=(_Deleted,))
+        return step, restored['params']
+      except _Deleted as deleted:
+        if step is not None:
+          raise errors.UserError(f'checkpoint {directory / str(deleted.step)} was deleted (by '
+                                 'its training run) while being read; pass another --step') from None
+  raise errors.UserError(f'the checkpoints of {directory} were deleted while being read, '
+                         f'{_DELETED_RETRIES} times; retry when its training run has ended')
+
+
+# Restores a reader retries when the trainer deletes the checkpoint it reads.
+_DELETED_RETRIES = 5
+
+
+class _Deleted(Exception):
+  """A checkpoint's directory vanished while it was restored."""
+
+  def __init__(self, step: int):
+    super().__init__(f'step {step} deleted')
+    self.step = step
+
 
 
 def _reason(e: BaseException) -> str:

@@ -38,8 +38,18 @@ def _user_frames(e: BaseException) -> list[traceback.FrameSummary]:
           and f.filename != __file__]
 
 
+def _repeated_overrides(argv: list[str]) -> list[str]:
+  """Config fields given twice (--config.widths=... twice), which ml_collections would concatenate
+  for tuples instead of taking the last."""
+  names = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+  return sorted({n for n in names if names.count(n) > 1})
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with each mistake reported in one line instead of a traceback."""
+  repeated = _repeated_overrides(argv)
+  if repeated:
+    sys.exit(f'error: {repeated[0]} is given more than once; give each config field once')
   try:
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except

@@ -19,6 +19,9 @@ FOLDER_PREFIX = 'folder:'  # config.dataset = 'folder:/path/to/data': your own i
 MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('constant', 'warmup_cosine')
+MASK_MODES = ('values', 'binary', 'colour')
+# Oxford-IIIT Pet's trimap classes, in the model's order (trimap values 1, 2, 3).
+PET_CLASS_NAMES = ('pet', 'background', 'border')
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -32,6 +35,22 @@ def defaults() -> ml_collections.ConfigDict:
   config.eval_split = 'test'
   config.image_size = 128  # Images are resized to image_size x image_size.
   config.num_classes = 3  # Trimap classes: 0 pet, 1 background, 2 border.
+  # The classes' names, one per class; None: the data set's own (Pet's three, a folder's
+  # classes.json), else 'class 0', 'class 1', ...
+  config.class_names = ml_collections.config_dict.placeholder(tuple)
+  # A mask value that counts in no loss and no metric, e.g. 255 (Pascal VOC's void); None: none.
+  config.ignore_label = ml_collections.config_dict.placeholder(int)
+  # Folder data sets (folder:PATH): how masks are named and what their values mean.
+  config.mask_pattern = '{stem}'  # A mask's file name without extension, e.g. '{stem}_mask'.
+  # 'values': the stored values are the classes (palette indices, grey levels); 'binary': two
+  # classes, 0 below half the value range and 1 from it (0/255 masks, JPEG masks); 'colour': RGB
+  # colours, mapped to classes by the folder's classes.json.
+  config.mask_mode = 'values'
+  # With 'values': a map of stored values to classes, 'value:class,...', e.g. '0:0,255:1'.
+  config.mask_values = ml_collections.config_dict.placeholder(str)
+  # 16-bit and float images: the value shown as white, e.g. 4095 for 12-bit microscopy; None:
+  # 65535 for 16-bit, 1 for float images up to 1, else 255.
+  config.image_max_value = ml_collections.config_dict.placeholder(float)
   config.input_threads = 0  # Decode/resize threads for the first pass; 0: one per core.
   # Train-batch augmentation on the host (unet_flax/augment.py); all off: the chapter's recipe.
   config.augment_flip = False  # Flip image and mask left-right together, half of the examples.
@@ -108,6 +127,17 @@ _CHECKS = {
     'eval_split': _STRING,
     'image_size': _int_at_least(1),
     'num_classes': _int_at_least(2),
+    'class_names': (lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) > 0 and all(
+        isinstance(n, str) and n for n in v)), 'must be None or a tuple of names, one per class'),
+    'ignore_label': (lambda v: v is None or (_is_int(v) and 0 <= v <= 255),
+                     'must be None or a mask value in 0..255'),
+    'mask_pattern': (lambda v: isinstance(v, str) and '{stem}' in v and '/' not in v,
+                     "must be a file name holding '{stem}', e.g. '{stem}_mask'"),
+    'mask_mode': (lambda v: v in MASK_MODES, f'must be one of {", ".join(MASK_MODES)}'),
+    'mask_values': (lambda v: v is None or _mask_values_or_none(v) is not None,
+                    "must be None or 'value:class,...' of whole numbers, e.g. '0:0,255:1'"),
+    'image_max_value': (lambda v: v is None or (_is_number(v) and v > 0),
+                        'must be None or a number > 0'),
     'input_threads': _int_at_least(0),
     'augment_flip': _BOOL,
     'augment_min_scale': _in_range(0, 1, low_open=True),
@@ -142,6 +172,38 @@ _CHECKS = {
 }
 
 
+def _mask_values_or_none(text) -> dict[int, int] | None:
+  try:
+    return parse_mask_values(text)
+  except ValueError:
+    return None
+
+
+def parse_mask_values(text: str) -> dict[int, int]:
+  """'0:0,255:1' -> {0: 0, 255: 1}.
+
+  Raises:
+    ValueError: if it is not comma-separated value:class pairs of whole numbers >= 0.
+  """
+  pairs = {}
+  for item in str(text).split(','):
+    value, _, label = item.partition(':')
+    if not value.strip().isdigit() or not label.strip().isdigit():
+      raise ValueError(f'{item!r} is not value:class')
+    pairs[int(value)] = int(label)
+  return pairs
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The classes' names: config.class_names, else Pet's for its 3 trimap classes (tfds data
+  sets), else 'class 0', 'class 1', ...."""
+  if config.class_names:
+    return tuple(config.class_names)
+  if config.num_classes == 3 and folder_path(config.dataset) is None:
+    return PET_CLASS_NAMES
+  return tuple(f'class {k}' for k in range(config.num_classes))
+
+
 def _fail(name: str, value, requirement: str, where: str = '') -> errors.UserError:
   return errors.UserError(f'config.{name}={value!r}{where} {requirement}')
 
@@ -167,6 +229,33 @@ def _check_relations(config, where: str) -> None:
   if config.schedule == 'warmup_cosine' and config.warmup_epochs >= config.num_epochs:
     raise _fail('warmup_epochs', config.warmup_epochs,
                 f'must be below config.num_epochs={config.num_epochs}', where)
+  if config.class_names is not None and len(config.class_names) != config.num_classes:
+    raise _fail('class_names', tuple(config.class_names),
+                f'needs one name per class (config.num_classes={config.num_classes})', where)
+  if config.ignore_label is not None and config.ignore_label < config.num_classes:
+    raise _fail('ignore_label', config.ignore_label,
+                f'is a class (config.num_classes={config.num_classes}); use a value the classes '
+                'do not take, e.g. 255', where)
+  if config.mask_mode == 'binary' and config.num_classes != 2:
+    raise _fail('mask_mode', config.mask_mode,
+                f'makes 2 classes; set config.num_classes=2 (not {config.num_classes})', where)
+  if config.mask_values is not None:
+    if config.mask_mode != 'values':
+      raise _fail('mask_values', config.mask_values,
+                  f"is for config.mask_mode='values', not {config.mask_mode!r}", where)
+    valid = set(range(config.num_classes)) | {config.ignore_label}
+    bad = [k for k in parse_mask_values(config.mask_values).values() if k not in valid]
+    if bad:
+      raise _fail('mask_values', config.mask_values,
+                  f'maps to {bad[0]}, which is not a class 0..{config.num_classes - 1}'
+                  + (' nor config.ignore_label' if config.ignore_label is not None else ''),
+                  where)
+  if folder_path(config.dataset) is None:
+    for name, default in (('mask_pattern', '{stem}'), ('mask_mode', 'values'),
+                          ('mask_values', None)):
+      if config[name] != default:
+        raise _fail(name, config[name], 'is for folder data sets (config.dataset=folder:PATH); '
+                    f'{config.dataset} has its own masks', where)
   if config.num_microbatches > 1 and config.dice_weight:
     raise _fail('num_microbatches', config.num_microbatches,
                 f"cannot be used with config.dice_weight={config.dice_weight} (a batch's Dice is "

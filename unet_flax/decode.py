@@ -6,8 +6,12 @@ stored values (palette indices, not colours). Every failure is a one-line UserEr
 file.
 """
 
+import dataclasses
 import io
+import sys
+import threading
 
+import ml_collections
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
@@ -20,6 +24,57 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 MASK_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 # EXIF orientations 5-8 turn the picture by 90 degrees.
 _TURNED = (5, 6, 7, 8)
+_MAX_COLLAPSE_WARNINGS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What a run's config says about reading its files.
+
+  Attributes:
+    image_max_value: for 16-bit and float pictures, the value shown as white; None: 65535 for
+      16-bit, 1 for float pictures up to 1, else 255.
+    mask_mode, mask_values, mask_pattern, ignore_label: how a folder's masks map to classes
+      (config.py documents each; folder.py applies them).
+  """
+  image_max_value: float | None = None
+  mask_mode: str = 'values'
+  mask_values: tuple[tuple[int, int], ...] | None = None
+  mask_pattern: str = '{stem}'
+  ignore_label: int | None = None
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> 'Options':
+    from unet_flax import config as config_lib  # pylint: disable=g-import-not-at-top
+    values = config.mask_values
+    return cls(image_max_value=config.image_max_value, mask_mode=config.mask_mode,
+               mask_values=(tuple(sorted(config_lib.parse_mask_values(values).items()))
+                            if values is not None else None),
+               mask_pattern=config.mask_pattern, ignore_label=config.ignore_label)
+
+
+class _CollapseWarnings:
+  """Warns, naming the file, when a deep picture flattens to two grey levels or fewer in 8 bits:
+  a model would train on blank images. At most a few lines, whatever the number of files."""
+
+  def __init__(self):
+    self._lock, self._count = threading.Lock(), 0
+
+  def check(self, source: np.ndarray, result: np.ndarray, what: str, max_value: float) -> None:
+    if len(np.unique(result)) > 2 or len(np.unique(source)) <= 2:
+      return
+    with self._lock:
+      self._count += 1
+      count = self._count
+    if count <= _MAX_COLLAPSE_WARNINGS:
+      print(f'warning: {what}: its values {source.min():g}..{source.max():g} become '
+            f'{len(np.unique(result))} grey level(s) in 8 bits when {max_value:g} is white; set '
+            f'config.image_max_value to the real maximum (e.g. {source.max():g})'
+            + ('; further warnings of this kind are not shown'
+               if count == _MAX_COLLAPSE_WARNINGS else ''), file=sys.stderr, flush=True)
+
+
+_collapse = _CollapseWarnings()
 
 
 def reason(e: BaseException) -> str:
@@ -53,21 +108,28 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
   return height, width
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, max_value: float | None = None, what: str = '') -> Image.Image:
   """The upright RGB picture of a decoded image of any PIL mode, as a viewer shows it.
 
-  The EXIF orientation is applied; grey, palette, CMYK and 1-bit are converted; 16-bit and float
-  are scaled to 8 bits (PIL's convert clips them: a 16-bit photo comes out white): values above
-  255 as 0..65535, floats up to 1 as 0..1; transparent ones go over white.
+  The EXIF orientation is applied; grey, palette, CMYK and 1-bit are converted; transparent
+  pictures go over white. 16-bit and float pictures are scaled to 8 bits (PIL's convert clips
+  them: a 16-bit photo comes out white) so that `max_value` is white; without it, 65535 for
+  16-bit data (and integers above 255), 1 for float data up to 1, else 255. A picture that
+  flattens to two grey levels or fewer is named in a warning (`what`).
   """
   image = ImageOps.exif_transpose(image)
   if image.mode.startswith('I') or image.mode == 'F':
     pixels = np.asarray(image, np.float32)
-    if image.mode.startswith('I;16') or pixels.max() > 255:
-      pixels = pixels / 257  # 0..65535 -> 0..255.
-    elif image.mode == 'F' and pixels.max() <= 1:
-      pixels = pixels * 255  # Float pictures in [0, 1].
-    image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    if max_value is None:
+      if image.mode.startswith('I;16') or pixels.max() > 255:
+        max_value = 65535.0
+      elif image.mode == 'F' and pixels.max() <= 1:
+        max_value = 1.0
+      else:
+        max_value = 255.0
+    scaled = np.clip(np.round(pixels * (255.0 / max_value)), 0, 255).astype(np.uint8)
+    _collapse.check(pixels, scaled, what or 'a picture', max_value)
+    image = Image.fromarray(scaled)
   if 'A' in image.mode or 'a' in image.mode or 'transparency' in image.info:
     rgba = image.convert('RGBA')  # Transparent pixels hold arbitrary colours.
     image = Image.alpha_composite(Image.new('RGBA', rgba.size, 'white'), rgba)
@@ -90,7 +152,8 @@ def mask_values(image: Image.Image, what: str) -> np.ndarray:
   rgb = np.asarray(image.convert('RGB'))
   if (rgb != rgb[..., :1]).any():
     raise errors.UserError(f'{what}: a colour {image.mode} picture, not a mask; save it with one '
-                           'channel of class values')
+                           'channel of class values (folder data sets: or set '
+                           'config.mask_mode=colour, or binary)')
   return rgb[..., 0]
 
 
@@ -98,7 +161,8 @@ def _resized(image: Image.Image, size: int | None, resample) -> np.ndarray:
   return np.asarray(image if size is None else image.resize((size, size), resample))
 
 
-def decode(data, size: int | None, kind: str, what: str) -> np.ndarray:
+def decode(data, size: int | None, kind: str, what: str,
+           max_value: float | None = None) -> np.ndarray:
   """Encoded bytes (or an already decoded array) -> a square picture or mask of side `size`.
 
   Args:
@@ -106,11 +170,15 @@ def decode(data, size: int | None, kind: str, what: str) -> np.ndarray:
     size: the side to resize to (pictures bilinearly, masks nearest-neighbour, so that labels
       stay labels); None: at the stored size, neither drafted nor resized.
     kind: 'picture' -> [S, S, 3] uint8 RGB (`to_rgb`); 'mask' -> [S, S] of the stored values
-      (`mask_values`; 16-bit values unchanged: the caller checks the range).
-    what: names the file in errors.
+      (`mask_values`; 16-bit values unchanged: the caller checks the range); 'grey' -> [S, S]
+      uint8 luminance of any mask (JPEG masks, whose edges are noisy in every channel);
+      'rgb' -> [S, S, 3] uint8 colours of a colour mask.
+    what: names the file in errors and warnings.
+    max_value: pictures only, see `to_rgb`.
 
   Raises:
-    UserError: naming `what`, if the data is empty, cut short, not an image, or a colour mask.
+    UserError: naming `what`, if the data is empty, cut short, not an image, or (kind 'mask') a
+      colour picture.
   """
   try:
     if isinstance(data, np.ndarray):
@@ -123,9 +191,16 @@ def decode(data, size: int | None, kind: str, what: str) -> np.ndarray:
         # JPEG decodes straight to the smallest scale (1/2, 1/4, 1/8) still >= size: 2-4x faster.
         image.draft('RGB', (size, size))
     image.load()  # Cut-short or corrupt data shows only when the pixels are decoded.
+    if kind == 'picture':
+      return _resized(to_rgb(image, max_value, what), size, Image.Resampling.BILINEAR)
     if kind == 'mask':
-      return _resized(Image.fromarray(mask_values(image, what)), size, Image.Resampling.NEAREST)
-    return _resized(to_rgb(image), size, Image.Resampling.BILINEAR)
+      values = Image.fromarray(mask_values(image, what))
+    else:
+      upright = ImageOps.exif_transpose(image)
+      if upright.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N') and kind == 'grey':
+        upright = Image.fromarray((np.asarray(upright, np.float32) / 257).round().astype(np.uint8))
+      values = upright.convert('L' if kind == 'grey' else 'RGB')
+    return _resized(values, size, Image.Resampling.NEAREST)
   except DECODE_ERRORS as e:
     raise errors.UserError(
         f'{what}: cannot decode ({reason(e)}); remove or replace the file') from None

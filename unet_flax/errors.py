@@ -46,3 +46,21 @@ def make_output_dir(path, flag: str) -> epath.Path:
   if not os.access(path, os.W_OK):
     raise UserError(f'{flag} {path} is not writable; choose a writable path')
   return path
+
+
+def write_atomically(path, write) -> None:
+  """Calls write(temporary path), then renames it to `path`: a failed write leaves no partial
+  file, and an existing `path` stays as it was.
+
+  Raises:
+    UserError: naming `path`, if the disk is full or read-only (OSError).
+  """
+  path = epath.Path(path)
+  temporary = path.parent / f'.{path.name}.partial'
+  try:
+    write(temporary)
+    temporary.replace(path)
+  except OSError as e:
+    temporary.unlink(missing_ok=True)
+    raise UserError(f'cannot write {path} ({e.strerror or e}); free some space or choose a '
+                    'writable place') from None

@@ -15,6 +15,9 @@ import jax
 import numpy as np
 from etils import epath
 
+from unet_flax import checkpoints
+from unet_flax import config as config_lib
+from unet_flax import decode
 from unet_flax import errors
 from unet_flax import inference
 from unet_flax import input_pipeline
@@ -26,11 +29,18 @@ from unet_flax import steps
 from unet_flax.devices import Devices
 
 
-def confusions(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-  """Per-image confusion matrices: [N, H, W] labels and predictions -> [N, K, K] int64 counts."""
+def confusions(labels: np.ndarray, predictions: np.ndarray, num_classes: int,
+               ignore_label: int | None = None) -> np.ndarray:
+  """Per-image confusion matrices: [N, H, W] labels and predictions -> [N, K, K] int64 counts.
+
+  Pixels labelled ignore_label count nothing.
+  """
   n, k = len(labels), num_classes
-  index = labels.reshape(n, -1).astype(np.int64) * k + predictions.reshape(n, -1)
+  labels = labels.reshape(n, -1).astype(np.int64)
+  index = labels * k + predictions.reshape(n, -1)
   index += np.arange(n)[:, None] * k * k  # Each image counts into its own K x K block.
+  if ignore_label is not None:
+    index = index[labels != ignore_label]
   return np.bincount(index.ravel(), minlength=n * k * k).reshape(n, k, k)
 
 
@@ -72,7 +82,8 @@ def _score_split(model: inference.Model, data, originals, devices: Devices, orig
   config, k = model.config, model.config.num_classes
   state = steps.TrainState(step=model.step, apply_fn=model.module.apply, params=model.params,
                            tx=None, opt_state=None)
-  per_example = jax.jit(functools.partial(steps.eval_step_per_example, num_classes=k),
+  per_example = jax.jit(functools.partial(steps.eval_step_per_example, num_classes=k,
+                                          ignore_label=config.ignore_label),
                         in_shardings=(devices.replicated, devices.data))
   logits_fn = jax.jit(functools.partial(models.logits, model.module))
   per_image = np.zeros((len(data), k, k), np.int64)
@@ -93,10 +104,27 @@ def _score_split(model: inference.Model, data, originals, devices: Devices, orig
     for j, row in enumerate(rows):
       _, image, labels = originals[row]
       predicted = inference.upsample_classes(logits[j], *labels.shape)
-      per_image[row] = confusions(labels[None], predicted[None], k)[0]
+      per_image[row] = confusions(labels[None], predicted[None], k, config.ignore_label)[0]
       worst.offer(row, image_mean_iou(per_image[row][None])[0], (image, labels, predicted))
     progress.update(rows[-1] + 1)
   return per_image, worst
+
+
+def _draw(files: dict, stem, total, names, worst: _Worst, originals, step: int,
+          what: str, resolution: str, num_examples: int, split: str) -> None:
+  """The confusion-matrix heat map and the worst-k gallery; adds the gallery to `files`."""
+  plots.confusion_matrix(files['confusion_matrix'], total, names,
+                         title=f'{what}\nat {resolution} resolution, rows sum to 100%')
+  drawn = worst.rows()
+  if not drawn:
+    return
+  files['worst'] = f'{stem}_worst.png'
+  images, labels, predicted = (list(c) for c in zip(*(p for _, _, p in drawn)))
+  plots.predictions(files['worst'], images, labels, predicted, names,
+                    title=f'the {len(drawn)} worst of {num_examples} {split} images by mean IoU\n'
+                    f'(step {step}, {resolution} resolution)',
+                    row_titles=[f'{originals[row][0]}\nmean IoU {iou:.3f}'
+                                for row, iou, _ in drawn])
 
 
 def _json_ready(value):
@@ -159,37 +187,31 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
     dataset = 'folder:' + str(errors.absolute(dataset[len('folder:'):]))
   data_dir = str(errors.absolute(data_dir)) if data_dir else config.data_dir
   split = split or config.eval_split
+  stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution)
+  errors.make_output_dir(stem.parent, '--out')  # A full or read-only place fails before work.
+  options = decode.Options.from_config(config)
   data = input_pipeline.load_split(
       dataset, split, data_dir=data_dir, image_size=config.image_size,
-      num_classes=config.num_classes, num_threads=config.input_threads)
-  originals = input_pipeline.originals(dataset, split, data_dir, config.num_classes)
+      num_classes=config.num_classes, num_threads=config.input_threads, options=options)
+  originals = input_pipeline.originals(dataset, split, data_dir, config.num_classes, options)
   per_image, worst = _score_split(model, data, originals, devices, original_resolution, worst_k)
   total = per_image.sum(axis=0)
   results = jax.device_get(metrics.iou(total))
   results['confusion_matrix'] = total
 
-  names = plots.class_names(config.num_classes)
+  names = config_lib.class_names(config)
   what = f'step {model.step} on {dataset} {split} ({len(data)} images)'
   where = ("each image's original resolution (logits upsampled bilinearly)"
            if original_resolution else f"the network's {config.image_size}x"
            f'{config.image_size} resolution (as the trainer evaluates)')
   log(f'evaluation of {what} at {where}:\n{reporting.iou_table(results, names)}')
   resolution = 'original' if original_resolution else 'network'
-  stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution)
   files = {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png'}
-  plots.confusion_matrix(files['confusion_matrix'], total,
-                         title=f'{what}\nat {resolution} resolution, rows sum to 100%')
+  with checkpoints.disk_errors(str(stem.parent), flag='--out'):
+    _draw(files, stem, total, names, worst, originals, model.step, what, resolution,
+          len(data), split)
   drawn = worst.rows()
   file_names = {row: originals[row][0] for row, _, _ in drawn}
-  if drawn:
-    files['worst'] = f'{stem}_worst.png'
-    images, labels, predicted = (list(c) for c in zip(*(p for _, _, p in drawn)))
-    plots.predictions(files['worst'], images, labels, predicted,
-                      title=f'the {len(drawn)} worst of {len(data)} {split} images by mean IoU\n'
-                      f'(step {model.step}, {resolution} resolution)',
-                      num_classes=config.num_classes,
-                      row_titles=[f'{file_names[row]}\nmean IoU {iou:.3f}'
-                                  for row, iou, _ in drawn])
   report = _json_ready({
       'workdir': str(workdir), 'step': model.step, 'dataset': dataset, 'split': split,
       'num_examples': len(data), 'resolution': resolution, 'image_size': config.image_size,
@@ -202,7 +224,7 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
                 for row, iou, _ in drawn],
       'files': files,
   })
-  epath.Path(files['json']).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(files['json']).write_text(json.dumps(report, indent=2) + '\n')
+  with checkpoints.disk_errors(files['json'], flag='--out'):
+    epath.Path(files['json']).write_text(json.dumps(report, indent=2) + '\n')
   log('wrote ' + ', '.join(reporting.shown(f) for f in files.values()))
   return report

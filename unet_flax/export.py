@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from unet_flax import config as config_lib
 from unet_flax import errors
 from unet_flax import inference
 from unet_flax import models
@@ -64,14 +65,15 @@ def _check_out(out: epath.Path, overwrite: bool) -> None:
 
 
 def _write(out: epath.Path, files: dict[str, bytes | str]) -> None:
+  """Writes each file whole or not at all (errors.write_atomically)."""
   try:
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-      path = out / name
-      path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
   except OSError as e:
-    raise errors.UserError(f'cannot write to --out {out} ({e.strerror or e}); '
-                           'choose a writable path') from None
+    raise errors.UserError(f'cannot create --out {out} ({e.strerror or e}); choose a writable '
+                           'path') from None
+  for name, data in files.items():
+    errors.write_atomically(out / name, lambda temporary, data=data: (
+        temporary.write_bytes(data) if isinstance(data, bytes) else temporary.write_text(data)))
 
 
 def export(workdir, out, *, step: int | None = None, batch_size: int | None = None,
@@ -88,7 +90,6 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
   Returns:
     The contents of model.json.
   """
-  from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
   unknown = sorted(set(platforms) - set(KNOWN_PLATFORMS))
   if unknown or not platforms:
     raise errors.UserError(f'--platforms {",".join(platforms)}: {", ".join(unknown) or "none"} '
@@ -105,7 +106,7 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
       'file': MODEL_FILE,
       'image_size': size,
       'num_classes': k,
-      'class_names': plots.class_names(k),
+      'class_names': list(config_lib.class_names(config)),
       'input': {'shape': [batch, size, size, 3], 'dtype': 'uint8',
                 'meaning': 'RGB images resized to image_size x image_size, 0..255'},
       'output': {'shape': [batch, size, size, k], 'dtype': 'float32',

@@ -2,23 +2,34 @@
 
 The folder holds:
 
-  images/<stem>.jpg (or .jpeg .png .bmp .gif .tif .tiff .webp): any size, any mode PIL reads;
-      made RGB and resized bilinearly, like the tfds images.
-  masks/<stem>.png: the size of its image, one channel (8- or 16-bit grey, or palette indices;
-      grey saved as RGB will do) of class values 0..num_classes-1; resized nearest-neighbour. The values are the classes
-      as they are: unlike Oxford's trimaps (1..3, shifted down by one), there is NO shift.
+  images/<stem>.<ext>: any size, any mode and format PIL reads (.jpg .png .tif .bmp .gif .webp
+      ..., any case); made upright RGB and resized bilinearly, like the tfds images (decode.py).
+  masks/<name>.<ext>: each image's mask, the size of the image; <name> is config.mask_pattern
+      with the image's stem ('{stem}' by default, '{stem}_mask' for Carvana-style names), <ext>
+      any format PIL reads, any case. What its values mean is config.mask_mode's:
+        'values' (default): the stored values are the classes as they are (8- or 16-bit grey,
+            palette indices; grey saved as RGB will do) - NO shift, unlike Oxford's trimaps -
+            or mapped by config.mask_values ('0:0,255:1');
+        'binary': two classes, 0 below half the value range and 1 from it: 0/255 masks and JPEG
+            masks whose edges carry compression noise;
+        'colour': RGB colours, each a class by classes.json's "colours".
+      config.ignore_label (e.g. 255) marks pixels that count in no loss and no metric.
+  classes.json (optional): {"names": ["background", "car", ...], "colours": [[0, 0, 0],
+      [64, 0, 128], ...]}: the classes' names (the default of config.class_names) and, for
+      colour masks, each class's colour.
   train.txt, test.txt (optional): one stem per line. With both, they are the splits; with one,
       the other split is every other image; with neither, a fixed 80/20 split of the sorted
       stems (seeded by SPLIT_SEED, not config.seed, so every run evaluates on the same images).
       Another split name reads <name>.txt.
 
 `num_classes` comes from the config. Each problem (a missing mask, an image and mask of
-different sizes, a label not below num_classes, an unreadable file) is a one-line UserError
-naming the file.
+different sizes, a value that is no class, an unreadable file) is a one-line UserError naming
+the file and, where a config field fixes it, the field.
 """
 
 import dataclasses
 import io
+import json
 
 from etils import epath
 import numpy as np
@@ -27,8 +38,9 @@ from PIL import Image
 from unet_flax import decode
 from unet_flax import errors
 
+# What PIL reads, by extension; matched whatever the case (x.JPG, x.PNG).
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-MASK_SUFFIX = '.png'
+CLASSES_FILE = 'classes.json'
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 
@@ -39,10 +51,23 @@ class Example:
   mask: epath.Path
 
 
+def _by_stem(directory: epath.Path) -> dict[str, epath.Path]:
+  """The image files of `directory` by stem; two files of one stem are refused."""
+  files = {}
+  for path in sorted(directory.iterdir()):
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+      continue
+    if path.stem in files:
+      raise errors.UserError(f'{files[path.stem]} and {path} have the same stem; rename or '
+                             'remove one')
+    files[path.stem] = path
+  return files
+
+
 class Folder:
   """The examples of a folder data set; listing it checks that every image has its mask."""
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, mask_pattern: str = '{stem}'):
     self.root = epath.Path(root)
     images, masks = self.root / 'images', self.root / 'masks'
     for d in (images, masks):
@@ -50,20 +75,43 @@ class Folder:
         raise errors.UserError(
             f'{d} is not a directory; a folder data set holds images/ and masks/ (see '
             'unet_flax/folder.py)')
-    self.images = {}
-    for path in sorted(images.iterdir()):
-      if path.suffix.lower() not in IMAGE_SUFFIXES:
-        continue
-      if path.stem in self.images:
-        raise errors.UserError(f'{self.images[path.stem]} and {path} have the same stem; '
-                               'rename or remove one')
-      self.images[path.stem] = path
+    self.images = _by_stem(images)
     if not self.images:
       raise errors.UserError(f'{images} holds no images ({", ".join(IMAGE_SUFFIXES)}); add some')
+    mask_files = _by_stem(masks)
+    self.masks = {}
     for stem, path in self.images.items():
-      if not (masks / (stem + MASK_SUFFIX)).is_file():
-        raise errors.UserError(f'{path} has no mask {masks / (stem + MASK_SUFFIX)}; add the mask '
-                               'or remove the image')
+      name = mask_pattern.format(stem=stem)
+      if name not in mask_files:
+        hint = ('; set config.mask_pattern to how masks are named, e.g. \'{stem}_mask\''
+                if mask_files else '')
+        raise errors.UserError(f'{path} has no mask named {name} (any image format) in {masks}; '
+                               f'add the mask or remove the image{hint}')
+      self.masks[stem] = mask_files[name]
+    self.classes = self._read_classes()
+
+  def _read_classes(self) -> dict | None:
+    """classes.json: {'names': [...], 'colours': [[r, g, b], ...] or absent}, or None."""
+    path = self.root / CLASSES_FILE
+    if not path.exists():
+      return None
+    try:
+      classes = json.loads(path.read_text())
+      names = classes['names']
+      colours = classes.get('colours', classes.get('colors'))
+      ok = (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)
+            and (colours is None or (isinstance(colours, list) and len(colours) == len(names)
+                                     and all(isinstance(c, list) and len(c) == 3 and all(
+                                         isinstance(v, int) and 0 <= v <= 255 for v in c)
+                                             for c in colours))))
+    except (ValueError, KeyError, TypeError, AttributeError):
+      ok = False
+    if not ok:
+      raise errors.UserError(
+          f'{path} is not {{"names": [...], "colours": [[r, g, b], ...]}} (colours optional, one '
+          'per name, 0..255); fix it')
+    return {'names': tuple(names), 'colours': None if colours is None else
+            tuple(tuple(c) for c in colours)}
 
   def _read_list(self, split: str) -> list[str]:
     path = self.root / f'{split}.txt'
@@ -101,8 +149,7 @@ class Folder:
                            'use train or test, or write the list')
 
   def examples(self, split: str) -> list[Example]:
-    masks = self.root / 'masks'
-    return [Example(self.images[s], masks / (s + MASK_SUFFIX)) for s in self.stems(split)]
+    return [Example(self.images[s], self.masks[s]) for s in self.stems(split)]
 
 
 def _header(path: epath.Path, data: bytes) -> Image.Image:
@@ -114,30 +161,88 @@ def _header(path: epath.Path, data: bytes) -> Image.Image:
                            'file') from None
 
 
-def decode_example(example: Example, size: int | None,
-                   num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_example(example: Example, size: int | None, num_classes: int,
+                   options: decode.Options = decode.Options(),
+                   colours: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
   """-> image [S, S, 3] uint8 (bilinear), labels [S, S] uint8 (nearest), as tfds examples decode.
 
-  size None: both at their stored size, [H, W, 3] and [H, W], after the same checks.
+  Args:
+    example: an image and its mask.
+    size: the side of both; None: at their stored size, [H, W, 3] and [H, W].
+    num_classes: the classes 0..K-1; with options.ignore_label, that value is kept too.
+    options: how to read the image and what the mask's values mean (decode.Options).
+    colours: with mask_mode 'colour', each class's RGB colour (classes.json).
 
   Raises:
     UserError: naming the file, for an unreadable image or mask, a mask whose size differs from
-      its image's (both upright), or a label not below num_classes.
+      its image's (both upright), or a value that is no class, saying which config field fixes it.
   """
   data = example.image.read_bytes()
   image_size = decode.upright_size(_header(example.image, data))
-  mask_data = example.mask.read_bytes()
-  values = decode.decode(mask_data, None, 'mask', str(example.mask))
-  if values.shape != image_size:
+  kind = {'values': 'mask', 'binary': 'grey', 'colour': 'rgb'}[options.mask_mode]
+  stored = decode.decode(example.mask.read_bytes(), None, kind, str(example.mask))
+  if stored.shape[:2] != image_size:
     raise errors.UserError(
-        f'{example.mask} is {values.shape[1]}x{values.shape[0]} but its image {example.image} is '
+        f'{example.mask} is {stored.shape[1]}x{stored.shape[0]} but its image {example.image} is '
         f'{image_size[1]}x{image_size[0]}; masks must be the size of their image')
-  bad = values[(values < 0) | (values >= num_classes)]
+  labels = _classes(stored, example.mask, num_classes, options, colours)
+  image = decode.decode(data, size, 'picture', str(example.image), options.image_max_value)
+  return image, decode.decode(labels, size, 'mask', str(example.mask))
+
+
+def _classes(stored: np.ndarray, path, num_classes: int, options: decode.Options,
+             colours) -> np.ndarray:
+  """A mask's stored values (or colours) -> [H, W] uint8 classes (or ignore_label)."""
+  ignore = options.ignore_label
+  if options.mask_mode == 'binary':
+    return (stored >= 128).astype(np.uint8)  # 'grey' masks are 8-bit: half range is 128.
+  if options.mask_mode == 'colour':
+    if colours is None:
+      raise errors.UserError(f"config.mask_mode='colour' needs each class's colour: add "
+                             f'"colours" to {path.parent.parent / CLASSES_FILE}')
+    code = (stored.astype(np.int64) * [65536, 256, 1]).sum(-1)
+    table = {r * 65536 + g * 256 + b: k for k, (r, g, b) in enumerate(colours)}
+    found = np.unique(code)
+    unknown = [c for c in found.tolist() if c not in table]
+    if unknown:
+      rgb = (unknown[0] // 65536, unknown[0] // 256 % 256, unknown[0] % 256)
+      raise errors.UserError(f'{path}: colour {rgb} is no class of classes.json\'s "colours"; '
+                             'add it, or fix the mask')
+    labels = np.zeros(code.shape, np.uint8)
+    for c in found.tolist():
+      labels[code == c] = table[c]
+    return labels
+  values = stored.astype(np.int64)
+  if options.mask_values is not None:
+    mapping = dict(options.mask_values)
+    found = np.unique(values).tolist()
+    unknown = [v for v in found if v not in mapping]
+    if unknown:
+      raise errors.UserError(
+          f'{path}: value {unknown[0]} is not in config.mask_values={_pairs(options.mask_values)!r}'
+          '; add it to the map')
+    mapped = np.zeros(values.shape, np.uint8)
+    for v in found:
+      mapped[values == v] = mapping[v]
+    return mapped
+  bad = values[((values < 0) | (values >= num_classes)) & (values != (-1 if ignore is None else
+                                                                         ignore))]
   if bad.size:
-    raise errors.UserError(
-        f'{example.mask}: label {int(bad.flat[0])} is not in 0..{num_classes - 1} '
-        f'(config.num_classes={num_classes}; folder masks are not shifted); fix the mask or raise '
-        'num_classes')
-  image = decode.decode(data, size, 'picture', str(example.image))
-  labels = decode.decode(values.astype(np.uint8), size, 'mask', str(example.mask))
-  return image, labels
+    raise errors.UserError(f'{path}: value {int(bad.flat[0])} is not a class 0..{num_classes - 1} '
+                           f'(folder masks are not shifted); {_fix(values, num_classes)}')
+  return values.astype(np.uint8)
+
+
+def _pairs(mask_values) -> str:
+  return ','.join(f'{v}:{k}' for v, k in mask_values)
+
+
+def _fix(values: np.ndarray, num_classes: int) -> str:
+  """Which config field would read these mask values, for the error's 'what to do'."""
+  found = set(np.unique(values).tolist())
+  if found <= {0, 255} and num_classes == 2:
+    return 'for 0/255 masks set config.mask_mode=binary'
+  if 255 in found and max(found - {255}, default=0) < num_classes:
+    return ("if 255 means 'don't care' set config.ignore_label=255, else raise "
+            'config.num_classes or map values with config.mask_values')
+  return 'raise config.num_classes, or map values to classes with config.mask_values'

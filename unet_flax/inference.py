@@ -22,6 +22,7 @@ from etils import epath
 from PIL import Image
 
 from unet_flax import checkpoints
+from unet_flax import config as config_lib
 from unet_flax import decode
 from unet_flax import errors
 from unet_flax import models
@@ -148,19 +149,15 @@ def _output_paths(paths: list[str], out: epath.Path,
 
 
 def _save_png(picture: Image.Image, path: epath.Path) -> None:
-  try:
-    picture.save(path, format='PNG')
-  except OSError as e:
-    raise errors.UserError(f'cannot write {path} ({e.strerror or e}); '
-                           'free space or choose another --out') from None
+  errors.write_atomically(path, lambda temporary: picture.save(temporary, format='PNG'))
 
 
-def _write_outputs(photo: np.ndarray, classes: np.ndarray, targets, num_classes: int) -> int:
+def _write_outputs(photo: np.ndarray, classes: np.ndarray, targets, names) -> int:
   """Writes the mask (palette PNG) and the overlay; returns how many replaced existing files."""
   from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
   replaced = 0
-  pictures = (plots.mask_image(classes, num_classes),
-              Image.fromarray(plots.overlay(photo, classes, num_classes)))
+  pictures = (plots.mask_image(classes, len(names)),
+              Image.fromarray(plots.overlay(photo, classes, names)))
   for picture, target in zip(pictures, targets):
     replaced += target.exists()
     _save_png(picture, target)
@@ -219,7 +216,8 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
           failure(path, e)
           continue
         classes = upsample_classes(image_logits, *size)
-        replaced += _write_outputs(photo, classes, outputs[path], config.num_classes)
+        replaced += _write_outputs(photo, classes, outputs[path],
+                                   config_lib.class_names(config))
     if progress:
       progress.update(min(start + batch_size, len(paths)))
   if replaced:

@@ -28,7 +28,6 @@ from unet_flax import folder
 
 # Oxford trimaps: 1 pet, 2 background, 3 border; the model's classes are 0, 1, 2.
 TRIMAP_OFFSET = 1
-CLASS_NAMES = ('pet', 'background', 'border')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +47,14 @@ class Split:
     return len(self.images)
 
 
-def get_builder(dataset: str, data_dir: str | None):
+def get_builder(dataset: str, data_dir: str | None, mask_pattern: str = '{stem}'):
   """The tfds builder of `dataset`, prepared to array_record files if it is not yet.
 
-  For 'folder:/path', the `folder.Folder` instead, listed and checked (data_dir is not used).
+  For 'folder:/path', the `folder.Folder` instead, listed and checked (data_dir is not used;
+  mask_pattern names its masks).
   """
   if config_lib.folder_path(dataset) is not None:
-    return folder.Folder(config_lib.folder_path(dataset))
+    return folder.Folder(config_lib.folder_path(dataset), mask_pattern)
   if dataset.split('/')[0] == 'synthetic_pets':
     from unet_flax import synthetic  # pylint: disable=g-import-not-at-top  (registers it)
     builder = synthetic.builder(dataset.partition('/')[2] or None, data_dir)
@@ -69,7 +69,10 @@ def get_builder(dataset: str, data_dir: str | None):
           f'config.dataset={dataset!r} is not a tfds data set; use oxford_iiit_pet, '
           'synthetic_pets/small, another tfds name, or folder:/path/to/data') from None
   if not builder.is_prepared():
-    builder.download_and_prepare()
+    from unet_flax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax: only here)
+    with checkpoints.disk_errors(f'the data set {dataset} in {builder.data_dir_root}',
+                                 flag='--config.data_dir'):
+      builder.download_and_prepare()
   return builder
 
 
@@ -78,8 +81,8 @@ def _file_name(example: dict, default: str) -> str:
   return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def decode_example(example: dict, size: int | None,
-                   num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_example(example: dict, size: int | None, num_classes: int,
+                   options: decode.Options = decode.Options()) -> tuple[np.ndarray, np.ndarray]:
   """A tfds oxford_iiit_pet-style example -> image [S, S, 3] uint8, labels [S, S] uint8.
 
   The image is resized bilinearly; the trimap nearest-neighbour, so that labels stay labels (the
@@ -91,7 +94,7 @@ def decode_example(example: dict, size: int | None,
       not a class (TRIMAP_OFFSET..num_classes).
   """
   name = _file_name(example, '?')
-  image = decode.decode(example['image'], size, 'picture', name)
+  image = decode.decode(example['image'], size, 'picture', name, options.image_max_value)
   trimap = decode.decode(example['segmentation_mask'], size, 'mask', f'{name} (mask)')
   labels = trimap.astype(np.int64) - TRIMAP_OFFSET
   if labels.min() < 0 or labels.max() >= num_classes:
@@ -103,26 +106,44 @@ def decode_example(example: dict, size: int | None,
 
 
 def _reader(dataset: str, split: str, data_dir: str | None, image_size: int | None,
-            num_classes: int):
+            num_classes: int, options: decode.Options):
   """(examples in `split`, index -> (file name, image, labels)) for a tfds or a folder data set.
 
   image_size None: images and labels at their stored size.
   """
-  builder = get_builder(dataset, data_dir)
+  builder = get_builder(dataset, data_dir, options.mask_pattern)
   if isinstance(builder, folder.Folder):
     examples = builder.examples(split)
+    colours = builder.classes and builder.classes['colours']
     return len(examples), lambda i: (examples[i].image.name, *folder.decode_example(
-        examples[i], image_size, num_classes))
+        examples[i], image_size, num_classes, options, colours))
   # Images and masks arrive encoded: decoding with PIL ourselves lets JPEG decode at reduced scale.
   skip = tfds.decode.SkipDecoding()
-  source = builder.as_data_source(split=split,
-                                  decoders={'image': skip, 'segmentation_mask': skip})
+  try:
+    source = builder.as_data_source(split=split,
+                                    decoders={'image': skip, 'segmentation_mask': skip})
+  except Exception as e:  # pylint: disable=broad-except  (a missing or damaged file: any type)
+    raise _damaged(builder, split, None, e) from None
 
   def read(i):
-    example = source[i]
-    return (_file_name(example, f'#{i}'), *decode_example(example, image_size, num_classes))
+    try:
+      example = source[i]
+    except Exception as e:  # pylint: disable=broad-except  (array_record/Riegeli: any type)
+      raise _damaged(builder, split, i, e) from None
+    return (_file_name(example, f'#{i}'),
+            *decode_example(example, image_size, num_classes, options))
 
   return len(source), read
+
+
+def _damaged(builder, split: str, index: int | None, e: Exception) -> errors.UserError:
+  """The one line for a prepared tfds data set whose files cannot be read: how to rebuild it."""
+  lines = str(e).strip().splitlines()
+  reason = f'{type(e).__name__}: {lines[0][:160]}' if lines else type(e).__name__
+  where = f'example {index} of {split}' if index is not None else split
+  return errors.UserError(
+      f'{where} of the prepared data set in {builder.data_dir} cannot be read ({reason}); its '
+      f'files are damaged or missing: delete {builder.data_dir} and rerun, which prepares it again')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,18 +164,20 @@ class Originals(Sequence):
     return self.read(range(self.num_examples)[row])  # range: IndexError past the end.
 
 
-def originals(dataset: str, split: str, data_dir: str | None, num_classes: int) -> Originals:
+def originals(dataset: str, split: str, data_dir: str | None, num_classes: int,
+              options: decode.Options = decode.Options()) -> Originals:
   """The examples of the whole `split` at their original size, for scoring at full resolution."""
-  return Originals(*_reader(dataset, split, data_dir, None, num_classes))
+  return Originals(*_reader(dataset, split, data_dir, None, num_classes, options))
 
 
-def num_examples(dataset: str, split: str, data_dir: str | None) -> int:
+def num_examples(dataset: str, split: str, data_dir: str | None,
+                 mask_pattern: str = '{stem}') -> int:
   """Examples in the whole `split`, without decoding any.
 
   Raises:
     UserError: if the data set has no such split, saying which it has.
   """
-  builder = get_builder(dataset, data_dir)
+  builder = get_builder(dataset, data_dir, mask_pattern)
   if isinstance(builder, folder.Folder):
     return len(builder.stems(split))
   try:
@@ -166,6 +189,26 @@ def num_examples(dataset: str, split: str, data_dir: str | None) -> int:
         f'{sorted(builder.info.splits.keys())[0]}[:80%]') from None
 
 
+def class_names(config) -> tuple[str, ...]:
+  """config.class_names, else the data set's own: a folder's classes.json names, Pet's three.
+
+  Raises:
+    UserError: if classes.json names another number of classes than config.num_classes.
+  """
+  path = config_lib.folder_path(config.dataset)
+  if config.class_names or path is None:
+    return config_lib.class_names(config)
+  classes = get_builder(config.dataset, config.data_dir, config.mask_pattern).classes
+  if classes is None:
+    return config_lib.class_names(config)
+  if len(classes['names']) != config.num_classes:
+    raise errors.UserError(
+        f'{path}/{folder.CLASSES_FILE} names {len(classes["names"])} classes but '
+        f'config.num_classes={config.num_classes}; set config.num_classes='
+        f'{len(classes["names"])}')
+  return classes['names']
+
+
 def check_data(config) -> int:
   """Prepares the config's data set if needed and checks both splits; -> train examples.
 
@@ -174,7 +217,8 @@ def check_data(config) -> int:
   """
   counts = {}
   for field in ('train_split', 'eval_split'):
-    counts[field] = num_examples(config.dataset, config[field], config.data_dir)
+    counts[field] = num_examples(config.dataset, config[field], config.data_dir,
+                                 config.mask_pattern)
     if not counts[field]:
       raise errors.UserError(
           f'config.{field}={config[field]!r} of {config.dataset} holds no examples; choose '
@@ -184,21 +228,21 @@ def check_data(config) -> int:
 
 def load_split(dataset: str, split: str, *, data_dir: str | None, image_size: int,
                num_classes: int, process_index: int = 0, process_count: int = 1,
-               num_threads: int = 0) -> Split:
+               num_threads: int = 0, options: decode.Options = decode.Options()) -> Split:
   """Decodes and resizes this process's shard of `split` into memory, in parallel.
 
   Threads, not processes: most of a decode is in Pillow's C decoders and resize, which release
   the GIL, and worker processes would each import tfds first (bench/input_pipeline.py times both;
   the README has figures).
   """
-  total, decode = _reader(dataset, split, data_dir, image_size, num_classes)
+  total, read = _reader(dataset, split, data_dir, image_size, num_classes, options)
   indices = range(process_index, total, process_count)
   images = np.empty((len(indices), image_size, image_size, 3), np.uint8)
   labels = np.empty((len(indices), image_size, image_size), np.uint8)
 
   def work(row_and_index):
     row, index = row_and_index
-    _, images[row], labels[row] = decode(index)
+    _, images[row], labels[row] = read(index)
 
   threads = num_threads or os.cpu_count() or 1
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:

@@ -1,7 +1,8 @@
 """Pure jnp metrics: the loss, confusion matrices and the IoU computed from them.
 
 Every function takes a per-example validity `mask` so that the padded examples of a last partial
-batch count nothing. Confusion matrices are sums: add them over a whole split, then call `iou`
+batch count nothing, and an optional `ignore_label`: pixels whose label it is (a data set's "don't
+care", e.g. Pascal VOC's 255 along outlines) count in no loss and no confusion matrix. Confusion matrices are sums: add them over a whole split, then call `iou`
 once, so that every pixel of the split weighs the same.
 """
 
@@ -9,9 +10,13 @@ import jax
 import jax.numpy as jnp
 
 
-def _pixel_weights(mask: jax.Array, labels: jax.Array) -> jax.Array:
-  """mask: [B] -> [B, H, W] float32 weights, broadcast over the pixels of each example."""
-  return jnp.broadcast_to(mask.astype(jnp.float32)[:, None, None], labels.shape)
+def _pixel_weights(mask: jax.Array, labels: jax.Array, ignore_label=None) -> jax.Array:
+  """mask: [B] -> [B, H, W] float32 weights: 1 on the valid examples' pixels, 0 on padding and
+  on pixels labelled ignore_label."""
+  weights = jnp.broadcast_to(mask.astype(jnp.float32)[:, None, None], labels.shape)
+  if ignore_label is not None:
+    weights = weights * (labels != ignore_label)
+  return weights
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -27,24 +32,26 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
                   axis=-1)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                  ignore_label=None) -> jax.Array:
   """Mean softmax cross-entropy over the valid pixels.
 
   Args:
     logits: [B, H, W, K] (computed in float32 whatever their dtype).
     labels: [B, H, W] int in [0, K).
     mask: [B] bool or {0, 1}; examples with 0 count nothing.
+    ignore_label: a label whose pixels count nothing; None: none.
 
   Returns:
     scalar float32.
   """
   losses = pixel_cross_entropy(logits, labels)
-  weights = _pixel_weights(mask, labels)
+  weights = _pixel_weights(mask, labels, ignore_label)
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def confusion_matrices(labels: jax.Array, predictions: jax.Array, num_classes: int,
-                       mask: jax.Array) -> jax.Array:
+                       mask: jax.Array, ignore_label=None) -> jax.Array:
   """[B, K, K] int32 counts, one matrix per example; row = true class, column = predicted class.
 
   One-hot contraction rather than a scatter: it runs at matmul speed on every backend (TPUs
@@ -54,8 +61,9 @@ def confusion_matrices(labels: jax.Array, predictions: jax.Array, num_classes: i
     labels, predictions: [B, H, W] int in [0, K).
     num_classes: K.
     mask: [B]; examples with 0 count nothing (their matrix is zero).
+    ignore_label: a label whose pixels count nothing; None: none.
   """
-  weights = _pixel_weights(mask, labels)
+  weights = _pixel_weights(mask, labels, ignore_label)
   true = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * weights[..., None]
   pred = jax.nn.one_hot(predictions, num_classes, dtype=jnp.float32)
   # Per-example float32 sums stay exact (< 2**24 pixels).
@@ -64,9 +72,9 @@ def confusion_matrices(labels: jax.Array, predictions: jax.Array, num_classes: i
 
 
 def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int,
-                     mask: jax.Array) -> jax.Array:
+                     mask: jax.Array, ignore_label=None) -> jax.Array:
   """[K, K] int32 counts of the whole batch: the sum of `confusion_matrices`."""
-  return jnp.sum(confusion_matrices(labels, predictions, num_classes, mask), axis=0)
+  return jnp.sum(confusion_matrices(labels, predictions, num_classes, mask, ignore_label), axis=0)
 
 
 def iou(confusion: jax.Array) -> dict[str, jax.Array]:
@@ -94,7 +102,7 @@ def iou(confusion: jax.Array) -> dict[str, jax.Array]:
 
 
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
-                           class_weights=None) -> jax.Array:
+                           class_weights=None, ignore_label=None) -> jax.Array:
   """Softmax cross-entropy, each pixel weighted by the weight of its true class.
 
   The weighted mean: sum(weight * loss) / sum(weight) over the valid pixels, so equal weights
@@ -105,36 +113,41 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array
     labels: [B, H, W] int in [0, K).
     mask: [B]; examples with 0 count nothing.
     class_weights: [K] non-negative, or None for all 1.
+    ignore_label: a label whose pixels count nothing; None: none.
 
   Returns:
     scalar float32.
   """
   if class_weights is None:
-    return cross_entropy(logits, labels, mask)
+    return cross_entropy(logits, labels, mask, ignore_label)
   losses = pixel_cross_entropy(logits, labels)
-  weights = _class_pixel_weights(labels, mask, class_weights)
+  weights = _class_pixel_weights(labels, mask, class_weights, ignore_label)
   total = jnp.sum(weights)
   return jnp.sum(losses * weights) / jnp.where(total > 0, total, 1.0)
 
 
-def _class_pixel_weights(labels: jax.Array, mask: jax.Array, class_weights=None) -> jax.Array:
-  weights = _pixel_weights(mask, labels)
+def _class_pixel_weights(labels: jax.Array, mask: jax.Array, class_weights=None,
+                         ignore_label=None) -> jax.Array:
+  weights = _pixel_weights(mask, labels, ignore_label)
   if class_weights is not None:
-    weights = weights * jnp.asarray(class_weights, jnp.float32)[labels]
+    # A one-hot product, not a gather: ignored labels (past the last class) get weight 0 here too.
+    one_hot = jax.nn.one_hot(labels, len(class_weights), dtype=jnp.float32)
+    weights = weights * (one_hot @ jnp.asarray(class_weights, jnp.float32))
   return weights
 
 
-def cross_entropy_weight(labels: jax.Array, mask: jax.Array, class_weights=None) -> jax.Array:
+def cross_entropy_weight(labels: jax.Array, mask: jax.Array, class_weights=None,
+                         ignore_label=None) -> jax.Array:
   """The denominator of `weighted_cross_entropy`: the summed weight of the valid pixels.
 
   A batch's loss is the weight-share-weighted sum of its parts' losses, which is how a step that
   accumulates gradients over microbatches gets the gradient of the whole batch's loss.
   """
-  return jnp.sum(_class_pixel_weights(labels, mask, class_weights))
+  return jnp.sum(_class_pixel_weights(labels, mask, class_weights, ignore_label))
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
-                   smooth: float = 1.0) -> jax.Array:
+                   smooth: float = 1.0, ignore_label=None) -> jax.Array:
   """1 - the soft Dice of the softmax probabilities, per class over the batch, averaged.
 
   Dice_k = (2 sum(p_k y_k) + smooth) / (sum(p_k) + sum(y_k) + smooth), sums over every valid
@@ -146,13 +159,14 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
     labels: [B, H, W] int in [0, K).
     mask: [B]; examples with 0 count nothing.
     smooth: added to numerator and denominator.
+    ignore_label: a label whose pixels count nothing; None: none.
 
   Returns:
     scalar float32 in [0, 1].
   """
   num_classes = logits.shape[-1]
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  weights = _pixel_weights(mask, labels)[..., None]
+  weights = _pixel_weights(mask, labels, ignore_label)[..., None]
   truth = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * weights
   probs = probs * weights
   intersection = jnp.sum(probs * truth, axis=(0, 1, 2))
@@ -161,12 +175,13 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
-                      class_weights=None, dice_weight: float = 0.0) -> jax.Array:
+                      class_weights=None, dice_weight: float = 0.0,
+                      ignore_label=None) -> jax.Array:
   """The training loss: weighted cross-entropy + dice_weight x soft Dice loss.
 
   With the defaults it is `cross_entropy`, exactly; see those two functions for the arguments.
   """
-  loss = weighted_cross_entropy(logits, labels, mask, class_weights)
+  loss = weighted_cross_entropy(logits, labels, mask, class_weights, ignore_label)
   if dice_weight:  # A Python float: with 0 the Dice term is not even traced.
-    loss = loss + dice_weight * soft_dice_loss(logits, labels, mask)
+    loss = loss + dice_weight * soft_dice_loss(logits, labels, mask, ignore_label=ignore_label)
   return loss

@@ -41,7 +41,8 @@ def count(config: ml_collections.ConfigDict, per_device_batch_size: int, platfor
   return 1
 
 
-def value_and_grad(loss_fn, params, images, labels, dropout_rng, count: int, class_weights):
+def value_and_grad(loss_fn, params, images, labels, dropout_rng, count: int, class_weights,
+                   ignore_label=None):
   """The whole batch's cross-entropy and its gradient, summed over `count` microbatches.
 
   Args:
@@ -50,7 +51,7 @@ def value_and_grad(loss_fn, params, images, labels, dropout_rng, count: int, cla
     images, labels: the batch, [B, H, W, 3] and [B, H, W], sharded over the devices' rows.
     dropout_rng: each microbatch folds in its index.
     count: microbatches; must divide each device's rows.
-    class_weights: [K] or None, as loss_fn weighs the pixels.
+    class_weights, ignore_label: as loss_fn weighs the pixels.
 
   Returns:
     (loss, grads) of the whole batch.
@@ -60,7 +61,8 @@ def value_and_grad(loss_fn, params, images, labels, dropout_rng, count: int, cla
   convolutions in a while loop's body far slower than unrolled.
   """
   def weight(labels):
-    return metrics.cross_entropy_weight(labels, jnp.ones(labels.shape[0]), class_weights)
+    return metrics.cross_entropy_weight(labels, jnp.ones(labels.shape[0]), class_weights,
+                                        ignore_label)
 
   def scaled_loss(params, images, labels, dropout_rng, share):
     return loss_fn(params, images, labels, dropout_rng) * share

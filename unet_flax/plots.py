@@ -18,7 +18,6 @@ from PIL import Image  # pylint: disable=g-import-not-at-top
 from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
 from PIL import ImageFont  # pylint: disable=g-import-not-at-top
 
-from unet_flax import input_pipeline
 
 # pet, background, border; further classes (own data sets) cycle through tab10.
 CLASS_COLORS = ('#f28e2b', '#4e79a7', '#edc948')
@@ -29,15 +28,9 @@ def class_colors(num_classes: int) -> list:
   return list(CLASS_COLORS[:num_classes]) + extra
 
 
-def class_names(num_classes: int) -> list[str]:
-  names = list(input_pipeline.CLASS_NAMES[:num_classes])
-  return names + [f'class {i}' for i in range(len(names), num_classes)]
-
-
-def _legend(fig, num_classes: int) -> None:
-  handles = [Patch(color=c, label=n)
-             for c, n in zip(class_colors(num_classes), class_names(num_classes))]
-  fig.legend(handles=handles, loc='outside lower center', ncol=min(num_classes, 6),
+def _legend(fig, names) -> None:
+  handles = [Patch(color=c, label=n) for c, n in zip(class_colors(len(names)), names)]
+  fig.legend(handles=handles, loc='outside lower center', ncol=min(len(names), 6),
              frameon=False)
 
 
@@ -49,16 +42,19 @@ def _save(fig, path) -> None:
 
 
 def predictions(path, image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
-                title: str = '', num_classes: int = 3, row_titles=None) -> None:
+                names, title: str = '', row_titles=None) -> None:
   """Rows of input / true mask / predicted mask, like the chapter's `display()`.
 
   Args:
     path: the PNG to write (parent directories are created).
     image: [N, H, W, 3] uint8, or a list of N [H_i, W_i, 3] (rows may differ in size).
-    label, prediction: [N, H, W] int in [0, num_classes), or lists of [H_i, W_i].
+    label, prediction: [N, H, W] int in [0, K), or lists of [H_i, W_i]; other values (an
+      ignore label) are drawn white.
+    names: the K classes' names, for the legend.
     row_titles: N strings that replace 'Input Image' above each row (e.g. its name and IoU).
   """
-  cmap = ListedColormap(class_colors(num_classes))
+  num_classes = len(names)
+  cmap = ListedColormap(class_colors(num_classes)).with_extremes(over='white')
   n = len(image)
   # Constrained layout keeps every title, the suptitle and the legend clear of the pictures.
   fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n + 1), squeeze=False, layout='constrained')
@@ -75,7 +71,7 @@ def predictions(path, image: np.ndarray, label: np.ndarray, prediction: np.ndarr
       ax.axis('off')
   if title:
     fig.suptitle(title)
-  _legend(fig, num_classes)
+  _legend(fig, names)
   _save(fig, path)
 
 
@@ -96,37 +92,37 @@ def mask_image(classes: np.ndarray, num_classes: int) -> Image.Image:
   return mask
 
 
-def overlay(image: np.ndarray, classes: np.ndarray, num_classes: int, alpha: float = 0.45,
+def overlay(image: np.ndarray, classes: np.ndarray, names, alpha: float = 0.45,
             legend: bool = True) -> np.ndarray:
   """The photo with each pixel tinted by its class colour, and a legend naming the classes.
 
   Args:
     image: [H, W, 3] uint8.
-    classes: [H, W] int in [0, num_classes).
+    classes: [H, W] int in [0, K).
+    names: the K classes' names.
     alpha: the weight of the class colour.
     legend: draw the class names over their colours in the top-left corner.
 
   Returns:
     [H, W, 3] uint8.
   """
-  palette = class_palette(num_classes).astype(np.float32)
+  palette = class_palette(len(names)).astype(np.float32)
   tinted = np.round((1 - alpha) * image.astype(np.float32) + alpha * palette[classes])
   tinted = tinted.astype(np.uint8)
-  return _draw_legend(tinted, num_classes) if legend else tinted
+  return _draw_legend(tinted, names) if legend else tinted
 
 
-def _draw_legend(picture: np.ndarray, num_classes: int) -> np.ndarray:
+def _draw_legend(picture: np.ndarray, names) -> np.ndarray:
   """Colour swatches and class names in a white box at the top left, scaled to the picture."""
   canvas = Image.fromarray(picture)
   draw = ImageDraw.Draw(canvas)
   size = max(10, min(canvas.size) // 25)
   font = ImageFont.load_default(size)
-  names = class_names(num_classes)
   pad = size // 2
   text_width = max(draw.textlength(name, font=font) for name in names)
   box = (pad, pad, pad * 4 + size + text_width, pad * 2 + len(names) * (size + pad))
   draw.rectangle(box, fill=(255, 255, 255))
-  for k, (name, colour) in enumerate(zip(names, class_palette(num_classes))):
+  for k, (name, colour) in enumerate(zip(names, class_palette(len(names)))):
     top = pad * 2 + k * (size + pad)
     draw.rectangle((pad * 2, top, pad * 2 + size, top + size), fill=tuple(int(c) for c in colour),
                    outline=(0, 0, 0))
@@ -134,16 +130,16 @@ def _draw_legend(picture: np.ndarray, num_classes: int) -> np.ndarray:
   return np.asarray(canvas)
 
 
-def confusion_matrix(path, confusion: np.ndarray, title: str = '') -> None:
+def confusion_matrix(path, confusion: np.ndarray, names, title: str = '') -> None:
   """A heat map of the row-normalised confusion matrix, each cell with its % and pixel count.
 
   Args:
     path: the PNG to write.
     confusion: [K, K] counts; row = true class, column = predicted class.
+    names: the K classes' names.
   """
   confusion = np.asarray(confusion, np.int64)
   k = len(confusion)
-  names = class_names(k)
   # Row-normalised: each row shows where the pixels of one true class went (its recall on the
   # diagonal), which raw counts hide when the classes differ in size.
   percent = 100 * confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)

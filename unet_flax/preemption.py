@@ -7,6 +7,7 @@ the loop syncs anyway) and stop together at the same step. A second Ctrl-C stops
 """
 
 import signal
+import sys
 import threading
 
 import jax
@@ -16,17 +17,28 @@ from jax.experimental import multihost_utils
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Notice:
-  """A context in which SIGTERM and SIGINT ask the training loop to stop after the current step."""
+class Stopped(Exception):
+  """Raised by a Notice(at_once=True) on SIGTERM or SIGINT; its message names the signal."""
 
-  def __init__(self):
+
+class Notice:
+  """A context in which SIGTERM and SIGINT ask the training loop to stop after the current step.
+
+  With at_once=True (before anything is written) they raise `Stopped` instead, at once.
+  """
+
+  def __init__(self, at_once: bool = False):
     self.received: str | None = None  # The name of the first signal received.
+    self.at_once = at_once
     self._previous = {}
 
   def __enter__(self) -> 'Notice':
     if threading.current_thread() is threading.main_thread():  # Python's rule for handlers.
       for s in SIGNALS:
         self._previous[s] = signal.signal(s, self._handle)
+    if self.at_once:
+      self._unraisable = sys.unraisablehook
+      sys.unraisablehook = self._drop_lost_stop
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -34,12 +46,27 @@ class Notice:
       # None: the previous handler was not installed from Python; the default is the closest.
       signal.signal(s, signal.SIG_DFL if handler is None else handler)
     self._previous = {}
+    if self.at_once:
+      sys.unraisablehook = self._unraisable
+
+  def _drop_lost_stop(self, unraisable) -> None:
+    """A Stopped raised where Python cannot propagate it is not an error: `check` raises it
+    again at the next stage."""
+    if not isinstance(unraisable.exc_value, Stopped):
+      self._unraisable(unraisable)
 
   def _handle(self, signum, frame) -> None:
     del frame
     if signum == signal.SIGINT and self.received is not None:
       raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the save.
     self.received = self.received or signal.Signals(signum).name
+    self.check()
+
+  def check(self) -> None:
+    """With at_once, raises Stopped if a signal came: also where the handler's own raise was lost
+    (Python drops exceptions raised while it runs a garbage-collection callback)."""
+    if self.at_once and self.received is not None:
+      raise Stopped(self.received)
 
   def stop(self, sync: bool) -> bool:
     """Whether to stop after this step.

@@ -5,6 +5,7 @@ line) and to TensorBoard event files under <workdir>/tensorboard (written by ten
 TensorFlow needed); pictures to <workdir>/predictions/step_<N>.png.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ import time
 import numpy as np
 from etils import epath
 
-from unet_flax import input_pipeline
+from unet_flax import config as config_lib
 
 
 def _duration(seconds: float) -> str:
@@ -23,10 +24,15 @@ def _duration(seconds: float) -> str:
   return f'{seconds // 60}m{seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
 
 
-def iou_table(results: dict, class_names=input_pipeline.CLASS_NAMES) -> str:
-  """The per-class IoU and Dice of `metrics.iou`'s results, as an aligned text table."""
+def iou_table(results: dict, names) -> str:
+  """The per-class IoU and Dice of `metrics.iou`'s results, as an aligned text table.
+
+  Args:
+    results: metrics.iou's dict.
+    names: the classes' names, one per class.
+  """
   per_class = results['per_class_iou']
-  names = list(class_names) + [f'class {i}' for i in range(len(class_names), len(per_class))]
+  names = list(names)
   width = max(len(n) for n in names + ['mean'])
   lines = [f'  {"class":<{width}}     IoU    Dice']
   for name, iou, dice in zip(names, per_class, results['per_class_dice']):
@@ -153,13 +159,13 @@ class Reporter:
     """Prints the IoU table, records the metrics and draws the predictions."""
     if not self.is_lead:
       return
-    self.text(f'eval after epoch {epoch} (step {step}):\n{iou_table(results)}')
+    names = config_lib.class_names(self.config)
+    self.text(f'eval after epoch {epoch} (step {step}):\n{iou_table(results, names)}')
     values = {
         'mean_iou': float(results['mean_iou']),
         'pixel_accuracy': float(results['pixel_accuracy']),
         'mean_dice': float(results['mean_dice']),
-        **{f'iou_{name}': float(v)
-           for name, v in zip(input_pipeline.CLASS_NAMES, results['per_class_iou'])},
+        **{f'iou_{name}': float(v) for name, v in zip(names, results['per_class_iou'])},
         'confusion_matrix': results['confusion_matrix'].tolist(),
     }
     self._record(step, 'eval', values)
@@ -167,7 +173,8 @@ class Reporter:
     plots.curves(self.workdir)
     if sample is not None:
       path = self.workdir / 'predictions' / f'step_{step}.png'
-      plots.predictions(path, **sample, title=f'step {step}, mean IoU {values["mean_iou"]:.3f}')
+      plots.predictions(path, **sample, names=names,
+                        title=f'step {step}, mean IoU {values["mean_iou"]:.3f}')
     # The timer restarts so that evaluation does not count against training speed.
     self._last = (step, time.perf_counter())
 
@@ -182,5 +189,7 @@ class Reporter:
 
   def close(self) -> None:
     if self._writer is not None:
-      self._writer.close()
+      # A full disk was reported where it struck; closing must not say it again, in a traceback.
+      with contextlib.suppress(OSError):
+        self._writer.close()
     sys.stdout.flush()

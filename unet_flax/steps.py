@@ -63,7 +63,8 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=None,
-               dice_weight: float = 0.0, num_microbatches: int = 1) -> tuple[TrainState, dict]:
+               dice_weight: float = 0.0, ignore_label=None,
+               num_microbatches: int = 1) -> tuple[TrainState, dict]:
   """One Adam step on the segmentation loss: softmax cross-entropy, by default unweighted.
 
   Args:
@@ -71,8 +72,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=
     batch: {'image': [B, H, W, 3] uint8, 'label': [B, H, W] int}.
     rng: the run's dropout key; each step folds in its own step number, so a resumed run draws
       the same dropout masks as an uninterrupted one.
-    class_weights, dice_weight: per-class cross-entropy weights ([K] or None) and the weight of
-      the soft Dice term; see metrics.segmentation_loss.
+    class_weights, dice_weight, ignore_label: per-class cross-entropy weights ([K] or None), the
+      weight of the soft Dice term, and the label whose pixels count nothing (or None); see
+      metrics.segmentation_loss.
     num_microbatches: the gradient is accumulated over this many slices of each device's rows
       (microbatches.py); the loss and gradient are those of the whole batch. Needs
       dice_weight == 0: a batch's Dice is not a sum over its parts.
@@ -88,7 +90,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=
                             rngs={'dropout': dropout_rng})
     mask = jnp.ones(labels.shape[0], jnp.bool_)
     return metrics.segmentation_loss(logits, labels, mask, class_weights=class_weights,
-                                     dice_weight=dice_weight)
+                                     dice_weight=dice_weight, ignore_label=ignore_label)
 
   if num_microbatches == 1:
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch['image'], labels, dropout_rng)
@@ -96,7 +98,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=
     if dice_weight:
       raise ValueError('microbatches need dice_weight == 0')
     loss, grads = microbatches.value_and_grad(loss_fn, state.params, batch['image'], labels,
-                                              dropout_rng, num_microbatches, class_weights)
+                                              dropout_rng, num_microbatches, class_weights,
+                                              ignore_label)
   return state.apply_gradients(grads=grads), {'loss': loss}
 
 
@@ -106,14 +109,17 @@ def predict(state: TrainState, images: jax.Array) -> jax.Array:
   return jnp.argmax(logits, axis=-1)
 
 
-def eval_step(state: TrainState, batch: dict, num_classes: int) -> jax.Array:
-  """The [K, K] confusion matrix of one batch; examples with batch['mask'] == 0 count nothing."""
+def eval_step(state: TrainState, batch: dict, num_classes: int,
+              ignore_label=None) -> jax.Array:
+  """The [K, K] confusion matrix of one batch; examples with batch['mask'] == 0 and pixels
+  labelled ignore_label count nothing."""
   labels = batch['label'].astype(jnp.int32)
   return metrics.confusion_matrix(labels, predict(state, batch['image']), num_classes,
-                                  batch['mask'])
+                                  batch['mask'], ignore_label)
 
 
-def eval_step_per_example(state: TrainState, batch: dict, num_classes: int) -> dict:
+def eval_step_per_example(state: TrainState, batch: dict, num_classes: int,
+                          ignore_label=None) -> dict:
   """eval_step, per example: {'confusion': [B, K, K] int32, 'prediction': [B, H, W] uint8}.
 
   The same predictions and counts as eval_step (whose matrix is the sum over the examples), for
@@ -122,7 +128,7 @@ def eval_step_per_example(state: TrainState, batch: dict, num_classes: int) -> d
   labels = batch['label'].astype(jnp.int32)
   predictions = predict(state, batch['image'])
   return {'confusion': metrics.confusion_matrices(labels, predictions, num_classes,
-                                                  batch['mask']),
+                                                  batch['mask'], ignore_label),
           'prediction': predictions.astype(jnp.uint8)}
 
 
@@ -148,10 +154,12 @@ def compile_steps(config: ml_collections.ConfigDict, devices: Devices):
     class_weights = tuple(float(w) for w in class_weights)
   step = functools.partial(train_step, class_weights=class_weights,
                            dice_weight=float(config.dice_weight),
+                           ignore_label=config.ignore_label,
                            num_microbatches=num_microbatches(config, devices))
   train = jax.jit(_counting_nonfinite(step), in_shardings=(repl, data, repl),
                   out_shardings=(repl, repl), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, num_classes=config.num_classes),
+  evaluate = jax.jit(functools.partial(eval_step, num_classes=config.num_classes,
+                                       ignore_label=config.ignore_label),
                      in_shardings=(repl, data), out_shardings=repl)
   return train, evaluate
 

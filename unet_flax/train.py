@@ -16,6 +16,7 @@ import numpy as np
 from unet_flax import augment
 from unet_flax import checkpoints
 from unet_flax import config as config_lib
+from unet_flax import decode
 from unet_flax import errors
 from unet_flax import input_pipeline
 from unet_flax import models
@@ -40,12 +41,13 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) 
   return per_epoch
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.TrainState | None:
   """Trains and evaluates per the config; checkpoints, metrics and pictures go to `workdir`.
 
   Running it again with the same workdir resumes from the latest checkpoint, exactly: the step,
   optimizer state, dropout keys and position in the data order are those of an uninterrupted run.
-  On SIGTERM or SIGINT it saves a checkpoint at the current step and returns.
+  On SIGTERM or SIGINT it saves a checkpoint at the current step and returns; before anything is
+  written (while the data are prepared) it stops at once and returns None.
 
   Args:
     config: the run's config (checked by config.validate before anything is written).
@@ -57,8 +59,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
   config = config_lib.validate(config)
   devices = Devices(config.batch_size)
   workdir = workdir_lib.check(workdir)
-  # A bad data set or split, or too few examples for a batch, fails before anything is written.
-  per_epoch = steps_per_epoch(config, input_pipeline.check_data(config))
+  try:
+    # Until the workdir is written, a signal stops the run at once: nothing is lost.
+    with preemption.Notice(at_once=True) as notice:
+      # A bad data set or split, too few examples for a batch, or a file that cannot be read
+      # fails before anything is written.
+      per_epoch = steps_per_epoch(config, input_pipeline.check_data(config))
+      notice.check()
+      config.class_names = input_pipeline.class_names(config)  # Stored: predict needs no data.
+      train_data, eval_data = _read_data(config)
+      notice.check()
+  except preemption.Stopped as e:
+    print(f'stopped by {e} while preparing the data, before training; nothing was written to '
+          f'{workdir}; rerun the same command to start', flush=True)
+    return None
   with workdir_lib.Lock(workdir):
     manager = checkpoints.Manager(workdir, config)
     report = reporting.Reporter(workdir, config, is_lead=jax.process_index() == 0)
@@ -66,13 +80,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
       # A full or read-only disk under metrics, pictures or data is one line naming the file.
       with (checkpoints.disk_errors(None, errnos=checkpoints.WRITE_ERRNOS),
             preemption.Notice() as notice):
-        return _train(config, per_epoch, devices, manager, report, notice)
+        return _train(config, per_epoch, train_data, eval_data, devices, manager, report,
+                      notice)
     finally:
       manager.close()  # Waits for the last checkpoint, also when stopping on an error.
       report.close()
 
 
-def _train(config, per_epoch: int, devices: Devices, manager: checkpoints.Manager,
+def _read_data(config) -> tuple[input_pipeline.Split, input_pipeline.Split]:
+  """This process's shards of the train and eval splits, decoded and resized into memory."""
+  read = functools.partial(
+      input_pipeline.load_split, config.dataset, data_dir=config.data_dir,
+      image_size=config.image_size, num_classes=config.num_classes,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.input_threads, options=decode.Options.from_config(config))
+  started = time.perf_counter()
+  train_data, eval_data = read(config.train_split), read(config.eval_split)
+  if jax.process_index() == 0:
+    print(f'data: {train_data.num_examples} train and {eval_data.num_examples} eval examples at '
+          f'{config.image_size}x{config.image_size}, decoded in '
+          f'{time.perf_counter() - started:.1f}s', flush=True)
+  return train_data, eval_data
+
+
+def _train(config, per_epoch: int, train_data: input_pipeline.Split,
+           eval_data: input_pipeline.Split, devices: Devices, manager: checkpoints.Manager,
            report: reporting.Reporter, notice: preemption.Notice) -> steps.TrainState:
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
@@ -98,17 +130,6 @@ def _train(config, per_epoch: int, devices: Devices, manager: checkpoints.Manage
     return state
   if step:
     report.text(f'resumed from step {step} of {total_steps}')
-
-  read = functools.partial(
-      input_pipeline.load_split, config.dataset, data_dir=config.data_dir,
-      image_size=config.image_size, num_classes=config.num_classes,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.input_threads)
-  started = time.perf_counter()
-  train_data, eval_data = read(config.train_split), read(config.eval_split)
-  report.text(f'data: {train_data.num_examples} train and {eval_data.num_examples} eval '
-              f'examples at {config.image_size}x{config.image_size}, decoded in '
-              f'{time.perf_counter() - started:.1f}s')
 
   train_fn, eval_fn = steps.compile_steps(config, devices)
   if owes_eval:

@@ -22,8 +22,21 @@ LOCK_FILE = '.lock'
 
 
 def check(workdir) -> epath.Path:
-  """Creates the workdir, or raises a UserError saying why it cannot be used; -> absolute path."""
-  return errors.make_output_dir(workdir, '--workdir')
+  """The workdir, absolute, if it can be used; creates nothing (Lock does, when taken).
+
+  Raises:
+    UserError: if it is a file, or it does not exist and cannot be created.
+  """
+  path = errors.absolute(workdir)
+  if path.exists() and not path.is_dir():
+    raise errors.UserError(f'--workdir {path} is a file, not a directory; choose another path')
+  existing = path
+  while not existing.exists() and existing.parent != existing:
+    existing = existing.parent
+  if not existing.is_dir() or not os.access(existing, os.W_OK):
+    raise errors.UserError(f'--workdir {path} cannot be created or written ({existing} is not a '
+                           'writable directory); choose a writable path')
+  return path
 
 
 def _alive(pid: int) -> bool:
@@ -44,6 +57,7 @@ class Lock:
     self._owned = False
 
   def __enter__(self) -> 'Lock':
+    errors.make_output_dir(self.path.parent, '--workdir')
     if jax.process_index() != 0:
       return self
     me = {'host': socket.gethostname(), 'pid': os.getpid(),
