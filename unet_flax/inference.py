@@ -212,10 +212,13 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
       for (path, size, _), image_logits in zip(batch, logits):
         try:
           photo = decode.read_image(path, lambda image: np.asarray(decode.to_rgb(image)))
+          classes = upsample_classes(image_logits, *size)
         except errors.UserError as e:
           failure(path, e)
           continue
-        classes = upsample_classes(image_logits, *size)
+        except (MemoryError, jax.errors.JaxRuntimeError):  # Out of host or device memory.
+          failure(path, f'{path}: too large to process here ({size[1]}x{size[0]} pixels)')
+          continue
         replaced += _write_outputs(photo, classes, outputs[path],
                                    config_lib.class_names(config))
     if progress:
