@@ -81,13 +81,8 @@ def _quiet_libraries() -> None:
     return
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads and writes at INFO.
   # Orbax also logs each failed write with tracebacks; the error it raises is then one line.
-  # tfds warns about its own directory layout while it prepares a data set (a folder without
-  # dataset_info.json yet): nothing a user can act on. Its errors still show.
-  def keep(record):
-    if '/orbax/' in record.pathname:
-      return record.levelno < std_logging.ERROR
-    return '/tensorflow_datasets/' not in record.pathname or record.levelno >= std_logging.ERROR
-  logging.get_absl_logger().addFilter(keep)
+  logging.get_absl_logger().addFilter(
+      lambda record: '/orbax/' not in record.pathname or record.levelno < std_logging.ERROR)
 
 
 def run(main: Callable[[list[str]], int | None], *,

@@ -13,12 +13,15 @@ bench/input_pipeline.py measures the first pass (decode + resize) and the cached
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from unet_flax import augment
 from unet_flax import config as config_lib
@@ -47,6 +50,22 @@ class Split:
     return len(self.images)
 
 
+@contextlib.contextmanager
+def _tfds_warnings_off():
+  """Drops tfds's warnings about its own directory layout while a data set is not prepared yet
+  ('Variant folder ... has no dataset_info.json'): nothing a user can act on. Errors still show."""
+  logger = absl_logging.get_absl_logger()
+
+  def keep(record):
+    return '/tensorflow_datasets/' not in record.pathname or record.levelno >= logging.ERROR
+
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
+
+
 def get_builder(dataset: str, data_dir: str | None, mask_pattern: str = '{stem}'):
   """The tfds builder of `dataset`, prepared to array_record files if it is not yet.
 
@@ -68,7 +87,9 @@ def get_builder(dataset: str, data_dir: str | None, mask_pattern: str = '{stem}'
       raise errors.UserError(
           f'config.dataset={dataset!r} is not a tfds data set; use oxford_iiit_pet, '
           'synthetic_pets/small, another tfds name, or folder:/path/to/data') from None
-  if not builder.is_prepared():
+  with _tfds_warnings_off():
+    prepared = builder.is_prepared()
+  if not prepared:
     from unet_flax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax: only here)
     with checkpoints.disk_errors(f'the data set {dataset} in {builder.data_dir_root}',
                                  flag='--config.data_dir'):
