@@ -8,6 +8,7 @@ with a warning. Readers (predict, evaluate, export) take no lock.
 """
 
 import datetime
+import errno
 import json
 import os
 import socket
@@ -33,9 +34,13 @@ def check(workdir) -> epath.Path:
   existing = path
   while not existing.exists() and existing.parent != existing:
     existing = existing.parent
-  if not existing.is_dir() or not os.access(existing, os.W_OK):
-    raise errors.UserError(f'--workdir {path} cannot be created or written ({existing} is not a '
-                           'writable directory); choose a writable path')
+  # Root passes permission bits but not a read-only file system: access() checks both.
+  if existing == path and not os.access(path, os.W_OK):
+    raise errors.UserError(f'--workdir {path} is not writable; choose a writable path')
+  if existing != path and (not existing.is_dir() or not os.access(existing, os.W_OK)):
+    why = errno.ENOTDIR if not existing.is_dir() else errno.EACCES
+    raise errors.UserError(f'--workdir {path} cannot be created ({os.strerror(why)}); choose a '
+                           'writable path')
   return path
 
 
