@@ -5,6 +5,8 @@ trainer's own pipeline and eval step (per example), so its totals are the traine
 `original_resolution=True` it scores against the original-size masks (input_pipeline.originals:
 tfds trimaps or folder masks), the logits upsampled bilinearly to each image's size as predict.py
 does (inference.py). Per-image confusion matrices give both the totals and the worst images.
+In crop mode (config.input_mode == 'crop') both resolutions are the image's own: each image is
+predicted whole with the sliding window (tiles.py) and scored against its original mask.
 """
 
 import functools

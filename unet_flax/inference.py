@@ -6,6 +6,9 @@ the trainer reads its data (decode.py: upright, JPEG drafted, bilinear resize to
 config.image_size); the logits are then upsampled bilinearly to each photo's own size before the
 argmax, so that masks follow the outlines at full resolution instead of the network's pixel grid.
 
+A crop-mode run (config.input_mode == 'crop') predicts each photo whole at its own resolution
+with the sliding window instead (tiles.py): no resize.
+
 Scoring a workdir on a split (evaluate.py) is evaluation.py's job; it builds on this module.
 """
 

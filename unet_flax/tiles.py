@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from unet_flax import decode
+from unet_flax import metrics
 from unet_flax import models
 
 SIGMA_SCALE = 0.125  # Of the window's side: MONAI's default.
@@ -150,6 +151,27 @@ def predict_classes(forward, params, image: np.ndarray, config: ml_collections.C
   classes = sliding_window_classes(forward, params, scaled, crop_size=config.crop_size,
                                    overlap=config.tile_overlap, window_batch=window_batch)
   return decode.resize_mask(classes, h, w)
+
+
+@functools.cache
+def _forward_of(num_classes: int, widths: tuple, dropout_rate: float, dtype: str):
+  return logits_fn(models.UNet(num_classes=num_classes, widths=widths, dropout_rate=dropout_rate,
+                               dtype=jax.numpy.dtype(dtype)))
+
+
+def forward_of(config: ml_collections.ConfigDict):
+  """The jitted window forward pass of the config's model (models.create), one per model."""
+  return _forward_of(config.num_classes, tuple(config.widths), config.dropout_rate,
+                     config.dtype)
+
+
+def evaluate(config: ml_collections.ConfigDict, params, split) -> dict:
+  """The trainer's metrics of a crop-mode eval split (metrics.iou of `confusion`), with
+  'confusion_matrix' [K, K] int64."""
+  total = confusion(forward_of(config), params, split, config)
+  results = jax.device_get(metrics.iou(total))
+  results['confusion_matrix'] = total
+  return results
 
 
 def confusion(forward, params, split, config: ml_collections.ConfigDict,

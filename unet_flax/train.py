@@ -20,7 +20,6 @@ from unet_flax import crops
 from unet_flax import decode
 from unet_flax import errors
 from unet_flax import input_pipeline
-from unet_flax import metrics
 from unet_flax import models
 from unet_flax import preemption
 from unet_flax import reporting
@@ -138,22 +137,7 @@ def _evaluate(eval_fn, state, eval_data, devices: Devices, config) -> dict:
   over each image at native resolution (per-image confusion matrices summed)."""
   if config.input_mode != 'crop':
     return steps.evaluate(eval_fn, state, eval_data, devices)
-  confusion = tiles.confusion(_tiles_forward(config), state.params, eval_data, config)
-  results = jax.device_get(metrics.iou(confusion))
-  results['confusion_matrix'] = confusion
-  return results
-
-
-@functools.cache
-def _tiles_forward_of(num_classes: int, widths: tuple, dropout_rate: float, dtype: str):
-  return tiles.logits_fn(models.UNet(num_classes=num_classes, widths=widths,
-                                     dropout_rate=dropout_rate, dtype=jax.numpy.dtype(dtype)))
-
-
-def _tiles_forward(config):
-  """The jitted window forward pass of the config's model (models.create), compiled once."""
-  return _tiles_forward_of(config.num_classes, tuple(config.widths), config.dropout_rate,
-                           config.dtype)
+  return tiles.evaluate(config, state.params, eval_data)
 
 
 def _train(config, per_epoch: int, train_data: input_pipeline.Split,
@@ -324,7 +308,7 @@ def _prediction_sample(state, split: input_pipeline.Split, config) -> dict | Non
     return None
   if config.input_mode == 'crop':
     examples = [split[row] for row in range(n)]
-    forward, params = _tiles_forward(config), state.params
+    forward, params = tiles.forward_of(config), state.params
     return {'image': [image for image, _ in examples], 'label': [l for _, l in examples],
             'prediction': [tiles.sliding_window_classes(
                 forward, params, image, crop_size=config.crop_size,
