@@ -4,6 +4,8 @@ Prints per-class IoU and Dice, mean IoU and pixel accuracy, and writes them as J
 confusion-matrix PNG and a gallery of the worst images (<workdir>/eval/step_<N>*, or --out).
 By default the split is scored as the trainer scores it (its pipeline and eval step, so the
 numbers equal its metrics.jsonl); --original_resolution scores each image at its own size.
+A crop-mode run (config.input_mode=crop) always scores at each image's own size, with the
+sliding window of overlapping tiles (unet_flax/tiles.py).
 """
 
 from absl import app

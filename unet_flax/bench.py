@@ -11,6 +11,9 @@ counts for the compiled step as we write it. Achieved GFLOP/s and the ratio to t
 use the model count, so that a formulation that does more work cannot look faster. The train
 step is the trainer's own, microbatches included (`micro`: see microbatches.count).
 
+With --tiles_image=4096 it also times crop-mode predict (the sliding window of tiles.py at
+config.crop_size) on a 4096x4096 image, in megapixels/s; --tiles_only times only that.
+
 Our target on CPU: the train step at 85% of the matmul limit; `of target`
 is the achieved fraction divided by 0.85.
 """
@@ -23,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -30,6 +34,7 @@ from unet_flax import input_pipeline
 from unet_flax import cli
 from unet_flax import models
 from unet_flax import steps
+from unet_flax import tiles
 from unet_flax.devices import Devices
 
 FLAGS = flags.FLAGS
@@ -39,6 +44,14 @@ config_flags.DEFINE_config_file('config', 'configs/default.py', 'The model to me
 flags.DEFINE_list('batch_sizes', ['8', '16', '64'], 'Train-step batch sizes.')
 flags.DEFINE_integer('repeats', 3, 'Timed steps per batch size (after one warm-up step).')
 flags.DEFINE_integer('matmul_size', 4096, 'n of the n x n x n float32 matmul that sets the limit.')
+flags.DEFINE_integer('tiles_image', 0,
+                     'If > 0, also time crop-mode predict (tiles.py: the sliding window at '
+                     "config.crop_size, overlap config.tile_overlap) on one random image of this "
+                     'side, in megapixels/s; e.g. 4096. 0: skip (it takes minutes on a CPU).',
+                     lower_bound=0)
+flags.DEFINE_bool('tiles_only', False, 'With --tiles_image: time only that.')
+flags.DEFINE_integer('window_batch', 8, 'With --tiles_image: windows per forward pass.',
+                     lower_bound=1)
 flags.DEFINE_string('json', 'bench.json', 'Where to write the results as JSON ("" for nowhere).')
 
 
@@ -144,9 +157,53 @@ def bench_cached_input(config, batch_size: int, num_examples: int = 2048) -> flo
   return n / (time.perf_counter() - start)
 
 
+def bench_tiles(config, side: int, window_batch: int) -> dict:
+  """Megapixels/s of crop-mode predict on one side x side image: windows of config.crop_size
+  overlapping by config.tile_overlap, Gaussian-blended, argmax (tiles.sliding_window_classes)."""
+  module = models.create(config)
+  params = models.init_params(config, jax.random.key(0))
+  forward = tiles.logits_fn(module)
+  crop = config.crop_size
+  image = np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8)
+  start = time.perf_counter()
+  tiles.sliding_window_classes(forward, params, image[:crop, :crop], crop_size=crop,
+                               window_batch=window_batch)  # Compiles the one window batch.
+  compile_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  tiles.sliding_window_classes(forward, params, image, crop_size=crop,
+                               overlap=config.tile_overlap, window_batch=window_batch)
+  seconds = time.perf_counter() - start
+  windows = len(tiles.window_starts(side, crop, config.tile_overlap)) ** 2
+  return {'side': side, 'crop_size': crop, 'tile_overlap': config.tile_overlap,
+          'window_batch': window_batch, 'windows': windows, 'seconds': seconds,
+          'megapixels_per_second': side * side / seconds / 1e6,
+          'compile_seconds': compile_seconds}
+
+
+def _print_tiles(results: dict) -> None:
+  r = results['tiles']
+  print(f'crop-mode predict: {r["megapixels_per_second"]:.3f} megapixels/s on a {r["side"]}x'
+        f'{r["side"]} image ({r["windows"]} windows of {r["crop_size"]}, overlap '
+        f'{r["tile_overlap"]:g}, {r["window_batch"]} a pass; {r["seconds"]:.1f}s, compile '
+        f'{r["compile_seconds"]:.1f}s)', flush=True)
+
+
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.tiles_only:
+    if not FLAGS.tiles_image:
+      raise app.UsageError('--tiles_only needs --tiles_image, e.g. 4096')
+    device = jax.devices()[0]
+    results = {'device': f'{device.device_kind} ({device.platform})',
+               'widths': list(config.widths), 'dtype': config.dtype,
+               'tiles': bench_tiles(config, FLAGS.tiles_image, FLAGS.window_batch)}
+    _print_tiles(results)
+    if FLAGS.json:
+      with open(FLAGS.json, 'w') as f:
+        json.dump(results, f, indent=2)
+      print(f'wrote {FLAGS.json}')
+    return
   device = jax.devices()[0]
   results = {
       'device': f'{jax.device_count()} x {device.device_kind} ({device.platform})',
@@ -185,6 +242,9 @@ def main(argv):
   results['input_cached_images_per_second'] = bench_cached_input(config, eval_batch)
   print(f'input pipeline, cached pass: {results["input_cached_images_per_second"]:,.0f} img/s '
         f'(python bench/input_pipeline.py measures the first pass too)', flush=True)
+  if FLAGS.tiles_image:
+    results['tiles'] = bench_tiles(config, FLAGS.tiles_image, FLAGS.window_batch)
+    _print_tiles(results)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump(results, f, indent=2)

@@ -20,6 +20,7 @@ MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('constant', 'warmup_cosine')
 MASK_MODES = ('values', 'binary', 'colour')
+INPUT_MODES = ('resize', 'crop')
 # Oxford-IIIT Pet's trimap classes, in the model's order (trimap values 1, 2, 3).
 PET_CLASS_NAMES = ('pet', 'background', 'border')
 
@@ -33,7 +34,17 @@ def defaults() -> ml_collections.ConfigDict:
   config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir; None: tfds's.
   config.train_split = 'train'
   config.eval_split = 'test'
-  config.image_size = 128  # Images are resized to image_size x image_size.
+  config.image_size = 128  # Images are resized to image_size x image_size ('resize' mode).
+  # 'resize': every image squashed to image_size x image_size (the chapter's recipe); 'crop':
+  # native resolution: train on random crop_size crops, predict and evaluate with overlapping
+  # tiles (a sliding window, tiles.py). Crop mode pads small images with config.ignore_label.
+  config.input_mode = 'resize'
+  config.crop_size = 256  # 'crop' mode: the side of train crops and inference windows.
+  config.scale = 1.0  # 'crop' mode: images (bilinear) and masks (nearest) are rescaled by it first.
+  config.tile_overlap = 0.25  # 'crop' mode: the fraction of a window its neighbour shares.
+  # 'crop' mode: decoded images and masks kept in memory up to this many bytes; the rest are
+  # decoded on the fly in worker threads, ahead of the device.
+  config.cache_bytes = 2 * 1024 ** 3
   config.num_classes = 3  # Trimap classes: 0 pet, 1 background, 2 border.
   # The classes' names, one per class; None: the data set's own (Pet's three, a folder's
   # classes.json), else 'class 0', 'class 1', ...
@@ -126,6 +137,11 @@ _CHECKS = {
     'train_split': _STRING,
     'eval_split': _STRING,
     'image_size': _int_at_least(1),
+    'input_mode': (lambda v: v in INPUT_MODES, f'must be one of {", ".join(INPUT_MODES)}'),
+    'crop_size': _int_at_least(1),
+    'scale': _in_range(0, None, low_open=True),
+    'tile_overlap': _in_range(0, 1, high_open=True),
+    'cache_bytes': _int_at_least(0),
     'num_classes': _int_at_least(2),
     'class_names': (lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) > 0 and all(
         isinstance(n, str) and n for n in v)), 'must be None or a tuple of names, one per class'),
@@ -223,6 +239,17 @@ def _check_relations(config, where: str) -> None:
   problem = _image_size_problem(config.image_size, len(config.widths))
   if problem:
     raise _fail('image_size', config.image_size, problem, where)
+  if config.input_mode == 'crop':
+    problem = _image_size_problem(config.crop_size, len(config.widths))
+    if problem:
+      raise _fail('crop_size', config.crop_size, problem, where)
+    if config.ignore_label is None:
+      raise _fail('input_mode', config.input_mode,
+                  'pads images smaller than a crop with config.ignore_label, which is None; set '
+                  'one the classes do not take, e.g. --config.ignore_label=255', where)
+  elif config.scale != 1:
+    raise _fail('scale', config.scale, "is for config.input_mode='crop'; 'resize' mode resizes "
+                'every image to config.image_size', where)
   if config.class_weights is not None and len(config.class_weights) != config.num_classes:
     raise _fail('class_weights', tuple(config.class_weights),
                 f'needs one weight per class (config.num_classes={config.num_classes})', where)

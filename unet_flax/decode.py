@@ -215,3 +215,27 @@ def network_input(image: Image.Image, size: int) -> np.ndarray:
   """
   image.draft('RGB', (size, size))
   return np.asarray(to_rgb(image).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+  """(height, width) x scale, rounded, at least 1 px each."""
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def rescale(array: np.ndarray, scale: float, kind: str) -> np.ndarray:
+  """An image [H, W, 3] ('picture': bilinear) or mask [H, W] ('mask': nearest) times `scale`.
+
+  scale 1 returns the array itself: nothing is resampled.
+  """
+  if scale == 1:
+    return array
+  height, width = scaled_size(*array.shape[:2], scale)
+  resample = Image.Resampling.BILINEAR if kind == 'picture' else Image.Resampling.NEAREST
+  return np.asarray(Image.fromarray(array).resize((width, height), resample))
+
+
+def resize_mask(classes: np.ndarray, height: int, width: int) -> np.ndarray:
+  """[h, w] uint8 classes -> [height, width] uint8, nearest-neighbour (the same array if equal)."""
+  if classes.shape == (height, width):
+    return classes
+  return np.asarray(Image.fromarray(classes).resize((width, height), Image.Resampling.NEAREST))

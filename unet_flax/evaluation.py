@@ -5,6 +5,8 @@ trainer's own pipeline and eval step (per example), so its totals are the traine
 `original_resolution=True` it scores against the original-size masks (input_pipeline.originals:
 tfds trimaps or folder masks), the logits upsampled bilinearly to each image's size as predict.py
 does (inference.py). Per-image confusion matrices give both the totals and the worst images.
+In crop mode (config.input_mode == 'crop') both resolutions are the image's own: each image is
+predicted whole with the sliding window (tiles.py) and scored against its original mask.
 """
 
 import functools
@@ -26,6 +28,7 @@ from unet_flax import models
 from unet_flax import plots
 from unet_flax import reporting
 from unet_flax import steps
+from unet_flax import tiles
 from unet_flax.devices import Devices
 
 
@@ -110,6 +113,24 @@ def _score_split(model: inference.Model, data, originals, devices: Devices, orig
   return per_image, worst
 
 
+def _score_split_tiled(model: inference.Model, originals, worst_k: int,
+                      window_batch: int) -> tuple[np.ndarray, _Worst]:
+  """Crop mode: each image whole through the sliding window at its own resolution -> ([N, K, K]
+  per-image confusions, the worst k)."""
+  config, k = model.config, model.config.num_classes
+  forward = tiles.logits_fn(model.module)
+  per_image = np.zeros((len(originals), k, k), np.int64)
+  worst = _Worst(worst_k)
+  progress = reporting.Progress('evaluated', len(originals))
+  for row in range(len(originals)):
+    _, image, labels = originals[row]
+    predicted = tiles.predict_classes(forward, model.params, image, config, window_batch)
+    per_image[row] = confusions(labels[None], predicted[None], k, config.ignore_label)[0]
+    worst.offer(row, image_mean_iou(per_image[row][None])[0], (image, labels, predicted))
+    progress.update(row + 1)
+  return per_image, worst
+
+
 def _draw(files: dict, stem, total, names, worst: _Worst, originals, step: int,
           what: str, resolution: str, num_examples: int, split: str) -> None:
   """The confusion-matrix heat map and the worst-k gallery; adds the gallery to `files`."""
@@ -190,11 +211,19 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
   stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution)
   errors.make_output_dir(stem.parent, '--out')  # A full or read-only place fails before work.
   options = decode.Options.from_config(config)
-  data = input_pipeline.load_split(
-      dataset, split, data_dir=data_dir, image_size=config.image_size,
-      num_classes=config.num_classes, num_threads=config.input_threads, options=options)
   originals = input_pipeline.originals(dataset, split, data_dir, config.num_classes, options)
-  per_image, worst = _score_split(model, data, originals, devices, original_resolution, worst_k)
+  if config.input_mode == 'crop':
+    original_resolution = True  # Crop mode has no other resolution: both are the image's own.
+    stem = _output_stem(workdir, out, model.step, config, split, dataset, True)
+    data = originals
+    per_image, worst = _score_split_tiled(model, originals, worst_k,
+                                          batch_size or tiles.WINDOW_BATCH)
+  else:
+    data = input_pipeline.load_split(
+        dataset, split, data_dir=data_dir, image_size=config.image_size,
+        num_classes=config.num_classes, num_threads=config.input_threads, options=options)
+    per_image, worst = _score_split(model, data, originals, devices, original_resolution,
+                                    worst_k)
   total = per_image.sum(axis=0)
   results = jax.device_get(metrics.iou(total))
   results['confusion_matrix'] = total
@@ -204,6 +233,9 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
   where = ("each image's original resolution (logits upsampled bilinearly)"
            if original_resolution else f"the network's {config.image_size}x"
            f'{config.image_size} resolution (as the trainer evaluates)')
+  if config.input_mode == 'crop':
+    where = (f"each image's original resolution ({config.crop_size}x{config.crop_size} "
+             f'sliding window, overlap {config.tile_overlap:g}, scale {config.scale:g})')
   log(f'evaluation of {what} at {where}:\n{reporting.iou_table(results, names)}')
   resolution = 'original' if original_resolution else 'network'
   files = {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png'}

@@ -6,6 +6,9 @@ the trainer reads its data (decode.py: upright, JPEG drafted, bilinear resize to
 config.image_size); the logits are then upsampled bilinearly to each photo's own size before the
 argmax, so that masks follow the outlines at full resolution instead of the network's pixel grid.
 
+A crop-mode run (config.input_mode == 'crop') predicts each photo whole at its own resolution
+with the sliding window instead (tiles.py): no resize.
+
 Scoring a workdir on a split (evaluate.py) is evaluation.py's job; it builds on this module.
 """
 
@@ -27,6 +30,7 @@ from unet_flax import decode
 from unet_flax import errors
 from unet_flax import models
 from unet_flax import reporting
+from unet_flax import tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +181,9 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
     out: the output directory (created).
     overwrite: replace masks and overlays that exist in `out`; without it they are refused
       before anything is written.
-    batch_size: images per jit call; every call has this shape, so the model compiles once.
+    batch_size: images per jit call; every call has this shape, so the model compiles once. In
+      crop mode (config.input_mode == 'crop'), windows per call: each image is predicted whole,
+      at its own resolution, with the sliding window (tiles.py).
     stderr: where failures and progress go.
 
   Returns:
@@ -187,14 +193,21 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
   config = model.config
   outputs = dict(zip(paths, _output_paths(paths, errors.absolute(out), overwrite)))
   out = errors.make_output_dir(out, '--out')
-  batch_size = max(1, min(batch_size, len(paths)))
-  predict = model.logits_fn()
-  progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > batch_size else None
-  failed, replaced = [], 0
+  failed = []
 
   def failure(path, error):
     print(f'error: {error}; skipped', file=stderr, flush=True)
     failed.append(path)
+
+  if config.input_mode == 'crop':
+    replaced = _predict_tiled(model, paths, outputs, batch_size, failure, stderr)
+    if replaced:
+      print(f'note: replaced {replaced} existing files in {out}', file=stderr)
+    return failed
+  batch_size = max(1, min(batch_size, len(paths)))
+  predict = model.logits_fn()
+  progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > batch_size else None
+  replaced = 0
 
   def read_input(image):
     return decode.upright_size(image), decode.network_input(image, config.image_size)
@@ -226,3 +239,32 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
   if replaced:
     print(f'note: replaced {replaced} existing files in {out}', file=stderr)
   return failed
+
+
+def read_photo(path) -> np.ndarray:
+  """An image file of any format and mode -> [H, W, 3] uint8, upright RGB (decode.to_rgb).
+
+  Raises:
+    UserError: naming the file, if it cannot be read.
+  """
+  return decode.read_image(path, lambda image: np.asarray(decode.to_rgb(image)))
+
+
+def _predict_tiled(model: Model, paths: list[str], outputs: dict, window_batch: int, failure,
+                   stderr) -> int:
+  """Crop mode's predict: each image whole through the sliding window; -> files replaced."""
+  config = model.config
+  forward = tiles.logits_fn(model.module)
+  progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > 1 else None
+  replaced = 0
+  for done, path in enumerate(paths, 1):
+    try:
+      photo = read_photo(path)
+    except errors.UserError as e:
+      failure(path, e)
+      continue
+    classes = tiles.predict_classes(forward, model.params, photo, config, window_batch)
+    replaced += _write_outputs(photo, classes, outputs[path], config_lib.class_names(config))
+    if progress:
+      progress.update(done)
+  return replaced

@@ -10,6 +10,7 @@ TPU pod host never touches the others' data.
 Sources: a tfds name, or `folder:/path` (your own images and masks; see folder.py), decoded by
 the same resize path. Train batches may be augmented on the host (augment.py).
 bench/input_pipeline.py measures the first pass (decode + resize) and the cached pass.
+Crop mode (config.input_mode == 'crop') keeps images at native resolution instead: crops.py.
 """
 
 import concurrent.futures

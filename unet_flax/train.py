@@ -16,6 +16,7 @@ import numpy as np
 from unet_flax import augment
 from unet_flax import checkpoints
 from unet_flax import config as config_lib
+from unet_flax import crops
 from unet_flax import decode
 from unet_flax import errors
 from unet_flax import input_pipeline
@@ -23,6 +24,7 @@ from unet_flax import models
 from unet_flax import preemption
 from unet_flax import reporting
 from unet_flax import steps
+from unet_flax import tiles
 from unet_flax import workdir as workdir_lib
 from unet_flax.devices import Devices
 
@@ -89,6 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
 
 def _read_data(config) -> tuple[input_pipeline.Split, input_pipeline.Split]:
   """This process's shards of the train and eval splits, decoded and resized into memory."""
+  if config.input_mode == 'crop':
+    return _read_native_data(config)
   read = functools.partial(
       input_pipeline.load_split, config.dataset, data_dir=config.data_dir,
       image_size=config.image_size, num_classes=config.num_classes,
@@ -101,6 +105,39 @@ def _read_data(config) -> tuple[input_pipeline.Split, input_pipeline.Split]:
           f'{config.image_size}x{config.image_size}, decoded in '
           f'{time.perf_counter() - started:.1f}s', flush=True)
   return train_data, eval_data
+
+
+def _read_native_data(config) -> tuple[crops.NativeSplit, crops.NativeSplit]:
+  """Crop mode: the train shard and the whole eval split at native resolution (after
+  config.scale), in memory up to config.cache_bytes together (train first).
+
+  Every process evaluates the whole eval split (tiles.confusion runs on its own host).
+  """
+  read = functools.partial(
+      crops.load_native_split, config.dataset, data_dir=config.data_dir,
+      num_classes=config.num_classes, scale=config.scale, num_threads=config.input_threads,
+      options=decode.Options.from_config(config))
+  started = time.perf_counter()
+  train_data = read(config.train_split, cache_bytes=config.cache_bytes,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+  eval_data = read(config.eval_split, cache_bytes=config.cache_bytes - train_data.cached_bytes)
+  if jax.process_index() == 0:
+    held = train_data.cached_bytes + eval_data.cached_bytes
+    uncached = sum(x is None for x in train_data.cached) + sum(x is None for x in eval_data.cached)
+    print(f'data: {train_data.num_examples} train and {eval_data.num_examples} eval examples at '
+          f'native resolution (scale {config.scale:g}), {config.crop_size}x{config.crop_size} '
+          f'crops; {held / 2**20:.1f} MiB in memory'
+          + (f', {uncached} decoded on the fly (config.cache_bytes)' if uncached else '')
+          + f', read in {time.perf_counter() - started:.1f}s', flush=True)
+  return train_data, eval_data
+
+
+def _evaluate(eval_fn, state, eval_data, devices: Devices, config) -> dict:
+  """The metrics of the eval split: the trainer's eval step, or in crop mode the sliding window
+  over each image at native resolution (per-image confusion matrices summed)."""
+  if config.input_mode != 'crop':
+    return steps.evaluate(eval_fn, state, eval_data, devices)
+  return tiles.evaluate(config, state.params, eval_data)
 
 
 def _train(config, per_epoch: int, train_data: input_pipeline.Split,
@@ -134,7 +171,7 @@ def _train(config, per_epoch: int, train_data: input_pipeline.Split,
   train_fn, eval_fn = steps.compile_steps(config, devices)
   if owes_eval:
     report.text(f'evaluating step {step}, which the interrupted run saved but did not evaluate')
-    results = steps.evaluate(eval_fn, state, eval_data, devices)
+    results = _evaluate(eval_fn, state, eval_data, devices, config)
     report.eval(step, step // per_epoch, results,
                 sample=_prediction_sample(state, eval_data, config))
     if step >= total_steps:
@@ -142,7 +179,8 @@ def _train(config, per_epoch: int, train_data: input_pipeline.Split,
       return state
   report.text('compiling the train step...')
   started = time.perf_counter()
-  train_fn = train_fn.lower(state, _batch_shapes(train_data, devices), dropout_rng).compile()
+  train_fn = train_fn.lower(state, _batch_shapes(train_data, devices, config),
+                            dropout_rng).compile()
   report.text(f'compiled in {time.perf_counter() - started:.1f}s; training')
   report.start(step, total_steps)
   nonfinite = NonFiniteCheck(config.skip_nonfinite_updates,
@@ -171,7 +209,7 @@ def _train(config, per_epoch: int, train_data: input_pipeline.Split,
                   'rerun the same command to resume')
       break
     if _evaluates_at(step, config, per_epoch, total_steps):
-      results = steps.evaluate(eval_fn, state, eval_data, devices)
+      results = _evaluate(eval_fn, state, eval_data, devices, config)
       report.eval(step, step // per_epoch, results,
                   sample=_prediction_sample(state, eval_data, config))
     if save:
@@ -188,9 +226,15 @@ def _evaluates_at(step: int, config, per_epoch: int, total_steps: int) -> bool:
   return within == 0 and (epoch % config.eval_every_epochs == 0 or step == total_steps)
 
 
-def _batch_shapes(split: input_pipeline.Split, devices: Devices) -> dict:
+def _batch_shapes(split: input_pipeline.Split, devices: Devices, config) -> dict:
   """The shapes, dtypes and shardings of a global train batch, to compile the step ahead."""
   batch_size = devices.local_batch_size * jax.process_count()
+  if config.input_mode == 'crop':
+    crop = config.crop_size
+    return {'image': jax.ShapeDtypeStruct((batch_size, crop, crop, 3), np.uint8,
+                                          sharding=devices.data),
+            'label': jax.ShapeDtypeStruct((batch_size, crop, crop), np.uint8,
+                                          sharding=devices.data)}
   return {'image': jax.ShapeDtypeStruct((batch_size, *split.images.shape[1:]), split.images.dtype,
                                         sharding=devices.data),
           'label': jax.ShapeDtypeStruct((batch_size, *split.labels.shape[1:]), split.labels.dtype,
@@ -203,6 +247,14 @@ def _batches_from(step: int, split: input_pipeline.Split, config, devices: Devic
   augmentation = augment.Options.from_config(config)
   while step < total_steps:
     epoch, first = divmod(step, per_epoch)
+    if config.input_mode == 'crop':
+      yield from crops.crop_batches(
+          split, devices.local_batch_size, crop_size=config.crop_size,
+          ignore_label=config.ignore_label, seed=config.seed, epoch=epoch,
+          process_index=jax.process_index(), first_step=first, num_steps=per_epoch,
+          augmentation=augmentation, num_threads=config.input_threads)
+      step += per_epoch - first
+      continue
     yield from input_pipeline.train_batches(
         split, devices.local_batch_size, seed=config.seed, epoch=epoch,
         process_index=jax.process_index(), first_step=first, num_steps=per_epoch,
@@ -254,6 +306,13 @@ def _prediction_sample(state, split: input_pipeline.Split, config) -> dict | Non
   n = min(config.num_prediction_images, len(split))
   if n == 0 or jax.process_index() != 0:
     return None
+  if config.input_mode == 'crop':
+    examples = [split[row] for row in range(n)]
+    forward, params = tiles.forward_of(config), state.params
+    return {'image': [image for image, _ in examples], 'label': [l for _, l in examples],
+            'prediction': [tiles.sliding_window_classes(
+                forward, params, image, crop_size=config.crop_size,
+                overlap=config.tile_overlap) for image, _ in examples]}
   images = split.images[:n]
   predicted = jax.jit(steps.predict)(jax.device_get(state), images)
   return {'image': images, 'label': split.labels[:n], 'prediction': np.asarray(predicted)}

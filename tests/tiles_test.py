@@ -1,0 +1,227 @@
+"""Crop mode: the sliding window against whole-image forward passes, random crops, end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from unet_flax import config as config_lib
+from unet_flax import crops
+from unet_flax import errors
+from unet_flax import evaluation
+from unet_flax import inference
+from unet_flax import models
+from unet_flax import tiles
+from unet_flax import train
+
+K = 3
+IGNORE = 255
+
+
+@pytest.fixture(scope='module')
+def model():
+  """A tiny U-Net (2 levels: sides divisible by 4), its parameters and the jitted window pass."""
+  module = models.UNet(num_classes=K, widths=(4, 8), dropout_rate=0.0)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']
+  return module, params, tiles.logits_fn(module)
+
+
+def _image(h, w, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)
+
+
+def test_gaussian_weight_is_1_at_the_centre_and_falls_to_the_edges():
+  weight = tiles.gaussian_weight(32)
+  assert weight.shape == (32, 32) and weight.dtype == np.float32
+  assert weight.max() == 1 == weight[15, 16]  # The 4 centre pixels, 0.5 px from the centre.
+  sigma = 0.125 * 32
+  expected = np.exp(-0.5 * ((np.arange(32) - 15.5) / sigma) ** 2) / np.exp(-0.5 * (0.5 / sigma) ** 2)
+  np.testing.assert_allclose(weight[15], np.maximum(expected * 1.0, tiles.MIN_WEIGHT), rtol=1e-5)
+  assert weight[0, 0] == pytest.approx(tiles.MIN_WEIGHT)  # exp(-0.5 * (15.5 / 4)^2)^2 < 1e-3.
+  np.testing.assert_array_equal(weight, weight.T)
+
+
+def test_window_starts_step_by_the_overlap_and_end_at_the_edge():
+  assert tiles.window_starts(32, 32, 0.25) == [0]
+  assert tiles.window_starts(20, 32, 0.25) == [0]  # Padded to one window.
+  assert tiles.window_starts(56, 32, 0.25) == [0, 24]
+  assert tiles.window_starts(100, 32, 0.5) == [0, 16, 32, 48, 64, 68]
+  assert tiles.window_starts(40, 32, 0.0) == [0, 8]
+
+
+def test_an_image_of_one_window_gives_the_direct_forward_pass(model):
+  module, params, forward = model
+  image = _image(32, 32)
+  tiled = tiles.sliding_window_logits(forward, params, image, crop_size=32)
+  direct = np.asarray(models.logits(module, params, image[None]))[0]
+  np.testing.assert_allclose(tiled, direct, atol=1e-5)
+
+
+def test_tiled_logits_match_the_whole_image_away_from_the_border(model):
+  """40x56 in 32-px windows, 6 of them (two batches of 4, the last padded). The network is
+  convolutional, so it runs on the whole image too; windows see zero padding at their edges that
+  the whole image does not, which the Gaussian weight keeps small."""
+  module, params, forward = model
+  image = _image(40, 56, seed=1)
+  tiled = tiles.sliding_window_logits(forward, params, image, crop_size=32, overlap=0.5,
+                                      window_batch=4)
+  whole = np.asarray(models.logits(module, params, image[None]))[0]
+  inner = (slice(8, -8), slice(8, -8))
+  # Measured: 0.009 inside, 0.10 at the border, where the mean |logit| is 0.094.
+  assert np.abs(tiled - whole)[inner].max() < 0.03
+  classes = tiles.sliding_window_classes(forward, params, image, crop_size=32, overlap=0.5,
+                                         window_batch=4)
+  assert classes.dtype == np.uint8 and classes.shape == (40, 56)
+  np.testing.assert_array_equal(classes, tiled.argmax(-1))
+
+
+def test_an_image_smaller_than_a_window_is_padded_then_cropped_back(model):
+  module, params, forward = model
+  image = _image(20, 12, seed=2)
+  classes = tiles.sliding_window_classes(forward, params, image, crop_size=32, window_batch=2)
+  padded = np.zeros((32, 32, 3), np.uint8)
+  padded[:20, :12] = image
+  direct = np.asarray(models.logits(module, params, padded[None]))[0, :20, :12]
+  assert classes.shape == (20, 12)
+  np.testing.assert_array_equal(classes, direct.argmax(-1))
+
+
+def test_crop_mode_needs_an_ignore_label_and_a_crop_the_widths_divide():
+  config = config_lib.defaults()
+  config.input_mode = 'crop'
+  with pytest.raises(errors.UserError, match=r'--config.ignore_label=255'):
+    config_lib.validate(config)
+  config.ignore_label = 255
+  config.crop_size = 100
+  with pytest.raises(errors.UserError, match=r'crop_size=100 .* use 96 or 104'):
+    config_lib.validate(config)
+  config.crop_size, config.scale = 96, 0.5
+  config_lib.validate(config)
+
+
+def _split(sizes, seed=0):
+  rng = np.random.default_rng(seed)
+  examples = [(rng.integers(0, 256, (h, w, 3), np.uint8),
+               rng.integers(0, K, (h, w), np.uint8)) for h, w in sizes]
+  return crops.NativeSplit(len(examples), range(len(examples)), examples, None)
+
+
+def test_crops_cut_image_and_mask_together_and_pad_masks_with_the_ignore_label():
+  split = _split([(40, 56), (10, 20)])
+  batch = crops.crop_batch(split, np.array([0, 1]), crop_size=16, ignore_label=IGNORE, seed=0,
+                           epoch=0, step=0, process_index=0)
+  image, labels = split[0]
+  # Find the crop of example 0 in its image: its mask must be cut at the same place.
+  found = [(t, l) for t in range(40 - 15) for l in range(56 - 15)
+           if np.array_equal(image[t:t + 16, l:l + 16], batch['image'][0])]
+  assert len(found) == 1
+  top, left = found[0]
+  np.testing.assert_array_equal(batch['label'][0], labels[top:top + 16, left:left + 16])
+  small_image, small_labels = split[1]  # 10 rows: rows 10.. are padding.
+  assert (batch['label'][1, 10:] == IGNORE).all() and (batch['image'][1, 10:] == 0).all()
+  assert (batch['label'][1, :10] != IGNORE).all()
+  assert any(np.array_equal(batch['label'][1, :10], small_labels[:, l:l + 16]) for l in range(5))
+
+
+def test_crop_batches_are_a_function_of_their_seeds_so_resume_crops_the_same():
+  split = _split([(40, 56), (24, 20), (33, 47), (16, 16)])
+  kwargs = dict(crop_size=16, ignore_label=IGNORE, seed=3, epoch=1, process_index=0,
+                num_steps=4)
+  whole = list(crops.crop_batches(split, 2, **kwargs))
+  resumed = list(crops.crop_batches(split, 2, first_step=2, **kwargs))
+  assert len(whole) == 4 and len(resumed) == 2
+  for a, b in zip(whole[2:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  # Not in memory: decoded on the fly in threads, ahead of the consumer; the same batches.
+  uncached = crops.NativeSplit(4, range(4), [split.cached[0], None, None, split.cached[3]],
+                               lambda i: ('x', *split.cached[i]))
+  for a, b in zip(whole, crops.crop_batches(uncached, 2, num_threads=2, **kwargs)):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  other_epoch = next(iter(crops.crop_batches(split, 2, **{**kwargs, 'epoch': 2})))
+  assert not np.array_equal(other_epoch['image'], whole[0]['image'])
+
+
+# stem: (height, width); not square, one smaller than a crop.
+_FOLDER = {'a': (40, 56), 'b': (24, 20), 'c': (40, 56)}
+
+
+def _write_folder(root):
+  rng = np.random.default_rng(0)
+  (root / 'images').mkdir(parents=True)
+  (root / 'masks').mkdir()
+  for stem, (h, w) in _FOLDER.items():
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(root / 'images' / f'{stem}.png')
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 1
+    mask[:2] = IGNORE  # Not labelled: counts nothing.
+    Image.fromarray(mask).save(root / 'masks' / f'{stem}.png')
+  return root
+
+
+def test_crop_mode_trains_evaluates_and_predicts_at_the_images_own_sizes(tmp_path, tiny_config):
+  data = _write_folder(tmp_path / 'data')
+  config = tiny_config
+  config.dataset = f'folder:{data}'
+  config.num_classes, config.ignore_label = 2, IGNORE
+  config.input_mode, config.crop_size, config.tile_overlap = 'crop', 16, 0.25
+  config.batch_size, config.steps_per_epoch, config.num_epochs = 2, 1, 2
+  config.augment_flip = True
+  config.num_prediction_images = 1
+  workdir = tmp_path / 'run'
+  state = train.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == 2
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  evals = [l for l in lines if 'mean_iou' in l]
+  assert evals, lines
+  # The one test image at its own size less its 2 ignored rows: every pixel counted once.
+  confusion = np.array(evals[-1]['confusion_matrix'])
+  sizes = {s: (h - 2) * w for s, (h, w) in _FOLDER.items()}
+  assert confusion.sum() in sizes.values()
+  assert (workdir / 'predictions' / 'step_2.png').exists()
+
+  report = evaluation.evaluate(workdir, split='train', worst_k=1, log=lambda _: None)
+  assert report['resolution'] == 'original'
+  assert np.array(report['confusion_matrix']).sum() == sum(sizes.values()) - confusion.sum()
+
+  model = inference.load_model(workdir)
+  paths = [str(data / 'images' / f'{s}.png') for s in _FOLDER]
+  assert inference.predict_files(model, paths, tmp_path / 'out', batch_size=3) == []
+  for stem, (h, w) in _FOLDER.items():
+    mask = np.asarray(Image.open(tmp_path / 'out' / f'{stem}_mask.png'))
+    assert mask.shape == (h, w) and mask.max() < 2
+
+
+_STRIP = '''
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from unet_flax import models, tiles
+module = models.UNet(num_classes=3, widths=(4, 8), dropout_rate=0.0)
+params = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']
+image = np.random.default_rng(0).integers(0, 256, (20000, 500, 3), np.uint8)
+started = time.perf_counter()
+# Overlap 0: half the windows of 0.25, the same memory; 45 s on a loaded 2-core machine.
+classes = tiles.sliding_window_classes(tiles.logits_fn(module), params, image, crop_size=256,
+                                       window_batch=8, overlap=0.0)
+assert classes.shape == (20000, 500) and classes.dtype == np.uint8
+print(f'{time.perf_counter() - started:.1f}s')
+'''
+
+
+def test_a_20000_by_500_strip_is_tiled_in_bounded_memory(tmp_path):
+  """Peak RSS of a child predicting a 10-megapixel strip: JAX itself, the image (30 MB), one
+  [H, W, 3] float32 accumulator (120 MB) and a batch of windows; no [H, W] resize anywhere."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests import conftest  # pylint: disable=g-import-not-at-top
+  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  done = subprocess.run([sys.executable, '-c', _STRIP], env=conftest.script_env(tmp_path),
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  assert peak_kib > before or before < 2 * 2**20  # Another child's larger peak would hide ours.
+  assert peak_kib < 2 * 2**20, f'peak RSS {peak_kib / 2**20:.2f} GiB'  # Measured: 0.64 GiB.

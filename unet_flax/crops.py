@@ -1,0 +1,179 @@
+"""Crop mode's data: images and masks at native resolution (after config.scale), random crops.
+
+`load_native_split` decodes this process's shard of a split at each example's stored size,
+rescaled by config.scale, and keeps the uint8 arrays in memory (a list: sizes differ) while their
+total stays under a byte budget (config.cache_bytes); the examples past it are decoded again
+each time they are drawn. `crop_batches` gives one epoch of train batches: one random
+crop_size x crop_size crop per example, image and mask cut together, drawn from (seed, epoch,
+step, process) so that a resumed run crops exactly as an uninterrupted one. Images smaller than
+the crop are padded (images with 0, masks with config.ignore_label, which then counts nothing).
+Batches that need decoding are made in worker threads, a bounded number ahead of the device.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from unet_flax import augment
+from unet_flax import decode
+from unet_flax import input_pipeline
+
+_SALT = 0xC209  # Keeps the crop stream apart from the shuffle's and the augmentation's.
+PREFETCH_BATCHES = 4  # Batches decoded ahead when some examples are not in memory.
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeSplit(Sequence):
+  """One process's shard of a split at native resolution (after scale), partly in memory.
+
+  split[row] -> (image [H, W, 3] uint8, labels [H, W] uint8 in [0, K) or the ignore label).
+
+  Attributes:
+    num_examples: examples in the whole split, over all processes.
+    indices: the split's index of each row of this shard.
+    cached: each row's (image, labels), or None for rows decoded when asked for.
+    read: split index -> (file name, image, labels) at the stored size.
+    scale: applied to what `read` gives (images bilinear, masks nearest).
+  """
+  num_examples: int
+  indices: Sequence[int]
+  cached: list
+  read: Callable[[int], tuple[str, np.ndarray, np.ndarray]]
+  scale: float = 1.0
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+    if self.cached[row] is not None:
+      return self.cached[row]
+    return _scaled(self.read(self.indices[row]), self.scale)
+
+  @property
+  def cached_bytes(self) -> int:
+    return sum(image.nbytes + labels.nbytes for image, labels in filter(None, self.cached))
+
+
+def _scaled(example, scale: float) -> tuple[np.ndarray, np.ndarray]:
+  _, image, labels = example
+  return decode.rescale(image, scale, 'picture'), decode.rescale(labels, scale, 'mask')
+
+
+def load_native_split(dataset: str, split: str, *, data_dir: str | None, num_classes: int,
+                      scale: float = 1.0, cache_bytes: int = 2 * 1024 ** 3,
+                      process_index: int = 0, process_count: int = 1, num_threads: int = 0,
+                      options: decode.Options = decode.Options()) -> NativeSplit:
+  """Decodes this process's shard of `split` at native resolution, in parallel, into memory
+  until `cache_bytes` are held; later examples are left to be decoded when drawn.
+
+  Raises:
+    UserError: naming the file, for an example that cannot be read (those decoded here).
+  """
+  originals = input_pipeline.originals(dataset, split, data_dir, num_classes, options)
+  indices = range(process_index, originals.num_examples, process_count)
+  cached = [None] * len(indices)
+  threads = num_threads or os.cpu_count() or 1
+  held = 0
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for start in range(0, len(indices), 4 * threads):
+      rows = range(start, min(start + 4 * threads, len(indices)))
+      for row, example in zip(rows, pool.map(lambda r: _scaled(originals.read(indices[r]), scale),
+                                             rows)):
+        size = example[0].nbytes + example[1].nbytes
+        if held + size > cache_bytes:
+          return NativeSplit(originals.num_examples, indices, cached, originals.read, scale)
+        cached[row] = example
+        held += size
+  return NativeSplit(originals.num_examples, indices, cached, originals.read, scale)
+
+
+def crop_rng(seed: int, epoch: int, step: int, process_index: int) -> np.random.Generator:
+  """The generator of one batch's crop boxes: a function of (seed, epoch, step, process) alone."""
+  return np.random.default_rng([_SALT, seed, epoch, step, process_index])
+
+
+def random_crop(image: np.ndarray, labels: np.ndarray, crop_size: int, rng: np.random.Generator,
+                ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
+  """One crop_size x crop_size crop of an image and its mask, at one random place for both.
+
+  A side shorter than the crop is padded at the end (image 0, mask ignore_label).
+
+  Returns:
+    (image [crop, crop, 3] uint8, labels [crop, crop] uint8), new arrays.
+  """
+  h, w = labels.shape
+  top = int(rng.integers(0, max(h - crop_size, 0) + 1))
+  left = int(rng.integers(0, max(w - crop_size, 0) + 1))
+  out_image = np.zeros((crop_size, crop_size, 3), np.uint8)
+  out_labels = np.full((crop_size, crop_size), ignore_label, np.uint8)
+  part = (slice(top, top + crop_size), slice(left, left + crop_size))
+  cut_image, cut_labels = image[part], labels[part]
+  out_image[:cut_labels.shape[0], :cut_labels.shape[1]] = cut_image
+  out_labels[:cut_labels.shape[0], :cut_labels.shape[1]] = cut_labels
+  return out_image, out_labels
+
+
+def crop_batch(split: NativeSplit, rows: np.ndarray, *, crop_size: int, ignore_label: int,
+               seed: int, epoch: int, step: int, process_index: int,
+               augmentation: augment.Options = augment.Options()) -> dict:
+  """The batch of `rows`: a random crop of each, then the augmentations (augment.py).
+
+  Returns:
+    {'image': [b, crop, crop, 3] uint8, 'label': [b, crop, crop] uint8}.
+  """
+  rng = crop_rng(seed, epoch, step, process_index)
+  images = np.empty((len(rows), crop_size, crop_size, 3), np.uint8)
+  labels = np.empty((len(rows), crop_size, crop_size), np.uint8)
+  for i, row in enumerate(rows):
+    images[i], labels[i] = random_crop(*split[row], crop_size, rng, ignore_label)
+  if augmentation.enabled:
+    images, labels = augment.augment(images, labels,
+                                     augment.batch_rng(seed, epoch, step, process_index),
+                                     augmentation)
+  return {'image': images, 'label': labels}
+
+
+def crop_batches(split: NativeSplit, batch_size: int, *, crop_size: int, ignore_label: int,
+                 seed: int, epoch: int, process_index: int, first_step: int = 0,
+                 num_steps: int | None = None, augmentation: augment.Options = augment.Options(),
+                 num_threads: int = 0) -> Iterator[dict]:
+  """One epoch of this process's crop batches, reshuffled from (seed, epoch); starts at
+  `first_step`. Arguments as input_pipeline.train_batches, plus the crop's.
+
+  When every example is in memory the batches are made here; else in `num_threads` worker
+  threads (0: one per core), at most PREFETCH_BATCHES ahead. Either way each batch is a function
+  of (seed, epoch, step, process) alone.
+
+  Yields:
+    {'image': [b, crop, crop, 3] uint8, 'label': [b, crop, crop] uint8}.
+  """
+  order = input_pipeline.epoch_permutation(seed, epoch, process_index, len(split))
+  num_steps = len(split) // batch_size if num_steps is None else num_steps
+
+  def make(step):
+    positions = np.arange(step * batch_size, (step + 1) * batch_size) % len(order)
+    return crop_batch(split, np.sort(order[positions]), crop_size=crop_size,
+                      ignore_label=ignore_label, seed=seed, epoch=epoch, step=step,
+                      process_index=process_index, augmentation=augmentation)
+
+  if all(example is not None for example in split.cached):
+    for step in range(first_step, num_steps):
+      yield make(step)
+    return
+  with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
+    ahead = collections.deque()
+    steps = iter(range(first_step, num_steps))
+    for step in steps:
+      ahead.append(pool.submit(make, step))
+      if len(ahead) >= PREFETCH_BATCHES:
+        break
+    while ahead:
+      batch = ahead.popleft().result()  # Re-raises a worker's error here.
+      for step in steps:
+        ahead.append(pool.submit(make, step))
+        break
+      yield batch
