@@ -208,7 +208,7 @@ def test_16_bit_images_of_12_bit_data(tmp_path, capsys):
   config = _config(dataset, 2, image_max_value=4095.0)
   image = input_pipeline.originals(dataset, 'train', None, 2,
                                    decode.Options.from_config(config))[0][1]
-  np.testing.assert_array_equal(image[..., 0], np.round(pixels * 255 / 4095).astype(np.uint8))
+  np.testing.assert_array_equal(image[..., 0], np.round(pixels * (255 / 4095)).astype(np.uint8))
 
 
 def test_empty_eval_split_is_refused_before_anything_is_written(tmp_path, tiny_config):
