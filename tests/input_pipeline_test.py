@@ -1,6 +1,7 @@
 """The pipeline: decoding and resizing, the trimap shift, shuffling, resuming, sharding, padding."""
 
 import io
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -139,3 +140,18 @@ def test_load_split_shards_are_disjoint_and_cover_the_split(tiny_config):
   np.testing.assert_array_equal(shards[0].labels, whole.labels[0::2])
   assert set(np.unique(whole.labels)) <= {0, 1, 2}
   assert input_pipeline.num_examples(tiny_config.dataset, 'test', tiny_config.data_dir) == 12
+
+
+def test_a_damaged_prepared_data_set_is_one_line_saying_how_to_rebuild_it(tmp_path, tfds_dir):
+  input_pipeline.get_builder('synthetic_pets/tiny', tfds_dir)  # Prepared, then copied.
+  data_dir = tmp_path / 'tfds'
+  shutil.copytree(tfds_dir, data_dir)
+  [record] = sorted(data_dir.glob('synthetic_pets/tiny/*/*test.array_record*'))[:1]
+  record.write_bytes(record.read_bytes()[:100])  # Cut short, as by a full disk or a bad copy.
+  with pytest.raises(errors.UserError) as raised:
+    input_pipeline.load_split('synthetic_pets/tiny', 'test', data_dir=str(data_dir),
+                              image_size=16, num_classes=3)
+  message = str(raised.value)
+  assert '\n' not in message
+  assert f'of the prepared data set in {record.parent} cannot be read' in message
+  assert message.endswith(f'delete {record.parent} and rerun, which prepares it again')

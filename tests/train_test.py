@@ -1,6 +1,7 @@
 """train_step, eval_step and train_and_evaluate on tiny data."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +132,36 @@ def test_num_microbatches(tiny_config):
   tiny_config.update({'num_microbatches': 2, 'dice_weight': 0.5})
   with pytest.raises(errors.UserError, match='config.dice_weight=0.5'):
     config_lib.validate(tiny_config)
+
+
+def test_a_run_stopped_after_an_epochs_last_step_evaluates_it_on_rerun(tmp_path, tiny_config,
+                                                                        capsys):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, tmp_path)
+  metrics_file = tmp_path / 'metrics.jsonl'
+  lines = metrics_file.read_text().splitlines()
+  # As a SIGTERM during step 3 leaves it: the step saved, its evaluation not run.
+  metrics_file.write_text(''.join(l + '\n' for l in lines if json.loads(l)['split'] != 'eval'))
+  capsys.readouterr()
+  train.train_and_evaluate(tiny_config, tmp_path)
+  out = capsys.readouterr().out
+  assert 'evaluating step 3, which the interrupted run saved but did not evaluate' in out
+  evals = [json.loads(l) for l in metrics_file.read_text().splitlines()
+           if json.loads(l)['split'] == 'eval']
+  assert [e['step'] for e in evals] == [3]
+  train.train_and_evaluate(tiny_config, tmp_path)  # Nothing owed now.
+  assert 'already trained: step 3 of 3' in capsys.readouterr().out
+
+
+def test_records_after_the_restored_step_are_dropped_on_resume(tmp_path, tiny_config):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, tmp_path)
+  metrics_file = tmp_path / 'metrics.jsonl'
+  # As a kill after step 3's records but before its checkpoint leaves it, with a cut line.
+  shutil.rmtree(tmp_path / 'checkpoints' / '3')
+  metrics_file.write_text(metrics_file.read_text() + '{"step": 4, "spl')
+  tiny_config.num_epochs = 2
+  train.train_and_evaluate(tiny_config, tmp_path)
+  records = [json.loads(l) for l in metrics_file.read_text().splitlines()]
+  assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
+  assert metrics_file.read_text().endswith('\n')
