@@ -183,3 +183,15 @@ def test_skip_nonfinite_updates_skips_them_in_the_step_and_counts_them(tiny_conf
   for after_1, after_3 in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[2])):
     np.testing.assert_array_equal(after_1, after_3)  # Steps 2 and 3 changed nothing.
     assert np.all(np.isfinite(after_3))
+
+
+def test_sigterm_while_the_data_set_is_prepared_exits_0_having_written_nothing(tmp_path,
+                                                                                compile_cache):
+  workdir = tmp_path / 'run'
+  code, out = _run(workdir, str(tmp_path / 'fresh_tfds'), compile_cache, sig=signal.SIGTERM,
+                   signal_when=lambda out: 'generating synthetic_pets/tiny' in out)
+  assert code == 0, out
+  assert (f'stopped by SIGTERM while preparing the data, before training; nothing was written to '
+          f'{workdir}; rerun the same command to start') in out
+  assert 'Traceback' not in out
+  assert not workdir.exists()
