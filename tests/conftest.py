@@ -179,11 +179,13 @@ def gradient_picture(height: int, width: int) -> np.ndarray:
   return np.stack([x * 255 // width, y * 255 // height, (x * y) % 256], -1).astype(np.uint8)
 
 
-def colour_counts(path, colours) -> list[int]:
-  """How many pixels of the PNG at `path` have exactly each RGB colour of `colours`."""
+def colour_counts(path, colours, tolerance: int = 0) -> list[int]:
+  """How many pixels of the PNG at `path` have each RGB colour of `colours` (uint8 triples),
+  each channel within `tolerance`."""
   with Image.open(path) as image:
-    pixels = np.asarray(image.convert('RGB')).reshape(-1, 3)
-  return [int(np.all(pixels == np.asarray(c, np.uint8), axis=1).sum()) for c in colours]
+    pixels = np.asarray(image.convert('RGB')).reshape(-1, 3).astype(int)
+  return [int(np.all(np.abs(pixels - np.asarray(c, int)) <= tolerance, axis=1).sum())
+          for c in colours]
 
 
 def png_pixels(path) -> np.ndarray:

@@ -8,12 +8,31 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from tests.conftest import FOLDER_CLASSES
+from tests.conftest import colour_counts
+from tests.conftest import png_pixels
 from tests.conftest import run_script
 from tests.conftest import write_folder_data
 from unet_flax import evaluation
 from unet_flax import input_pipeline
 from unet_flax import metrics
+from unet_flax import plots
 from unet_flax import train
+
+def _assert_pictures(report, stem):
+  """<stem>_confusion.png is the report's confusion matrix; <stem>_worst.png shows masks."""
+  assert report['files'] == {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png',
+                             'worst': f'{stem}_worst.png'}
+  title = (f'step {report["step"]} on {report["dataset"]} {report["split"]} '
+           f'({report["num_examples"]} images)\nat {report["resolution"]} resolution, rows sum '
+           'to 100%')
+  plots.confusion_matrix(f'{stem}_redrawn.png', np.array(report['confusion_matrix']), title)
+  np.testing.assert_array_equal(png_pixels(f'{stem}_confusion.png'),
+                                png_pixels(f'{stem}_redrawn.png'))
+  # Every row's true mask holds each class (the synthetic and folder masks do), drawn large.
+  rows = len(report['worst'])
+  counts = colour_counts(f'{stem}_worst.png', plots.class_palette(3))
+  assert min(counts) > 300 * rows, counts
+
 
 def test_per_image_confusions_and_mean_iou_equal_metrics_iou_of_each_image():
   rng = np.random.default_rng(0)
@@ -41,8 +60,7 @@ def test_evaluate_equals_the_trainers_eval_and_draws_pictures(trained_workdir, t
   assert report['pixel_accuracy'] == trainer['pixel_accuracy']
   assert "at the network's 16x16 resolution" in printed[0]
   assert json.loads((tmp_path / 'step_6.json').read_text()) == report
-  for png in ('step_6_confusion.png', 'step_6_worst.png'):
-    assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+  _assert_pictures(report, tmp_path / 'step_6')
   worst = [w['mean_iou'] for w in report['worst']]
   assert len(worst) == 2 and worst == sorted(worst)
 
@@ -58,7 +76,7 @@ def test_evaluate_at_original_resolution_counts_every_original_pixel(trained_wor
   assert pixels != 12 * 16 * 16
   assert np.sum(report['confusion_matrix']) == pixels
   assert "at each image's original resolution" in printed[0]
-  assert (tmp_path / 'original_worst.png').read_bytes()[:4] == b'\x89PNG'
+  _assert_pictures(report, tmp_path / 'original')
 
 
 def test_evaluate_a_folder_data_set_at_both_resolutions(tmp_path, tiny_config):
@@ -86,7 +104,7 @@ def test_evaluate_a_folder_data_set_at_both_resolutions(tmp_path, tiny_config):
   assert np.sum(original['confusion_matrix']) == sum(m.size for m in masks) == 20 * 24 + 24 * 16
   np.testing.assert_array_equal(np.sum(original['confusion_matrix'], axis=1), truth)  # No shift.
   assert sorted(w['file_name'] for w in original['worst']) == ['cat_01.jpg', 'dog_01.jpg']
-  assert (tmp_path / 'original_worst.png').read_bytes()[:4] == b'\x89PNG'
+  _assert_pictures(original, tmp_path / 'original')
 
 
 def test_evaluate_cli_reports_a_missing_workdir_in_one_line(tmp_path):
