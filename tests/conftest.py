@@ -171,6 +171,19 @@ def snapshot(root) -> dict:
           for p in root.rglob('*')}
 
 
+def read_only_dir(tmp_path):
+  """A directory this process cannot write, or a skip where none can be made."""
+  path = tmp_path / 'read_only'
+  path.mkdir()
+  path.chmod(0o555)
+  if not os.access(path, os.W_OK):
+    return path
+  # Root writes through permission bits; the kernel refuses writes to /proc/sys even to root.
+  if os.path.isdir('/proc/sys') and not os.access('/proc/sys', os.W_OK):
+    return pathlib.Path('/proc/sys')
+  pytest.skip('this process can write everywhere (root, and no /proc/sys)')
+
+
 # Pictures.
 
 def gradient_picture(height: int, width: int) -> np.ndarray:
