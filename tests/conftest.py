@@ -167,7 +167,8 @@ def snapshot(root) -> dict:
   Equal snapshots: nothing was added, removed, written or touched.
   """
   root = pathlib.Path(root)
-  return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+  return {str(p.relative_to(root)):
+          (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
           for p in root.rglob('*')}
 
 
@@ -182,6 +183,21 @@ def read_only_dir(tmp_path):
   if os.path.isdir('/proc/sys') and not os.access('/proc/sys', os.W_OK):
     return pathlib.Path('/proc/sys')
   pytest.skip('this process can write everywhere (root, and no /proc/sys)')
+
+
+def tensorboard_scalars(directory) -> dict:
+  """{(tag, step): value} of every scalar in the event files (TFRecords) under `directory`."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for path in sorted(pathlib.Path(directory).glob('events.out.tfevents.*')):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      length = int.from_bytes(data[i:i + 8], 'little')
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])  # After length and CRC.
+      i += 12 + length + 4
+      for value in event.summary.value:
+        scalars[(value.tag, event.step)] = value.simple_value
+  return scalars
 
 
 # Pictures.

@@ -75,7 +75,8 @@ def _refusal(path, flag='--out') -> str:
 
 def test_make_output_dir_refuses_a_file_a_path_through_a_file_and_a_read_only_dir(here):
   (here / 'file').write_text('')
-  assert _refusal('file') == f'--out {here / "file"} is a file, not a directory; choose another path'
+  assert _refusal('file') == (f'--out {here / "file"} is a file, not a directory; choose another '
+                              'path')
   assert _refusal('file/x', '--workdir') == (f'--workdir {here / "file" / "x"} cannot be created '
                                              '(Not a directory); choose a writable path')
   read_only = read_only_dir(here)

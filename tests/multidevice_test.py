@@ -63,7 +63,8 @@ def _steps(tmp_path, runs):
   for devices, microbatches in runs:
     out = tmp_path / f'{devices}_{microbatches}.npz'
     subprocess.run([sys.executable, '-c', STEP, str(out), str(microbatches)],
-                   env=script_env('', XLA_FLAGS=_devices(devices)), cwd=ROOT, check=True, timeout=300)
+                   env=script_env('', XLA_FLAGS=_devices(devices)), cwd=ROOT, check=True,
+                   timeout=300)
     results.append(np.load(out))
     assert int(results[-1]['devices']) == devices
   return results

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from tests.conftest import tensorboard_scalars
 from unet_flax import reporting
 
 
@@ -95,7 +96,10 @@ def test_train_logs_the_mean_loss_speed_and_eta(tmp_path, tiny_config, clock, ca
        'nonfinite_updates': 1},
       {'step': 10_000, 'split': 'train', 'loss': 0.25, 'images_per_second': 16.0,
        'nonfinite_updates': 1}]
-  assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+  assert tensorboard_scalars(tmp_path / 'tensorboard') == {
+      (f'train/{name}', step): value
+      for step, loss, speed in [(10, 2.0, 16.0), (20, 0.5, 8 / 6), (10_000, 0.25, 16.0)]
+      for name, value in [('loss', loss), ('images_per_second', pytest.approx(speed))]}
 
 
 RESULTS = {
@@ -137,7 +141,8 @@ def test_eval_prints_the_table_and_records_every_score(tmp_path, tiny_config, ca
   border = record.pop('iou_border')
   assert border is None or math.isnan(border)  # No pixels of the class: no IoU.
   assert record == {'step': 3, 'split': 'eval', 'mean_iou': 0.375,
-                    'pixel_accuracy': float(np.float32(0.6)), 'mean_dice': float(np.float32(8 / 15)),
+                    'pixel_accuracy': float(np.float32(0.6)),
+                    'mean_dice': float(np.float32(8 / 15)),
                     'iou_pet': 0.5, 'iou_background': 0.25,
                     'confusion_matrix': [[3, 1, 0], [2, 1, 0], [0, 0, 0]]}
   assert report.evaluated(3) is False  # Only what resume read: a run evaluates each step once.

@@ -3,14 +3,13 @@ non-finite loss."""
 
 import json
 import shutil
-import struct
 
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
 
 from tests.conftest import colour_counts
 from tests.conftest import snapshot
+from tests.conftest import tensorboard_scalars
 from unet_flax import checkpoints
 from unet_flax import errors
 from unet_flax import input_pipeline
@@ -33,20 +32,6 @@ def _numpy_scores(confusion) -> dict:
           'pixel_accuracy': tp.sum() / confusion.sum()}
 
 
-def _tensorboard_scalars(directory) -> dict:
-  """{(tag, step): value} of every scalar in the event files (TFRecords) under `directory`."""
-  scalars = {}
-  for path in sorted(directory.glob('events.out.tfevents.*')):
-    data, i = path.read_bytes(), 0
-    while i < len(data):
-      (length,) = struct.unpack('<Q', data[i:i + 8])
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])  # After length and CRC.
-      i += 12 + length + 4
-      for value in event.summary.value:
-        scalars[(value.tag, event.step)] = value.simple_value
-  return scalars
-
-
 def test_train_and_evaluate_writes_metrics_that_add_up(trained_workdir):
   records = _records(trained_workdir)
   assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
@@ -61,7 +46,7 @@ def test_train_and_evaluate_writes_metrics_that_add_up(trained_workdir):
                                want['per_class_iou'], rtol=1e-6)
   assert evals[0]['confusion_matrix'] != evals[1]['confusion_matrix']  # Trained in between.
   # TensorBoard holds the same numbers (float32).
-  scalars = _tensorboard_scalars(trained_workdir / 'tensorboard')
+  scalars = tensorboard_scalars(trained_workdir / 'tensorboard')
   for r in records:
     names = ['loss', 'images_per_second'] if r['split'] == 'train' else [
         'mean_iou', 'pixel_accuracy', 'mean_dice', 'iou_pet', 'iou_background', 'iou_border']
@@ -93,8 +78,7 @@ def test_second_run_resumes_from_the_saved_step(tmp_path, tiny_config, capsys):
   second = train.train_and_evaluate(tiny_config, str(tmp_path))
   assert 'resumed from step 3 of 6' in capsys.readouterr().out
   assert int(second.step) == 6
-  train_steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
-                 if json.loads(l)['split'] == 'train']
+  train_steps = [r['step'] for r in _records(tmp_path) if r['split'] == 'train']
   assert train_steps == [1, 2, 3, 4, 5, 6]  # Steps 1-3 were not run again.
 
 
