@@ -44,6 +44,8 @@ def test_notice_records_the_first_signal_stops_at_a_second_ctrl_c_and_restores_h
     with preemption.Notice() as notice:
       os.kill(os.getpid(), signal.SIGINT)  # A first Ctrl-C only asks.
       assert notice.received == 'SIGINT'
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert notice.received == 'SIGINT'  # Still the first.
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   finally:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
