@@ -6,7 +6,6 @@ step was restored shows in the numbers.
 
 import contextlib
 import errno
-import os
 import subprocess
 
 import jax
@@ -15,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.conftest import snapshot
 from unet_flax import checkpoints
 from unet_flax import errors
 from unet_flax import train
@@ -24,13 +24,6 @@ from unet_flax import steps
 def _state(config, step: int):
   state = steps.create_train_state(config, jax.random.key(0))
   return state.replace(step=jnp.int32(step), params=jax.tree.map(lambda p: p + step, state.params))
-
-
-def _snapshot(root) -> dict:
-  """Every file under root: its bytes and modification time."""
-  return {os.path.relpath(os.path.join(d, f), root): (open(os.path.join(d, f), 'rb').read(),
-                                                        os.stat(os.path.join(d, f)).st_mtime_ns)
-          for d, _, files in os.walk(root) for f in files}
 
 
 def _restored_step(workdir, config) -> int:
@@ -63,19 +56,19 @@ def test_interrupted_save_is_skipped_and_left_as_it_is(workdir, tiny_config, cap
   tmp = ckpts / '6.orbax-checkpoint-tmp'  # What SIGKILL during orbax's save of step 6 leaves.
   (tmp / 'default').mkdir(parents=True)
   (tmp / 'default' / '_METADATA').write_text('{"tree_metadata": {')
-  before = _snapshot(tmp)
+  before = snapshot(tmp)
   capsys.readouterr()
   assert _restored_step(workdir, tiny_config) == 4
   assert _warnings(capsys) == [
       f'warning: checkpoint {tmp} is incomplete (an interrupted save); skipping it (left as is)']
-  assert _snapshot(tmp) == before
+  assert snapshot(tmp) == before
 
   # Saving step 6 again: orbax would delete the leftover; it is moved aside instead.
   manager = checkpoints.Manager(workdir, tiny_config)
   manager.restore_or(_state(tiny_config, 0))
   manager.save(6, _state(tiny_config, 6))
   manager.close()
-  assert _snapshot(ckpts / '6.interrupted') == before
+  assert snapshot(ckpts / '6.interrupted') == before
   assert _restored_step(workdir, tiny_config) == 6
 
 
@@ -93,7 +86,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_left_as_it_is(workdir, tiny_co
     (newest / 'default' / 'manifest.ocdbt').unlink()
   else:
     _truncate_largest_array_file(newest)
-  before = _snapshot(newest)
+  before = snapshot(newest)
   capsys.readouterr()
 
   manager = checkpoints.Manager(workdir, tiny_config)
@@ -101,13 +94,13 @@ def test_damaged_newest_checkpoint_is_skipped_and_left_as_it_is(workdir, tiny_co
   assert int(state.step) == 2
   (line,) = _warnings(capsys)
   assert line.startswith(f'warning: checkpoint {newest} cannot be restored (')
-  assert _snapshot(newest) == before
+  assert snapshot(newest) == before
   # The damaged step is not the latest any more: steps before it are saved, and it is moved aside
   # (not deleted) when its own step is saved again.
   manager.save(3, _state(tiny_config, 3))
   manager.save(4, _state(tiny_config, 4))
   manager.close()
-  assert _snapshot(workdir / 'checkpoints' / '4.damaged') == before
+  assert snapshot(workdir / 'checkpoints' / '4.damaged') == before
   assert _restored_step(workdir, tiny_config) == 4
 
 
@@ -121,7 +114,7 @@ def test_no_restorable_checkpoint_is_an_error(workdir, tiny_config):
 
 
 def test_another_models_config_is_refused_before_anything_is_written(workdir, tiny_config):
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   other = tiny_config.copy_and_resolve_references()
   other.widths = (8, 16)
   other.num_classes = 4
@@ -133,34 +126,8 @@ def test_another_models_config_is_refused_before_anything_is_written(workdir, ti
   assert 'widths: checkpoint [4, 8], config [8, 16]' in message
   assert 'num_classes: checkpoint 3, config 4' in message
   assert 'image_size' not in message and 'dtype' not in message and 'num_epochs' not in message
-  assert _snapshot(workdir) == before  # config.json included: no file added, changed or touched.
+  assert snapshot(workdir) == before  # config.json included: no file added, changed or touched.
   assert checkpoints.load_config(workdir).widths == (4, 8)
-
-
-def _read_only_dir(tmp_path):
-  """A directory this process cannot write, or a skip where none can be made."""
-  path = tmp_path / 'read_only'
-  path.mkdir()
-  path.chmod(0o555)
-  if not os.access(path, os.W_OK):
-    return path
-  # Root writes through permission bits; the kernel refuses writes to /proc/sys even to root.
-  if os.path.isdir('/proc/sys') and not os.access('/proc/sys', os.W_OK):
-    return '/proc/sys'
-  pytest.skip('this process can write everywhere (root, and no /proc/sys)')
-
-
-@pytest.mark.parametrize('kind', ['read-only directory', 'file in the path'])
-def test_unwritable_workdir_is_a_one_line_error(tmp_path, tiny_config, kind):
-  if kind == 'read-only directory':
-    workdir, expected = _read_only_dir(tmp_path), 'is not writable; choose a writable path'
-  else:
-    (tmp_path / 'file').write_text('')
-    workdir, expected = tmp_path / 'file' / 'run', 'cannot be created (Not a directory)'
-  with pytest.raises(errors.UserError) as raised:
-    train.train_and_evaluate(tiny_config, str(workdir))
-  assert str(raised.value).startswith(f'--workdir {workdir} {expected}')
-  assert '\n' not in str(raised.value)
 
 
 @pytest.mark.parametrize('failure', [
@@ -172,7 +139,7 @@ def test_unwritable_workdir_is_a_one_line_error(tmp_path, tiny_config, kind):
 ], ids=['OSError', 'tensorstore'])
 def test_full_disk_is_a_one_line_error_and_the_checkpoints_stay(workdir, tiny_config, monkeypatch,
                                                                 failure):
-  before = _snapshot(workdir / 'checkpoints')
+  before = snapshot(workdir / 'checkpoints')
 
   def save(*args, **kwargs):
     raise failure
@@ -189,7 +156,7 @@ def test_full_disk_is_a_one_line_error_and_the_checkpoints_stay(workdir, tiny_co
       'no space left on the device; free some space or choose another --workdir; the earlier '
       'checkpoints are intact')
   assert '\n' not in str(raised.value)
-  assert _snapshot(workdir / 'checkpoints') == before
+  assert snapshot(workdir / 'checkpoints') == before
   monkeypatch.undo()
   assert _restored_step(workdir, tiny_config) == 4
 

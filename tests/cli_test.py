@@ -1,18 +1,17 @@
 """The command-line tools as a user runs them: from another directory, with relative paths, `~`
 and symlinks, a SIGTERM and a resume; and the shell's one-line errors and exit codes."""
 
+import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
 from tests.conftest import run_script
-from tests.conftest import script_env
+from tests.conftest import run_script_signalled
 from tests.conftest import tiny_overrides
 
 
@@ -23,28 +22,22 @@ def test_every_tool_takes_relative_home_and_symlinked_paths_from_anywhere(tmp_pa
   (home / 'tfds').symlink_to(tfds_dir)  # --config.data_dir=~/tfds, through a symlink.
   cache = tmp_path / 'cache'
   config = os.path.relpath(ROOT / 'configs' / 'quickstart.py', here)
-  train = [sys.executable, str(ROOT / 'train.py'), '--config', config, '--workdir', 'runs/tiny',
-           *tiny_overrides('~/tfds')]
-  env = script_env(cache, HOME=home)
-  log = tmp_path / 'train.log'
-  with open(log, 'w') as out:  # SIGTERM once the first step is logged: save, say so, exit 0.
-    process = subprocess.Popen(train, cwd=here, env=env, stdout=out, stderr=subprocess.STDOUT)
-  deadline = time.monotonic() + 300
-  while process.poll() is None and 'step 1/6' not in log.read_text():
-    assert time.monotonic() < deadline, log.read_text()
-    time.sleep(0.01)
-  process.send_signal(signal.SIGTERM)
-  assert process.wait(timeout=300) == 0, log.read_text()
+  train = ['train.py', '--config', config, '--workdir', 'runs/tiny', *tiny_overrides('~/tfds')]
+  # SIGTERM once the first step is logged: save, say so, exit 0.
+  code, log = run_script_signalled(*train, cache=cache, cwd=here, HOME=home,
+                                   log=tmp_path / 'train.log', sig=signal.SIGTERM,
+                                   when=lambda out: 'step 1/6' in out)
+  assert code == 0, log
   workdir = here / 'runs' / 'tiny'
   saved = [int(p.name) for p in (workdir / 'checkpoints').iterdir()]
-  assert len(saved) == 1 and f'preempted at step {saved[0]}: checkpoint saved to' in log.read_text()
+  assert len(saved) == 1 and f'preempted at step {saved[0]}: checkpoint saved to' in log
 
-  resumed = subprocess.run(train, cwd=here, env=env, capture_output=True, text=True, timeout=300)
+  resumed = run_script(*train, cache=cache, cwd=here, HOME=home)
   assert resumed.returncode == 0, resumed.stderr
   assert f'resumed from step {saved[0]} of 6' in resumed.stdout
   assert (workdir / 'checkpoints' / '6').is_dir()
   assert 'next:\n  python predict.py --workdir runs/tiny' in resumed.stdout
-  again = subprocess.run(train, cwd=here, env=env, capture_output=True, text=True, timeout=300)
+  again = run_script(*train, cache=cache, cwd=here, HOME=home)
   assert again.returncode == 0 and 'already trained: step 6 of 6' in again.stdout, again.stderr
 
   Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(here / 'photo.jpg')
@@ -57,11 +50,15 @@ def test_every_tool_takes_relative_home_and_symlinked_paths_from_anywhere(tmp_pa
   evaluated = run_script('evaluate.py', '--workdir', 'runs/tiny', '--out', 'scores/tiny.json',
                          cache=cache, cwd=here, HOME=home)
   assert evaluated.returncode == 0, evaluated.stderr
-  assert (here / 'scores' / 'tiny.json').is_file()
+  scores = json.loads((here / 'scores' / 'tiny.json').read_text())
+  assert scores['step'] == 6 and scores['workdir'] == str(workdir.resolve())
+  assert np.sum(scores['confusion_matrix']) == 12 * 16 * 16  # The tiny test split, once.
   exported = run_script('export.py', '--workdir=~/../somewhere/else/runs/tiny', '--out', 'model',
                         '--platforms', 'cpu', cache=cache, cwd=here, HOME=home)
   assert exported.returncode == 0, exported.stderr
-  assert (here / 'model' / 'model.jax_export').is_file()
+  info = json.loads((here / 'model' / 'model.json').read_text())
+  assert (info['step'], info['image_size'], info['platforms']) == (6, 16, ['cpu'])
+  assert (here / 'model' / info['file']).is_file()
 
 
 def test_config_file_errors_name_the_file_and_line(tmp_path):

@@ -1,29 +1,37 @@
 """evaluate.py: scores equal to the trainer's, original-resolution counts, per-image IoU."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from tests import folder_test
+from tests.conftest import FOLDER_CLASSES
+from tests.conftest import colour_counts
+from tests.conftest import png_pixels
+from tests.conftest import run_script
+from tests.conftest import write_folder_data
 from unet_flax import evaluation
 from unet_flax import input_pipeline
 from unet_flax import metrics
+from unet_flax import plots
 from unet_flax import train
 
-ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
-
-
-def _run(tmp_path, *args):
-  """Runs a top-level script; its compile cache goes to tmp_path, not to the user's."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', UNET_FLAX_CACHE=str(tmp_path / 'cache'))
-  return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+def _assert_pictures(report, stem):
+  """<stem>_confusion.png is the report's confusion matrix; <stem>_worst.png shows masks."""
+  assert report['files'] == {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png',
+                             'worst': f'{stem}_worst.png'}
+  title = (f'step {report["step"]} on {report["dataset"]} {report["split"]} '
+           f'({report["num_examples"]} images)\nat {report["resolution"]} resolution, rows sum '
+           'to 100%')
+  plots.confusion_matrix(f'{stem}_redrawn.png', np.array(report['confusion_matrix']), title)
+  np.testing.assert_array_equal(png_pixels(f'{stem}_confusion.png'),
+                                png_pixels(f'{stem}_redrawn.png'))
+  # Every row's true mask holds each class (the synthetic and folder masks do), drawn large.
+  rows = len(report['worst'])
+  counts = colour_counts(f'{stem}_worst.png', plots.class_palette(3))
+  assert min(counts) > 300 * rows, counts
 
 
 def test_per_image_confusions_and_mean_iou_equal_metrics_iou_of_each_image():
@@ -52,8 +60,7 @@ def test_evaluate_equals_the_trainers_eval_and_draws_pictures(trained_workdir, t
   assert report['pixel_accuracy'] == trainer['pixel_accuracy']
   assert "at the network's 16x16 resolution" in printed[0]
   assert json.loads((tmp_path / 'step_6.json').read_text()) == report
-  for png in ('step_6_confusion.png', 'step_6_worst.png'):
-    assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+  _assert_pictures(report, tmp_path / 'step_6')
   worst = [w['mean_iou'] for w in report['worst']]
   assert len(worst) == 2 and worst == sorted(worst)
 
@@ -69,11 +76,11 @@ def test_evaluate_at_original_resolution_counts_every_original_pixel(trained_wor
   assert pixels != 12 * 16 * 16
   assert np.sum(report['confusion_matrix']) == pixels
   assert "at each image's original resolution" in printed[0]
-  assert (tmp_path / 'original_worst.png').read_bytes()[:4] == b'\x89PNG'
+  _assert_pictures(report, tmp_path / 'original')
 
 
 def test_evaluate_a_folder_data_set_at_both_resolutions(tmp_path, tiny_config):
-  data = folder_test._write(tmp_path / 'data')  # pylint: disable=protected-access
+  data = write_folder_data(tmp_path / 'data')
   test_stems = ['cat_01', 'dog_01']  # cat_01's mask is a palette PNG: its indices are classes.
   (data / 'test.txt').write_text('\n'.join(test_stems) + '\n')
   tiny_config.dataset, tiny_config.data_dir = f'folder:{data}', None
@@ -93,15 +100,15 @@ def test_evaluate_a_folder_data_set_at_both_resolutions(tmp_path, tiny_config):
   original = evaluation.evaluate(workdir, out=tmp_path / 'original.json', worst_k=2,
                                  original_resolution=True, log=lambda _: None)
   masks = [np.asarray(Image.open(data / 'masks' / f'{s}.png')) for s in test_stems]
-  truth = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=folder_test.K)
+  truth = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=FOLDER_CLASSES)
   assert np.sum(original['confusion_matrix']) == sum(m.size for m in masks) == 20 * 24 + 24 * 16
   np.testing.assert_array_equal(np.sum(original['confusion_matrix'], axis=1), truth)  # No shift.
   assert sorted(w['file_name'] for w in original['worst']) == ['cat_01.jpg', 'dog_01.jpg']
-  assert (tmp_path / 'original_worst.png').read_bytes()[:4] == b'\x89PNG'
+  _assert_pictures(original, tmp_path / 'original')
 
 
 def test_evaluate_cli_reports_a_missing_workdir_in_one_line(tmp_path):
-  result = _run(tmp_path, 'evaluate.py', '--workdir', tmp_path / 'nowhere')
+  result = run_script('evaluate.py', '--workdir', tmp_path / 'nowhere', cache=tmp_path / 'cache')
   assert result.returncode == 1
   assert result.stderr.strip() == (f'error: --workdir {tmp_path / "nowhere"} is not a directory; '
                                    'pass the --workdir of a training run '

@@ -6,49 +6,24 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests.conftest import FOLDER_CLASSES
+from tests.conftest import FOLDER_EXAMPLES
+from tests.conftest import FOLDER_SUFFIX
+from tests.conftest import write_folder_data
 from unet_flax import errors
 from unet_flax import folder
 from unet_flax import input_pipeline
 from unet_flax import train
 
-# stem: (height, width, image format); sizes vary, formats too.
-_EXAMPLES = {
-    'cat_01': (20, 24, 'JPEG'), 'cat_02': (18, 18, 'PNG'), 'dog_01': (24, 16, 'JPEG'),
-    'dog_02': (16, 22, 'PNG'), 'dog_03': (22, 20, 'JPEG'), 'fox_01': (17, 23, 'PNG'),
-    'fox_02': (21, 19, 'JPEG'), 'owl_01': (19, 21, 'JPEG'), 'owl_02': (23, 17, 'PNG'),
-    'owl_03': (20, 20, 'JPEG'),
-}
-_SUFFIX = {'JPEG': '.jpg', 'PNG': '.png'}
-K = 3
-
-
-def _write(root, examples=_EXAMPLES, seed=0):
-  """images/ and masks/ under root; masks hold 0..K-1 in a blob, PNG ('P' mode for one)."""
-  rng = np.random.default_rng(seed)
-  (root / 'images').mkdir(parents=True)
-  (root / 'masks').mkdir()
-  for i, (stem, (h, w, fmt)) in enumerate(examples.items()):
-    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    Image.fromarray(image).save(root / 'images' / (stem + _SUFFIX[fmt]), format=fmt)
-    mask = np.zeros((h, w), np.uint8)
-    mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 1
-    mask[h // 3:h // 2, w // 3:w // 2] = 2
-    mask_image = Image.fromarray(mask)
-    if i == 0:  # A palette mask: its indices are the classes.
-      mask_image = mask_image.convert('P')
-      mask_image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
-    mask_image.save(root / 'masks' / (stem + '.png'))
-  return root
-
 
 @pytest.fixture
 def data(tmp_path):
-  return _write(tmp_path / 'data')
+  return write_folder_data(tmp_path / 'data')
 
 
 def _read(root, split='train', size=16):
   return input_pipeline.load_split(f'folder:{root}', split, data_dir=None, image_size=size,
-                                   num_classes=K)
+                                   num_classes=FOLDER_CLASSES)
 
 
 def test_examples_decode_like_pil_bilinear_and_nearest_without_a_shift(data):
@@ -56,8 +31,8 @@ def test_examples_decode_like_pil_bilinear_and_nearest_without_a_shift(data):
   stems = folder.Folder(str(data)).stems('train')
   assert len(split) == split.num_examples == len(stems) == 8
   for row, stem in enumerate(stems):
-    h, w, fmt = _EXAMPLES[stem]
-    image = Image.open(data / 'images' / (stem + _SUFFIX[fmt])).convert('RGB')
+    h, w, fmt = FOLDER_EXAMPLES[stem]
+    image = Image.open(data / 'images' / (stem + FOLDER_SUFFIX[fmt])).convert('RGB')
     np.testing.assert_array_equal(split.images[row],
                                   np.asarray(image.resize((16, 16), Image.BILINEAR)))
     mask = Image.fromarray(np.asarray(Image.open(data / 'masks' / (stem + '.png'))))
@@ -70,7 +45,7 @@ def test_without_lists_the_split_is_a_fixed_80_20(data):
   data_set = folder.Folder(str(data))
   train_stems, test_stems = data_set.stems('train'), data_set.stems('test')
   assert len(train_stems) == 8 and len(test_stems) == 2
-  assert sorted(train_stems + test_stems) == sorted(_EXAMPLES)
+  assert sorted(train_stems + test_stems) == sorted(FOLDER_EXAMPLES)
   assert folder.Folder(str(data)).stems('test') == test_stems  # The same every time.
 
 
@@ -78,7 +53,7 @@ def test_lists_choose_the_splits_and_one_list_leaves_the_rest(data):
   (data / 'test.txt').write_text('dog_02\nowl_03.jpg\n\n')  # A file name is taken as its stem.
   data_set = folder.Folder(str(data))
   assert data_set.stems('test') == ['dog_02', 'owl_03']
-  assert sorted(data_set.stems('train')) == sorted(set(_EXAMPLES) - {'dog_02', 'owl_03'})
+  assert sorted(data_set.stems('train')) == sorted(set(FOLDER_EXAMPLES) - {'dog_02', 'owl_03'})
   (data / 'train.txt').write_text('cat_01\nfox_02\n')
   assert data_set.stems('train') == ['cat_01', 'fox_02']
   assert input_pipeline.num_examples(f'folder:{data}', 'train', None) == 2
@@ -103,8 +78,8 @@ def test_an_image_and_mask_of_different_sizes_name_both(data):
 
 
 def test_a_label_not_below_num_classes_names_the_mask(data):
-  for stem in _EXAMPLES:
-    Image.fromarray(np.full(_EXAMPLES[stem][:2], 3, np.uint8)).save(
+  for stem in FOLDER_EXAMPLES:
+    Image.fromarray(np.full(FOLDER_EXAMPLES[stem][:2], 3, np.uint8)).save(
         data / 'masks' / (stem + '.png'))
   _one_line_error(data, r'masks/\w+\.png: value 3 is not a class 0\.\.2')
 
@@ -117,8 +92,9 @@ def test_unreadable_files_are_named(data):
 
 
 def test_a_colour_mask_and_a_bad_list_line_are_user_errors(data):
-  for stem in _EXAMPLES:
-    Image.new('RGB', _EXAMPLES[stem][1::-1], (200, 0, 0)).save(data / 'masks' / (stem + '.png'))
+  for stem in FOLDER_EXAMPLES:
+    Image.new('RGB', FOLDER_EXAMPLES[stem][1::-1], (200, 0, 0)).save(
+        data / 'masks' / (stem + '.png'))
   _one_line_error(data, r'\.png: a colour RGB picture, not a mask')
   (data / 'train.txt').write_text('cat_01\nzebra_9\n')
   _one_line_error(data, r'train\.txt line 2: no image .zebra_9.')
@@ -141,7 +117,7 @@ def test_missing_directories_are_user_errors(tmp_path):
 
 
 def test_trains_end_to_end_on_a_folder(tmp_path, tiny_config):
-  data = _write(tmp_path / 'data')
+  data = write_folder_data(tmp_path / 'data')
   tiny_config.dataset = f'folder:{data}'
   tiny_config.data_dir = None
   tiny_config.batch_size = 4

@@ -1,48 +1,26 @@
 """Restoring read-only, reading photos of any mode, and predict.py, on tiny data."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import gradient_picture
+from tests.conftest import run_script
+from tests.conftest import snapshot
 from unet_flax import errors
 from unet_flax import inference
-from unet_flax import decode
-
-ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
-
-
-def _run(tmp_path, *args):
-  """Runs a top-level script; its compile cache goes to tmp_path, not to the user's."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', UNET_FLAX_CACHE=str(tmp_path / 'cache'))
-  return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
-def _listing(directory):
-  return sorted((str(p.relative_to(directory)), p.stat().st_mtime_ns)
-                for p in directory.rglob('*'))
-
-
-def _gradient(height, width):
-  """[H, W, 3] uint8: a picture that differs along both axes, so a rotation shows."""
-  y, x = np.mgrid[:height, :width]
-  return np.stack([x * 255 // width, y * 255 // height, (x * y) % 256], -1).astype(np.uint8)
 
 
 def test_load_model_reads_latest_or_given_step_and_writes_nothing(trained_workdir):
-  before = _listing(trained_workdir)
+  before = snapshot(trained_workdir)
   model = inference.load_model(trained_workdir)
   assert model.step == 6 and model.config.widths == (4, 8)
   older = inference.load_model(trained_workdir, step=3)
   assert older.step == 3
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), model.params, older.params)
   assert any(jax.tree.leaves(changed))
-  assert _listing(trained_workdir) == before
+  assert snapshot(trained_workdir) == before
 
 
 def test_load_model_errors_name_the_path_and_what_to_do(trained_workdir, tmp_path):
@@ -52,22 +30,6 @@ def test_load_model_errors_name_the_path_and_what_to_do(trained_workdir, tmp_pat
     inference.load_model(tmp_path / 'missing')
   with pytest.raises(errors.UserError, match=r'checkpoints holds no checkpoint; train first'):
     inference.load_model(tmp_path)
-
-
-def test_to_rgb_handles_16_bit_alpha_and_exif_rotation(tmp_path):
-  sixteen = Image.fromarray(np.full((4, 6), 128 * 257, np.uint16))  # 257: 0..65535 -> 0..255.
-  assert sixteen.mode == 'I;16'
-  np.testing.assert_array_equal(np.asarray(decode.to_rgb(sixteen)), 128)  # Not clipped white.
-  clear = Image.fromarray(np.zeros((3, 3, 4), np.uint8), 'RGBA')
-  np.testing.assert_array_equal(np.asarray(decode.to_rgb(clear)), 255)  # Shown on white.
-  image = Image.fromarray(_gradient(5, 9))
-  exif = image.getexif()
-  exif[0x0112] = 6  # Stored landscape, shown portrait (turned 90 degrees clockwise).
-  image.save(tmp_path / 'turned.png', exif=exif)
-  with Image.open(tmp_path / 'turned.png') as turned:
-    assert decode.upright_size(turned) == (9, 5)
-    np.testing.assert_array_equal(np.asarray(decode.to_rgb(turned)),
-                                  np.rot90(_gradient(5, 9), k=-1))
 
 
 def test_upsample_classes_is_bilinear_resize_of_the_logits():
@@ -81,11 +43,11 @@ def test_predict_cli_writes_masks_at_original_sizes_and_skips_unreadable(trained
                                                                          tmp_path):
   photos = tmp_path / 'photos'
   photos.mkdir()
-  Image.fromarray(_gradient(40, 70)).save(photos / 'wide.jpg')
-  Image.fromarray(_gradient(90, 30)).convert('L').save(photos / 'tall_grey.png')
-  Image.fromarray(np.dstack([_gradient(33, 33), np.full((33, 33), 99, np.uint8)]),
+  Image.fromarray(gradient_picture(40, 70)).save(photos / 'wide.jpg')
+  Image.fromarray(gradient_picture(90, 30)).convert('L').save(photos / 'tall_grey.png')
+  Image.fromarray(np.dstack([gradient_picture(33, 33), np.full((33, 33), 99, np.uint8)]),
                   'RGBA').save(photos / 'alpha.png')
-  Image.fromarray(_gradient(50, 60)).convert('P').save(photos / 'palette.gif')
+  Image.fromarray(gradient_picture(50, 60)).convert('P').save(photos / 'palette.gif')
   Image.fromarray(np.arange(20 * 25, dtype=np.uint16).reshape(20, 25) * 100).save(
       photos / 'deep.png')
   assert Image.open(photos / 'deep.png').mode == 'I;16'
@@ -93,8 +55,8 @@ def test_predict_cli_writes_masks_at_original_sizes_and_skips_unreadable(trained
   good = {'wide': (40, 70), 'tall_grey': (90, 30), 'alpha': (33, 33), 'palette': (50, 60),
           'deep': (20, 25)}
   out = tmp_path / 'masks'
-  result = _run(tmp_path, 'predict.py', '--workdir', trained_workdir, '--out', out,
-                '--batch_size', 4, *sorted(photos.iterdir()))
+  result = run_script('predict.py', '--workdir', trained_workdir, '--out', out, '--batch_size', 4,
+                      *sorted(photos.iterdir()), cache=tmp_path / 'cache')
   assert result.returncode == 1, result.stderr
   errors_lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert errors_lines[0] == f'error: {photos / "broken.jpg"}: cannot read (not an image, or a ' \

@@ -10,7 +10,6 @@ import pytest
 from unet_flax import augment
 from unet_flax import errors
 from unet_flax import input_pipeline
-from unet_flax import steps
 
 
 def _png(array):
@@ -46,13 +45,20 @@ def test_mask_is_resized_nearest_and_shifted_to_classes():
   np.testing.assert_array_equal(labels, _nearest_reference(trimap, 16) - 1)
 
 
-@pytest.mark.parametrize('bad_value', [0, 4])
-def test_trimap_value_outside_the_classes_is_a_user_error(bad_value):
+@pytest.mark.parametrize('inside, outside, dtype', [
+    (2, 4, np.uint8),  # 4 is no class of 3.
+    (1, 0, np.uint8),  # 0 shifts to -1.
+    (258, 257, np.uint16),  # 16-bit values, not their low 8 bits (2 and 1).
+])
+def test_trimap_values_outside_the_classes_are_a_one_line_user_error(inside, outside, dtype):
   rng = np.random.default_rng(0)
-  trimap = np.full((20, 20), 2, np.uint8)
-  trimap[5:15, 5:15] = bad_value
-  with pytest.raises(errors.UserError, match='x_1.jpg') as e:
+  trimap = np.full((20, 20), inside, dtype)
+  trimap[5:15, 5:15] = outside
+  with pytest.raises(errors.UserError) as e:
     input_pipeline.decode_example(_example(trimap, rng), 16, 3)
+  low, high = sorted([inside, outside])
+  assert str(e.value).startswith(f'x_1.jpg (mask): trimap values [{low}, {high}] are outside '
+                                 '1..3 (classes 0..2 after the shift)')
   assert '\n' not in str(e.value)
 
 

@@ -4,8 +4,6 @@ Device counts are fixed when JAX starts, so the many-device sides run in subproc
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +12,10 @@ import jax
 import numpy as np
 
 from tests.conftest import ROOT
+from tests.conftest import free_port
 from tests.conftest import make_tiny_config
+from tests.conftest import script_env
+from tests.conftest import start_script
 from unet_flax import checkpoints
 from unet_flax import input_pipeline
 from unet_flax import train
@@ -51,10 +52,9 @@ STEP = textwrap.dedent('''
 ''')
 
 
-def _env(devices: int) -> dict:
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', UNET_FLAX_CACHE='')
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return env
+def _devices(count: int) -> str:
+  """The XLA_FLAGS of a process with `count` CPU devices."""
+  return f'--xla_force_host_platform_device_count={count}'
 
 
 def _steps(tmp_path, runs):
@@ -63,7 +63,8 @@ def _steps(tmp_path, runs):
   for devices, microbatches in runs:
     out = tmp_path / f'{devices}_{microbatches}.npz'
     subprocess.run([sys.executable, '-c', STEP, str(out), str(microbatches)],
-                   env=_env(devices), cwd=ROOT, check=True, timeout=300)
+                   env=script_env('', XLA_FLAGS=_devices(devices)), cwd=ROOT, check=True,
+                   timeout=300)
     results.append(np.load(out))
     assert int(results[-1]['devices']) == devices
   return results
@@ -76,12 +77,6 @@ def test_four_devices_give_the_same_step_as_one(tmp_path):
   assert leaves
   for key in leaves:
     np.testing.assert_allclose(four[key], one[key], atol=1e-5)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _reference_run(config):
@@ -112,17 +107,15 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, tfds_
   config = make_tiny_config(tfds_dir)
   config.num_epochs = 1
   input_pipeline.get_builder(config.dataset, tfds_dir)  # Prepared once, before both start.
-  port = _free_port()
+  port = free_port()
   workdir = tmp_path / 'run'
   overrides = [f'--config.{k}={v}' for k, v in
                [('dataset', config.dataset), ('data_dir', tfds_dir), ('image_size', 16),
                 ('widths', '(4,8)'), ('batch_size', 8), ('num_epochs', 1)]]
   processes = [
-      subprocess.Popen(
-          [sys.executable, 'train.py', '--config', 'configs/quickstart.py',
-           f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
-           '--num_processes=2', f'--process_id={i}', *overrides],
-          env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      start_script('train.py', '--config', 'configs/quickstart.py', f'--workdir={workdir}',
+                   f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                   f'--process_id={i}', *overrides, cache='', XLA_FLAGS=_devices(2))
       for i in range(2)]
   outputs = [p.communicate(timeout=240)[0] for p in processes]
   for p, out in zip(processes, outputs):

@@ -3,25 +3,16 @@
 Each process has 2 CPU devices (4 in all) and talks to the other through gloo, as on 2 hosts.
 """
 
-import os
-import socket
-import subprocess
-import sys
-
 import numpy as np
 
 from tests import multihost_worker
-from tests.conftest import ROOT
+from tests.conftest import fixed_state
+from tests.conftest import free_port
 from tests.conftest import make_tiny_config
+from tests.conftest import start_script
 from unet_flax import input_pipeline
 from unet_flax import steps
 from unet_flax.devices import Devices
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _rows(images, labels):
@@ -32,14 +23,11 @@ def _rows(images, labels):
 def test_two_processes_read_each_example_once_and_evaluate_like_one(tmp_path, tfds_dir):
   config = make_tiny_config(tfds_dir)
   input_pipeline.get_builder(config.dataset, tfds_dir)  # Prepared once, before both start.
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             UNET_FLAX_CACHE=str(tmp_path / 'jax_cache'))
-  port = _free_port()
+  port = free_port()
   outs = [tmp_path / f'{i}.npz' for i in range(2)]
-  workers = [subprocess.Popen([sys.executable, 'tests/multihost_worker.py', str(port), str(i),
-                               tfds_dir, str(outs[i])], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  workers = [start_script('tests/multihost_worker.py', port, i, tfds_dir, outs[i],
+                          cache=tmp_path / 'jax_cache',
+                          XLA_FLAGS='--xla_force_host_platform_device_count=2')
              for i in range(2)]
   logs = [w.communicate(timeout=120)[0] for w in workers]
   for w, log in zip(workers, logs):
@@ -62,7 +50,7 @@ def test_two_processes_read_each_example_once_and_evaluate_like_one(tmp_path, tf
     assert set(union) == set(_rows(whole.images, whole.labels))  # ...and all of them.
 
   devices = Devices(config.batch_size)
-  state = multihost_worker.fixed_state(config)
+  state = fixed_state(config)
   _, eval_fn = steps.compile_steps(config, devices)
   want = steps.evaluate(eval_fn, state, whole, devices)['confusion_matrix']
   assert want.sum() == 11 * config.image_size ** 2

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 
+from tests.conftest import fixed_state
 from tests.conftest import make_tiny_config
 from unet_flax import input_pipeline
 from unet_flax import runtime
@@ -16,22 +17,6 @@ from unet_flax import steps
 from unet_flax.devices import Devices
 
 EVAL_SPLIT = 'test[:11]'  # 11 examples: shards of 6 and 5, both padded in their last batch.
-
-
-def fixed_state(config) -> steps.TrainState:
-  """A TrainState of fixed random numbers from numpy, the same in every process.
-
-  Nothing to compile: initialising the model under jit takes seconds on CPU.
-  """
-  shapes = jax.eval_shape(functools.partial(steps.create_train_state, config), jax.random.key(0))
-  rng = np.random.default_rng(0)
-
-  def fill(leaf):
-    if np.issubdtype(leaf.dtype, np.floating):
-      return rng.normal(0, 0.3, leaf.shape).astype(leaf.dtype)
-    return np.zeros(leaf.shape, leaf.dtype)
-
-  return jax.tree.map(fill, shapes)
 
 
 def main(port: str, process_id: str, data_dir: str, out: str):

@@ -1,4 +1,4 @@
-"""Stopping a run and starting it again: SIGKILL, SIGTERM, SIGINT, and non-finite losses.
+"""Stopping a run and starting it again: preemption.Notice, and SIGKILL, SIGTERM and SIGINT.
 
 The reference is `trained_workdir`: the tiny config trained for 2 epochs (6 steps) without a break.
 A run interrupted anywhere and rerun with the same command must end with the same bits.
@@ -8,25 +8,48 @@ one compiles.
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import quickstart
-from tests.conftest import ROOT
 from tests.conftest import make_tiny_config
+from tests.conftest import run_script_signalled
+from tests.conftest import tiny_overrides
 from unet_flax import checkpoints
-from unet_flax import errors
-from unet_flax import train
+from unet_flax import preemption
 from unet_flax import steps
-from unet_flax.devices import Devices
+
+
+def test_notice_records_the_first_signal_stops_at_a_second_ctrl_c_and_restores_handlers():
+  def previous_term(signum, frame):
+    del signum, frame
+  previous = {signal.SIGTERM: previous_term, signal.SIGINT: signal.default_int_handler}
+  for sig, handler in previous.items():
+    signal.signal(sig, handler)
+  try:
+    with preemption.Notice() as notice:
+      assert notice.received is None and not notice.stop(sync=False)
+      os.kill(os.getpid(), signal.SIGTERM)  # Handled before os.kill returns (main thread).
+      assert notice.received == 'SIGTERM'
+      assert notice.stop(sync=False) and notice.stop(sync=True)  # One process: at once.
+      os.kill(os.getpid(), signal.SIGTERM)  # A second SIGTERM changes nothing.
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)  # A second Ctrl-C: stop now, unsaved.
+      assert notice.received == 'SIGTERM'  # The first signal's name.
+    for sig, handler in previous.items():
+      assert signal.getsignal(sig) is handler
+    with preemption.Notice() as notice:
+      os.kill(os.getpid(), signal.SIGINT)  # A first Ctrl-C only asks.
+      assert notice.received == 'SIGINT'
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert notice.received == 'SIGINT'  # Still the first.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope='module')
@@ -34,31 +57,13 @@ def compile_cache(tmp_path_factory):
   return tmp_path_factory.mktemp('jax_cache')
 
 
-def _command(workdir, data_dir) -> list[str]:
-  """train.py with the overrides that make quickstart the tiny config of the tests."""
-  tiny, base = make_tiny_config(data_dir).to_dict(), quickstart.get_config().to_dict()
-  overrides = [f'--config.{k}={"(" + ",".join(map(str, v)) + ")" if isinstance(v, tuple) else v}'
-               for k, v in tiny.items() if v != base[k]]
-  return [sys.executable, 'train.py', '--config', 'configs/quickstart.py', f'--workdir={workdir}',
-          *overrides]
-
-
 def _run(workdir, data_dir, cache, *, signal_when=None, sig=None) -> tuple[int, str]:
-  """Runs train.py; sends `sig` once signal_when(output so far) holds. -> (exit code, output)."""
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', UNET_FLAX_CACHE=str(cache))
-  env.pop('XLA_FLAGS', None)
-  log = workdir.parent / f'{workdir.name}.log'
-  with open(log, 'w') as out:
-    process = subprocess.Popen(_command(workdir, data_dir), env=env, cwd=ROOT, stdout=out,
-                               stderr=subprocess.STDOUT)
-  deadline = time.monotonic() + 300
-  while signal_when and process.poll() is None and time.monotonic() < deadline:
-    if signal_when(log.read_text()):
-      process.send_signal(sig)
-      break
-    time.sleep(0.005)
-  process.wait(timeout=max(deadline - time.monotonic(), 1))
-  return process.returncode, log.read_text()
+  """Runs train.py with the tiny config; sends `sig` once signal_when(output so far) holds.
+  -> (exit code, output)."""
+  return run_script_signalled(
+      'train.py', '--config', 'configs/quickstart.py', f'--workdir={workdir}',
+      *tiny_overrides(data_dir), cache=cache, log=workdir.parent / f'{workdir.name}.log',
+      when=signal_when, sig=sig)
 
 
 def _final_state(workdir, step: int = 6) -> dict:
@@ -119,70 +124,6 @@ def test_sigterm_and_sigint_save_the_step_say_so_and_exit_0(tmp_path, tfds_dir, 
   steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
            if json.loads(l)['split'] == 'train']
   assert steps == [1, 2, 3, 4, 5, 6]  # Each step logged once over the three runs.
-
-
-def _snapshot(root) -> dict:
-  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), 'rb').read()
-          for d, _, files in os.walk(root) for f in files}
-
-
-def test_nonfinite_loss_stops_naming_its_step_and_saves_nothing_after(tmp_path, tiny_config,
-                                                                      trained_workdir):
-  workdir = tmp_path / 'run'
-  shutil.copytree(trained_workdir, workdir)  # Steps 1-6 trained; checkpoints 3, 4 and 6.
-  before = _snapshot(workdir / 'checkpoints')
-  # Step 7's Adam update multiplies the weights by ~1e30; step 8's forward pass overflows.
-  tiny_config.learning_rate = 1e30
-  tiny_config.num_epochs = 3
-  tiny_config.log_every_steps = 3  # Losses fetched at step 9 only...
-  tiny_config.checkpoint_every_steps = 2  # ...but also before the checkpoint of step 8.
-  with pytest.raises(errors.UserError) as raised:
-    train.train_and_evaluate(tiny_config, str(workdir))
-  assert str(raised.value) == (
-      f'the loss is nan at step 8: training stopped without saving it (the last checkpoint, '
-      f'{workdir / "checkpoints" / "6"}, is untouched); lower config.learning_rate or check the '
-      'data, or set config.skip_nonfinite_updates=True')
-  assert _snapshot(workdir / 'checkpoints') == before  # No step 8, nothing rewritten.
-
-
-class _NoCheckpoints:
-  latest_step = None
-
-
-@pytest.mark.parametrize('losses, counts, message', [
-    ([1.0, np.nan, np.inf], [0, 1, 2], 'the loss is nan at step 8:'),
-    ([1.0, 1.0, np.inf], [0, 0, 1], 'the loss is inf at step 9:'),
-    ([1.0, 1.0, 1.0], [0, 1, 1], 'the gradients are not finite at step 8:'),  # Loss still finite.
-])
-def test_nonfinite_check_names_the_first_bad_step_of_the_fetched_history(losses, counts, message):
-  history = [{'loss': np.float32(l), 'nonfinite_updates': np.int32(c)}
-             for l, c in zip(losses, counts)]
-  with pytest.raises(errors.UserError, match=f'^{message}.*no checkpoint was saved'):
-    train.NonFiniteCheck(skip=False, count=0).check(9, history, _NoCheckpoints())
-  train.NonFiniteCheck(skip=True, count=0).check(9, history, _NoCheckpoints())  # No error.
-
-
-def test_skip_nonfinite_updates_skips_them_in_the_step_and_counts_them(tiny_config):
-  tiny_config.learning_rate = 1e30
-  tiny_config.skip_nonfinite_updates = True
-  devices = Devices(2)
-  step, _ = steps.compile_steps(tiny_config, devices)
-  state = steps.create_train_state(tiny_config, jax.random.key(0))
-  rng = np.random.default_rng(0)
-  batch = devices.put({'image': rng.integers(0, 256, (2, 16, 16, 3)).astype(np.uint8),
-                       'label': rng.integers(0, 3, (2, 16, 16)).astype(np.uint8)})
-  history, params = [], []
-  for _ in range(3):
-    state, step_metrics = step(state, batch, jax.random.key(1))
-    history.append(jax.device_get(step_metrics))
-    params.append(jax.device_get(state.params))
-  losses = [float(h['loss']) for h in history]
-  assert np.isfinite(losses[0]) and not np.isfinite(losses[1]) and not np.isfinite(losses[2])
-  assert [int(h['nonfinite_updates']) for h in history] == [0, 1, 2]
-  assert int(state.step) == 3  # The step count (dropout keys, data position) still advances.
-  for after_1, after_3 in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[2])):
-    np.testing.assert_array_equal(after_1, after_3)  # Steps 2 and 3 changed nothing.
-    assert np.all(np.isfinite(after_3))
 
 
 def test_sigterm_while_the_data_set_is_prepared_exits_0_having_written_nothing(tmp_path,

@@ -1,5 +1,10 @@
-"""The persistent compilation cache's location and its off switch."""
+"""runtime.py: the compilation cache's location and off switch, the XLA:CPU flags, set-up errors."""
 
+import os
+
+import pytest
+
+from unet_flax import errors
 from unet_flax import runtime
 
 
@@ -11,3 +16,28 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
   monkeypatch.delenv('UNET_FLAX_CACHE')
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
   assert runtime.compilation_cache_dir() == tmp_path / 'unet_flax' / 'jax'
+
+
+def test_xla_cpu_flags_are_those_the_jaxlib_version_knows():
+  ynn = '--xla_cpu_experimental_ynn_fusion_type='
+  assert runtime.xla_cpu_flags('0.8.0') == []
+  assert runtime.xla_cpu_flags('0.7.9') == []
+  for version in ('0.8.1', '0.8.10', '0.9.0rc1', '0.12.0.1', '1.0'):
+    assert runtime.xla_cpu_flags(version) == [ynn], version
+
+
+def test_configure_xla_cpu_adds_our_flags_unless_the_user_set_them(monkeypatch):
+  monkeypatch.setattr(runtime, 'xla_cpu_flags', lambda: ['--xla_a=', '--xla_b=1'])
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2 --xla_b=7')
+  runtime.configure_xla_cpu()
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2 --xla_b=7 --xla_a='
+  monkeypatch.delenv('XLA_FLAGS')
+  runtime.configure_xla_cpu()
+  assert os.environ['XLA_FLAGS'] == '--xla_a= --xla_b=1'
+
+
+def test_a_coordinator_needs_the_process_count_and_id(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '')
+  with pytest.raises(errors.UserError, match='--coordinator_address needs --num_processes and '
+                     '--process_id'):
+    runtime.setup('127.0.0.1:1234', None, 0)

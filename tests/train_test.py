@@ -1,90 +1,72 @@
-"""train_step, eval_step and train_and_evaluate on tiny data."""
+"""train_and_evaluate end to end on tiny data: what a run writes, resuming, and stopping at a
+non-finite loss."""
 
 import json
 import shutil
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import colour_counts
+from tests.conftest import snapshot
+from tests.conftest import tensorboard_scalars
 from unet_flax import checkpoints
-from unet_flax import config as config_lib
 from unet_flax import errors
-from unet_flax import metrics
+from unet_flax import input_pipeline
+from unet_flax import plots
 from unet_flax import train
-from unet_flax import steps
-from unet_flax.devices import Devices
 
 
-def _batch(config, n, seed=0):
-  rng = np.random.default_rng(seed)
-  size = config.image_size
-  labels = rng.integers(0, config.num_classes, (n, size, size)).astype(np.uint8)
-  # Images that carry the labels, so a few steps can fit them.
-  images = (labels[..., None] * 100 + rng.integers(0, 40, (n, size, size, 3))).astype(np.uint8)
-  return {'image': images, 'label': labels}
+def _records(workdir) -> list[dict]:
+  return [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
-  tiny_config.dropout_rate = 0.0
-  tiny_config.learning_rate = 1e-2
-  state = steps.create_train_state(tiny_config, jax.random.key(0))
-  step = jax.jit(steps.train_step, donate_argnums=0)
-  batch = _batch(tiny_config, 4)
-  losses = []
-  for _ in range(20):
-    state, step_metrics = step(state, batch, jax.random.key(1))
-    losses.append(float(step_metrics['loss']))
-  assert int(state.step) == 20
-  assert losses[-1] < 0.6 * losses[0], losses
+def _numpy_scores(confusion) -> dict:
+  """IoU, Dice and pixel accuracy of a [K, K] confusion matrix, by counting (NaN: no pixels)."""
+  confusion = np.asarray(confusion, np.float64)
+  tp, actual, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+  union = actual + predicted - tp
+  with np.errstate(invalid='ignore'):
+    iou, dice = tp / union, 2 * tp / (actual + predicted)
+  return {'per_class_iou': iou, 'mean_iou': np.nanmean(iou), 'mean_dice': np.nanmean(dice),
+          'pixel_accuracy': tp.sum() / confusion.sum()}
 
 
-def test_train_step_loss_is_cross_entropy_of_the_model(tiny_config):
-  tiny_config.dropout_rate = 0.0
-  state = steps.create_train_state(tiny_config, jax.random.key(0))
-  batch = _batch(tiny_config, 2)
-  logits = state.apply_fn({'params': state.params}, batch['image'] / 255.0, train=False)
-  log_probs = jax.nn.log_softmax(logits)
-  expected = -np.mean(np.take_along_axis(np.asarray(log_probs),
-                                         batch['label'][..., None].astype(int), -1))
-  _, step_metrics = steps.train_step(state, batch, jax.random.key(1))
-  np.testing.assert_allclose(step_metrics['loss'], expected, rtol=1e-5)
-
-
-def test_eval_step_counts_only_valid_examples(tiny_config):
-  state = steps.create_train_state(tiny_config, jax.random.key(0))
-  batch = _batch(tiny_config, 3)
-  batch['mask'] = np.array([True, False, True])
-  confusion = steps.eval_step(state, batch, tiny_config.num_classes)
-  predictions = np.asarray(steps.predict(state, batch['image']))
-  expected = metrics.confusion_matrix(batch['label'][[0, 2]], predictions[[0, 2]],
-                                      tiny_config.num_classes, np.ones(2, bool))
-  np.testing.assert_array_equal(confusion, expected)
-  assert int(confusion.sum()) == 2 * tiny_config.image_size ** 2
-
-
-def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(tiny_config):
-  tiny_config.dtype = 'bfloat16'
-  state = steps.create_train_state(tiny_config, jax.random.key(0))
-  new_state, step_metrics = steps.train_step(state, _batch(tiny_config, 2), jax.random.key(1))
-  assert step_metrics['loss'].dtype == jnp.float32
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new_state.params))
-  jaxpr = jax.make_jaxpr(steps.train_step)(state, _batch(tiny_config, 2), jax.random.key(1))
-  assert 'bf16' in str(jaxpr)
-
-
-def test_train_and_evaluate_writes_checkpoint_metrics_and_pictures(trained_workdir):
-  lines = [json.loads(l) for l in (trained_workdir / 'metrics.jsonl').read_text().splitlines()]
-  evals = [l for l in lines if l['split'] == 'eval']
+def test_train_and_evaluate_writes_metrics_that_add_up(trained_workdir):
+  records = _records(trained_workdir)
+  assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
+  evals = [r for r in records if r['split'] == 'eval']
   assert [e['step'] for e in evals] == [3, 6]  # 24 examples // batch 8 = 3 steps an epoch.
-  confusion = np.array(evals[-1]['confusion_matrix'])
-  assert confusion.sum() == 12 * 16 * 16  # Every test example exactly once.
-  assert 0.0 <= evals[-1]['mean_iou'] <= 1.0
-  assert [l['step'] for l in lines if l['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
-  assert (trained_workdir / 'predictions' / 'step_6.png').read_bytes()[:4] == b'\x89PNG'
-  assert list((trained_workdir / 'tensorboard').glob('events.out.tfevents.*'))
-  assert checkpoints.load_config(trained_workdir).widths == (4, 8)
+  for e in evals:
+    assert np.sum(e['confusion_matrix']) == 12 * 16 * 16  # Every test example exactly once.
+    want = _numpy_scores(e['confusion_matrix'])
+    for name in ('mean_iou', 'mean_dice', 'pixel_accuracy'):
+      np.testing.assert_allclose(e[name], want[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose([e[f'iou_{c}'] for c in input_pipeline.CLASS_NAMES],
+                               want['per_class_iou'], rtol=1e-6)
+  assert evals[0]['confusion_matrix'] != evals[1]['confusion_matrix']  # Trained in between.
+  # TensorBoard holds the same numbers (float32).
+  scalars = tensorboard_scalars(trained_workdir / 'tensorboard')
+  for r in records:
+    names = ['loss', 'images_per_second'] if r['split'] == 'train' else [
+        'mean_iou', 'pixel_accuracy', 'mean_dice', 'iou_pet', 'iou_background', 'iou_border']
+    for name in names:
+      np.testing.assert_allclose(scalars[(f'{r["split"]}/{name}', r['step'])], r[name],
+                                 rtol=1e-6, err_msg=name)
+  assert len(scalars) == 6 * 2 + 2 * 6
+
+
+def test_train_and_evaluate_writes_checkpoints_config_and_pictures(trained_workdir):
+  # Every 2 steps and at the end of each epoch (3, 6); the newest 3 are kept.
+  assert sorted(int(p.name) for p in (trained_workdir / 'checkpoints').iterdir()) == [3, 4, 6]
+  config = checkpoints.load_config(trained_workdir)
+  assert (config.widths, config.image_size, config.batch_size) == ((4, 8), 16, 8)
+  assert sorted(p.name for p in (trained_workdir / 'predictions').iterdir()) == [
+      'step_3.png', 'step_6.png']
+  # Two rows of test images with their true masks: every class colour fills a large area (the
+  # legend's swatches alone are a few hundred pixels).
+  counts = colour_counts(trained_workdir / 'predictions' / 'step_6.png', plots.class_palette(3))
+  assert min(counts) > 1000, counts
 
 
 def test_second_run_resumes_from_the_saved_step(tmp_path, tiny_config, capsys):
@@ -96,42 +78,44 @@ def test_second_run_resumes_from_the_saved_step(tmp_path, tiny_config, capsys):
   second = train.train_and_evaluate(tiny_config, str(tmp_path))
   assert 'resumed from step 3 of 6' in capsys.readouterr().out
   assert int(second.step) == 6
-  train_steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
-                 if json.loads(l)['split'] == 'train']
+  train_steps = [r['step'] for r in _records(tmp_path) if r['split'] == 'train']
   assert train_steps == [1, 2, 3, 4, 5, 6]  # Steps 1-3 were not run again.
 
 
-@pytest.mark.parametrize('class_weights', [None, (1.0, 0.5, 3.0)])
-def test_microbatched_step_has_the_whole_batchs_loss_and_gradient(tiny_config, class_weights):
-  tiny_config.dropout_rate = 0.0  # Microbatches draw their own dropout masks.
-  batch = _batch(tiny_config, 8)
-  results = []
-  for microbatches in (1, 4):
-    state = steps.create_train_state(tiny_config, jax.random.key(0))
-    results.append(steps.train_step(state, batch, jax.random.key(1), class_weights=class_weights,
-                                    num_microbatches=microbatches))
-  (whole, whole_metrics), (parts, parts_metrics) = results
-  np.testing.assert_allclose(parts_metrics['loss'], whole_metrics['loss'], rtol=1e-6)
-  # After one step Adam's first moment is (1 - b1) x the gradient.
-  grads = [jax.tree.leaves(s.opt_state.inner_state[0].mu) for s in (whole, parts)]
-  for got, want in zip(grads[1], grads[0]):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)
+def test_nonfinite_loss_stops_naming_its_step_and_saves_nothing_after(tmp_path, tiny_config,
+                                                                      trained_workdir):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_workdir, workdir)  # Steps 1-6 trained; checkpoints 3, 4 and 6.
+  before = snapshot(workdir / 'checkpoints')
+  # Step 7's Adam update multiplies the weights by ~1e30; step 8's forward pass overflows.
+  tiny_config.learning_rate = 1e30
+  tiny_config.num_epochs = 3
+  tiny_config.log_every_steps = 3  # Losses fetched at step 9 only...
+  tiny_config.checkpoint_every_steps = 2  # ...but also before the checkpoint of step 8.
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert str(raised.value) == (
+      f'the loss is nan at step 8: training stopped without saving it (the last checkpoint, '
+      f'{workdir / "checkpoints" / "6"}, is untouched); lower config.learning_rate or check the '
+      'data, or set config.skip_nonfinite_updates=True')
+  assert snapshot(workdir / 'checkpoints') == before  # No step 8, nothing rewritten.
 
 
-def test_num_microbatches(tiny_config):
-  def count(batch_size, **overrides):
-    tiny_config.batch_size = batch_size
-    tiny_config.update(overrides)
-    return steps.num_microbatches(tiny_config, Devices(batch_size))
-  # Auto on CPU: microbatches of 8 to 16 examples, else the whole batch.
-  assert [count(b) for b in (8, 16, 24, 32, 64, 17)] == [1, 1, 2, 2, 4, 1]
-  assert count(64, dice_weight=0.5) == 1  # A batch's Dice is not a sum over microbatches.
-  assert count(64, dice_weight=0.0, num_microbatches=8) == 8
-  with pytest.raises(errors.UserError, match='config.num_microbatches=3 must divide the 64'):
-    count(64, num_microbatches=3)
-  tiny_config.update({'num_microbatches': 2, 'dice_weight': 0.5})
-  with pytest.raises(errors.UserError, match='config.dice_weight=0.5'):
-    config_lib.validate(tiny_config)
+class _NoCheckpoints:
+  latest_step = None
+
+
+@pytest.mark.parametrize('losses, counts, message', [
+    ([1.0, np.nan, np.inf], [0, 1, 2], 'the loss is nan at step 8:'),
+    ([1.0, 1.0, np.inf], [0, 0, 1], 'the loss is inf at step 9:'),
+    ([1.0, 1.0, 1.0], [0, 1, 1], 'the gradients are not finite at step 8:'),  # Loss still finite.
+])
+def test_nonfinite_check_names_the_first_bad_step_of_the_fetched_history(losses, counts, message):
+  history = [{'loss': np.float32(l), 'nonfinite_updates': np.int32(c)}
+             for l, c in zip(losses, counts)]
+  with pytest.raises(errors.UserError, match=f'^{message}.*no checkpoint was saved'):
+    train.NonFiniteCheck(skip=False, count=0).check(9, history, _NoCheckpoints())
+  train.NonFiniteCheck(skip=True, count=0).check(9, history, _NoCheckpoints())  # No error.
 
 
 def test_a_run_stopped_after_an_epochs_last_step_evaluates_it_on_rerun(tmp_path, tiny_config,

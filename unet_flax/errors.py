@@ -25,7 +25,7 @@ def absolute(path) -> epath.Path:
   text = os.fspath(path)
   if '://' in text:
     return epath.Path(text)
-  return epath.Path(os.path.expanduser(text)).resolve()
+  return epath.Path(os.path.realpath(os.path.expanduser(text)))
 
 
 def make_output_dir(path, flag: str) -> epath.Path:

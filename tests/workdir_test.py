@@ -1,0 +1,115 @@
+"""workdir.py: a workdir is checked, and owned by one training run at a time through its .lock."""
+
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+
+from tests.conftest import read_only_dir
+from unet_flax import errors
+from unet_flax import train
+from unet_flax import workdir as workdir_lib
+
+HOST = socket.gethostname()
+
+
+def _dead_pid() -> int:
+  """The process id of a process of this host that has exited (and been reaped)."""
+  process = subprocess.Popen(['true'])
+  process.wait()
+  return process.pid
+
+
+def _write_lock(workdir, **owner):
+  (workdir / workdir_lib.LOCK_FILE).write_text(json.dumps(owner))
+
+
+def test_the_lock_names_its_owner_and_is_removed_on_exit(tmp_path):
+  path = tmp_path / workdir_lib.LOCK_FILE
+  with workdir_lib.Lock(tmp_path) as lock:
+    assert lock.path == path
+    owner = json.loads(path.read_text())
+    assert owner['host'] == HOST and owner['pid'] == os.getpid()
+    assert set(owner) == {'host', 'pid', 'started'}
+  assert not path.exists()
+  with pytest.raises(RuntimeError):
+    with workdir_lib.Lock(tmp_path):
+      raise RuntimeError('the run failed')
+  assert not path.exists()  # Also when the run stops on an error.
+
+
+def test_a_second_lock_while_the_first_is_held_names_the_first_run(tmp_path):
+  with workdir_lib.Lock(tmp_path):
+    started = json.loads((tmp_path / workdir_lib.LOCK_FILE).read_text())['started']
+    with pytest.raises(errors.UserError) as raised:
+      with workdir_lib.Lock(tmp_path):
+        pass
+    assert str(raised.value) == (
+        f'--workdir {tmp_path} is in use by another training run (pid {os.getpid()} on {HOST}, '
+        f'started {started}); wait for it to end or use another --workdir (if that run is gone, '
+        f'delete {tmp_path / workdir_lib.LOCK_FILE})')
+    assert (tmp_path / workdir_lib.LOCK_FILE).exists()  # The refused one removes nothing.
+  assert not (tmp_path / workdir_lib.LOCK_FILE).exists()
+
+
+def test_a_lock_of_a_dead_process_of_this_host_is_taken_over_with_a_warning(tmp_path, capsys):
+  pid = _dead_pid()
+  _write_lock(tmp_path, host=HOST, pid=pid, started='2024-01-02T03:04:05')
+  with workdir_lib.Lock(tmp_path):
+    assert json.loads((tmp_path / workdir_lib.LOCK_FILE).read_text())['pid'] == os.getpid()
+  assert capsys.readouterr().err == (
+      f'warning: {tmp_path / workdir_lib.LOCK_FILE}: the run that held it (pid {pid}, started '
+      '2024-01-02T03:04:05) is gone; taking over the workdir\n')
+  assert not (tmp_path / workdir_lib.LOCK_FILE).exists()
+
+
+def test_a_lock_of_another_host_or_a_live_process_is_refused(tmp_path):
+  for host, pid in [('another-host', _dead_pid()), (HOST, os.getppid())]:
+    _write_lock(tmp_path, host=host, pid=pid, started='2024-01-02T03:04:05')
+    with pytest.raises(errors.UserError, match=rf'\(pid {pid} on {host}, started 2024-01-02'):
+      with workdir_lib.Lock(tmp_path):
+        pass
+    assert json.loads((tmp_path / workdir_lib.LOCK_FILE).read_text())['pid'] == pid
+
+
+@pytest.mark.parametrize('text', ['garbage', '{"host": "x"}', '[1, 2]', '{"host": "x", "pid": '
+                                  '"one"}', ''])
+def test_a_lock_file_this_program_did_not_write_is_refused(tmp_path, text):
+  (tmp_path / workdir_lib.LOCK_FILE).write_text(text)
+  with pytest.raises(errors.UserError) as raised:
+    with workdir_lib.Lock(tmp_path):
+      pass
+  assert str(raised.value) == (f'{tmp_path / workdir_lib.LOCK_FILE} is not a lock this program '
+                               f'wrote; delete it if no run uses {tmp_path}, then rerun')
+  assert (tmp_path / workdir_lib.LOCK_FILE).read_text() == text
+
+
+def test_training_in_a_workdir_in_use_stops_before_writing_anything(tmp_path, tiny_config):
+  _write_lock(tmp_path, host=HOST, pid=os.getppid(), started='2024-01-02T03:04:05')
+  with pytest.raises(errors.UserError, match='is in use by another training run'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert [p.name for p in tmp_path.iterdir()] == [workdir_lib.LOCK_FILE]
+
+
+@pytest.mark.parametrize('kind', ['read-only directory', 'file in the path'])
+def test_training_in_an_unwritable_workdir_is_a_one_line_error(tmp_path, tiny_config, kind):
+  if kind == 'read-only directory':
+    workdir, expected = read_only_dir(tmp_path), 'is not writable; choose a writable path'
+  else:
+    (tmp_path / 'file').write_text('')
+    workdir, expected = tmp_path / 'file' / 'run', 'cannot be created (Not a directory)'
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert str(raised.value) == f'--workdir {workdir} {expected}' + (
+      '; choose a writable path' if kind == 'file in the path' else '')
+
+
+def test_check_creates_the_workdir_and_refuses_a_file(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert workdir_lib.check('runs/a') == tmp_path.resolve() / 'runs' / 'a'
+  assert (tmp_path / 'runs' / 'a').is_dir()
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(errors.UserError, match=r'^--workdir .*file is a file, not a directory'):
+    workdir_lib.check('file')
