@@ -120,6 +120,8 @@ def _in_range(low, high, *, low_open=False, high_open=False):
   def check(v):
     return (_is_number(v) and (low is None or (v > low if low_open else v >= low))
             and (high is None or (v < high if high_open else v <= high)))
+  if high is None:
+    return check, f'must be a number {">" if low_open else ">="} {low}'
   ends = ('(' if low_open else '[') + f'{low}, {high}' + (')' if high_open else ']')
   return check, f'must be a number in {ends}'
 

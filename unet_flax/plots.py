@@ -182,7 +182,8 @@ def curves(workdir) -> epath.Path:
   left.set_xlabel('step')
   left.set_ylabel('cross-entropy')
   left.set_title('training loss')
-  left.legend()
+  if train:
+    left.legend()
   steps = [r['step'] for r in evals]
   right.plot(steps, [r['mean_iou'] for r in evals], 'o-', color='#f28e2b', label='mean IoU')
   right.plot(steps, [r['pixel_accuracy'] for r in evals], 's--', color='#59a14f',

@@ -127,7 +127,10 @@ class Reporter:
 
   def _record(self, step: int, split: str, values: dict) -> None:
     with (self.workdir / 'metrics.jsonl').open('a') as f:
-      f.write(json.dumps({'step': step, 'split': split, **values}) + '\n')
+      record = {'step': step, 'split': split, **values}
+      # Strict JSON: an absent class's NaN IoU is null.
+      f.write(json.dumps({k: None if isinstance(v, float) and np.isnan(v) else v
+                          for k, v in record.items()}) + '\n')
     for name, value in values.items():
       if isinstance(value, float):
         self.writer.add_scalar(f'{split}/{name}', value, step)
