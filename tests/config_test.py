@@ -88,7 +88,7 @@ def test_validate_refuses_a_negative_learning_rate_naming_the_field():
   # Only the start: the upper end of the range is open.
   config = config_lib.defaults()
   config.learning_rate = -0.1
-  assert _one_line_error(config).startswith('config.learning_rate=-0.1 must be a number in (0,')
+  assert _one_line_error(config).startswith('config.learning_rate=-0.1 must be a number > 0')
 
 
 def test_validate_refuses_an_unknown_field_and_a_missing_one():
@@ -227,3 +227,16 @@ def test_load_refuses_a_damaged_missing_or_unknown_file(stored):
   assert _load_error(path) == f'config.image_size=16.0 in {path} must be a whole number >= 1'
   path.write_text(json.dumps({**fields, 'image_size': 30}))  # Valid alone, not with the widths.
   assert _load_error(path).startswith(f'config.image_size=30 in {path} is not divisible by 4')
+
+
+def test_class_names_default_to_the_data_sets_own():
+  config = config_lib.defaults()
+  assert config_lib.class_names(config) == ('pet', 'background', 'border')
+  config.num_classes = 4
+  assert config_lib.class_names(config) == ('class 0', 'class 1', 'class 2', 'class 3')
+  config.class_names = ('sky', 'road', 'car', 'sign')
+  assert config_lib.class_names(config) == ('sky', 'road', 'car', 'sign')
+  config.class_names = ('sky',)
+  with pytest.raises(errors.UserError, match=r"config.class_names=\('sky',\) needs one name per "
+                                             r'class \(config.num_classes=4\)'):
+    config_lib.validate(config)

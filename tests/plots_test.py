@@ -133,4 +133,3 @@ def test_mask_image_keeps_classes_as_values_and_shows_their_colours():
   np.testing.assert_array_equal(np.asarray(mask), classes)
   np.testing.assert_array_equal(np.asarray(mask.convert('RGB'))[classes == 3][0],
                                 plots.class_palette(4)[3])
-  assert plots.class_names(4) == ['pet', 'background', 'border', 'class 3']

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import tensorboard_scalars
 from unet_flax import reporting
 
+PET = ('pet', 'background', 'border')
+
 
 class _Clock:
   """A stand-in for time.perf_counter that moves only when told."""
@@ -112,7 +114,7 @@ RESULTS = {
 
 
 def test_iou_table_lines_up_each_classs_iou_and_dice():
-  assert reporting.iou_table(RESULTS).splitlines() == [
+  assert reporting.iou_table(RESULTS, PET).splitlines() == [
       '  class          IoU    Dice',
       '  pet         0.5000  0.6667',
       '  background  0.2500  0.4000',
@@ -135,7 +137,7 @@ def test_eval_prints_the_table_and_records_every_score(tmp_path, tiny_config, ca
   report.eval(3, 1, RESULTS, sample=None)
   report.close()
   out = capsys.readouterr().out
-  assert out == f'eval after epoch 1 (step 3):\n{reporting.iou_table(RESULTS)}\n'
+  assert out == f'eval after epoch 1 (step 3):\n{reporting.iou_table(RESULTS, PET)}\n'
   *train, record = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert train == TRAIN[:3]
   border = record.pop('iou_border')

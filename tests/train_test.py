@@ -11,8 +11,8 @@ from tests.conftest import colour_counts
 from tests.conftest import snapshot
 from tests.conftest import tensorboard_scalars
 from unet_flax import checkpoints
+from unet_flax import config as config_lib
 from unet_flax import errors
-from unet_flax import input_pipeline
 from unet_flax import plots
 from unet_flax import train
 
@@ -42,7 +42,7 @@ def test_train_and_evaluate_writes_metrics_that_add_up(trained_workdir):
     want = _numpy_scores(e['confusion_matrix'])
     for name in ('mean_iou', 'mean_dice', 'pixel_accuracy'):
       np.testing.assert_allclose(e[name], want[name], rtol=1e-6, err_msg=name)
-    np.testing.assert_allclose([e[f'iou_{c}'] for c in input_pipeline.CLASS_NAMES],
+    np.testing.assert_allclose([e[f'iou_{c}'] for c in config_lib.PET_CLASS_NAMES],
                                want['per_class_iou'], rtol=1e-6)
   assert evals[0]['confusion_matrix'] != evals[1]['confusion_matrix']  # Trained in between.
   # TensorBoard holds the same numbers (float32).

@@ -29,10 +29,10 @@ def iou_table(results: dict, names) -> str:
 
   Args:
     results: metrics.iou's dict.
-    names: the classes' names, one per class.
+    names: the classes' names, one per class ('class k' stands in for any missing).
   """
   per_class = results['per_class_iou']
-  names = list(names)
+  names = list(names) + [f'class {k}' for k in range(len(names), len(per_class))]
   width = max(len(n) for n in names + ['mean'])
   lines = [f'  {"class":<{width}}     IoU    Dice']
   for name, iou, dice in zip(names, per_class, results['per_class_dice']):
