@@ -3,6 +3,7 @@ and makes the paths absolute; `load` reads stored config.json files of every sha
 
 import importlib
 import json
+import os
 
 import ml_collections
 import pytest
@@ -107,7 +108,11 @@ def test_every_recipe_in_configs_is_valid(recipe):
   config = importlib.import_module(f'configs.{recipe}').get_config()
   assert set(config.to_dict()) == set(config_lib.defaults().to_dict())
   checked = config_lib.validate(config)
-  assert checked.to_dict() == config.to_dict()  # No paths in the recipes: nothing changes.
+  path = config_lib.folder_path(config.dataset)
+  if path is not None:  # A folder's path is made absolute; nothing else changes.
+    assert checked.dataset == f'folder:{os.path.realpath(path)}'
+    config.dataset = checked.dataset
+  assert checked.to_dict() == config.to_dict()
   assert checked is not config
 
 

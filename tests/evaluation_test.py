@@ -25,7 +25,8 @@ def _assert_pictures(report, stem):
   title = (f'step {report["step"]} on {report["dataset"]} {report["split"]} '
            f'({report["num_examples"]} images)\nat {report["resolution"]} resolution, rows sum '
            'to 100%')
-  plots.confusion_matrix(f'{stem}_redrawn.png', np.array(report['confusion_matrix']), title)
+  plots.confusion_matrix(f'{stem}_redrawn.png', np.array(report['confusion_matrix']),
+                         list(report['per_class_iou']), title)
   np.testing.assert_array_equal(png_pixels(f'{stem}_confusion.png'),
                                 png_pixels(f'{stem}_redrawn.png'))
   # Every row's true mask holds each class (the synthetic and folder masks do), drawn large.

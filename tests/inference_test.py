@@ -88,14 +88,14 @@ def test_predict_replaces_nothing_it_did_not_write_without_overwrite(trained_wor
   model = inference.load_model(trained_workdir)
   photos = tmp_path / 'photos'
   photos.mkdir()
-  Image.fromarray(_gradient(12, 14)).save(photos / 'a.jpg')
+  Image.fromarray(gradient_picture(12, 14)).save(photos / 'a.jpg')
   (photos / 'a_mask.png').write_bytes(b'the user\'s own mask')
   with pytest.raises(errors.UserError, match=r'a_mask.png exists; pass --overwrite'):
     inference.predict_files(model, [str(photos / 'a.jpg')], photos)
   assert (photos / 'a_mask.png').read_bytes() == b'the user\'s own mask'
   assert not (photos / 'a_overlay.png').exists()  # Refused before anything was written.
   # An input is never an output, --overwrite or not.
-  Image.fromarray(_gradient(12, 14)).save(photos / 'a_mask.png')
+  Image.fromarray(gradient_picture(12, 14)).save(photos / 'a_mask.png')
   with pytest.raises(errors.UserError, match=r'would write a_mask.png over the input'):
     inference.predict_files(model, [str(photos / 'a.jpg'), str(photos / 'a_mask.png')], photos,
                             overwrite=True)

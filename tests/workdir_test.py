@@ -106,10 +106,13 @@ def test_training_in_an_unwritable_workdir_is_a_one_line_error(tmp_path, tiny_co
       '; choose a writable path' if kind == 'file in the path' else '')
 
 
-def test_check_creates_the_workdir_and_refuses_a_file(tmp_path, monkeypatch):
+def test_check_makes_the_workdir_absolute_creating_nothing_and_refuses_a_file(tmp_path,
+                                                                              monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert workdir_lib.check('runs/a') == tmp_path.resolve() / 'runs' / 'a'
-  assert (tmp_path / 'runs' / 'a').is_dir()
+  assert not (tmp_path / 'runs').exists()  # Created when the lock is taken, after the checks.
+  with workdir_lib.Lock(tmp_path / 'runs' / 'a'):
+    assert (tmp_path / 'runs' / 'a' / '.lock').is_file()
   (tmp_path / 'file').write_text('')
   with pytest.raises(errors.UserError, match=r'^--workdir .*file is a file, not a directory'):
     workdir_lib.check('file')
