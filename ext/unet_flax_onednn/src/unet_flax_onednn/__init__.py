@@ -84,3 +84,28 @@ def implementation(pass_: str, dtype, n, h, w, c, o, kh=3, kw=3) -> str:
   """The oneDNN implementation (e.g. 'brg_conv_fwd:avx512_core') a pass uses at a shape."""
   bf16 = int(jnp.dtype(dtype) == jnp.bfloat16)
   return _LIB.unet_onednn_impl(_PASSES[pass_], bf16, n, h, w, c, o, kh, kw).decode()
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """`jax.lax.conv_general_dilated`, through oneDNN where this prototype covers the case.
+
+  Covered: stride 1, 'SAME', no dilation or groups, NHWC x HWIO -> NHWC, float32 or bfloat16
+  operands of one dtype, a 3x3 kernel. Anything else goes to XLA. For flax's
+  `nn.Conv(..., conv_general_dilated=...)`.
+  """
+  def ones(v):
+    return v is None or all(d == 1 for d in v)
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+  same = padding == 'SAME' or (not isinstance(padding, str)
+                               and [tuple(p) for p in padding] == [(1, 1), (1, 1)])
+  if (lhs.ndim == 4 and tuple(rhs.shape[:2]) == (3, 3) and tuple(window_strides) == (1, 1)
+      and same and ones(lhs_dilation) and ones(rhs_dilation) and feature_group_count == 1
+      and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+      and lhs.dtype == rhs.dtype and lhs.dtype in _DTYPES and preferred_element_type is None):
+    return conv(lhs, rhs)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
