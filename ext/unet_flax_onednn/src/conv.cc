@@ -1,12 +1,15 @@
-// oneDNN 3x3 (any KHxKW) 'SAME' stride-1 convolutions as XLA FFI handlers, for the issue-15 gate.
+// oneDNN stride-1 convolutions (any KHxKW kernel, explicit zero padding) as XLA FFI handlers.
 //
 // Layouts as JAX passes them: activations NHWC, kernels HWIO (row-major, so XLA's default
 // layouts). float32, or bfloat16 in/out with float32 accumulation; the weight gradient is always
-// written as float32 (the Python side casts it to the kernel's dtype).
+// written as float32 (the Python side casts it to the kernel's dtype). Every handler takes the
+// padding as attributes pad_top, pad_bottom, pad_left, pad_right (>= 0), as
+// lax.conv_general_dilated's padding ((pad_top, pad_bottom), (pad_left, pad_right)); the output
+// is OH = H + pad_top + pad_bottom - KH + 1 rows (and likewise OW).
 //
-//   unet_onednn_conv_fwd(x[N,H,W,C], w[KH,KW,C,O]) -> y[N,H,W,O]            (x's dtype)
-//   unet_onednn_conv_bwd_data(dy[N,H,W,O], w[KH,KW,C,O]) -> dx[N,H,W,C]     (dy's dtype)
-//   unet_onednn_conv_bwd_weights(x[N,H,W,C], dy[N,H,W,O]) -> dw[KH,KW,C,O]  (float32)
+//   unet_onednn_conv_fwd(x[N,H,W,C], w[KH,KW,C,O]) -> y[N,OH,OW,O]            (x's dtype)
+//   unet_onednn_conv_bwd_data(dy[N,OH,OW,O], w[KH,KW,C,O]) -> dx[N,H,W,C]     (dy's dtype)
+//   unet_onednn_conv_bwd_weights(x[N,H,W,C], dy[N,OH,OW,O]) -> dw[KH,KW,C,O]  (float32)
 //
 // Primitive descriptors and primitives are cached per shape and dtype. The kernel is given to
 // oneDNN in the layout it asks for (format_tag::any), through a reorder when that differs from
@@ -35,8 +38,17 @@ dnnl::engine& Engine() {
 
 enum class Pass { kFwd, kBwdData, kBwdWeights };
 
-// (pass, dtype, N, H, W, C, O, KH, KW)
-using Key = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+// A convolution's shape: input [N,H,W,C], kernel [KH,KW,C,O], padding; the output follows.
+struct Shape {
+  int64_t n, h, w, c, o, kh, kw, pt, pb, pl, pr;
+  int64_t oh() const { return h + pt + pb - kh + 1; }
+  int64_t ow() const { return w + pl + pr - kw + 1; }
+  auto tie() const { return std::tie(n, h, w, c, o, kh, kw, pt, pb, pl, pr); }
+};
+
+// (pass, dtype, shape)
+using Key = std::tuple<int, int, std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                             int64_t, int64_t, int64_t, int64_t, int64_t>>;
 
 struct Entry {
   dnnl::primitive conv;
@@ -53,15 +65,14 @@ std::map<Key, std::shared_ptr<Entry>>& Cache() {
   return *cache;
 }
 
-std::shared_ptr<Entry> Build(Pass pass, dt type, int64_t n, int64_t h, int64_t w, int64_t c,
-                             int64_t o, int64_t kh, int64_t kw) {
+std::shared_ptr<Entry> Build(Pass pass, dt type, const Shape& sh) {
   auto& eng = Engine();
+  const int64_t n = sh.n, h = sh.h, w = sh.w, c = sh.c, o = sh.o, kh = sh.kh, kw = sh.kw;
   const dnnl::memory::dims strides = {1, 1};
-  // 'SAME' for stride 1: total padding K-1, the odd one at the end (as XLA's SAME).
-  const dnnl::memory::dims pad_l = {(kh - 1) / 2, (kw - 1) / 2};
-  const dnnl::memory::dims pad_r = {kh - 1 - (kh - 1) / 2, kw - 1 - (kw - 1) / 2};
+  const dnnl::memory::dims pad_l = {sh.pt, sh.pl};
+  const dnnl::memory::dims pad_r = {sh.pb, sh.pr};
   dnnl::memory::desc src({n, c, h, w}, type, tag::nhwc);
-  dnnl::memory::desc dst({n, o, h, w}, type, tag::nhwc);
+  dnnl::memory::desc dst({n, o, sh.oh(), sh.ow()}, type, tag::nhwc);
   dnnl::memory::desc w_any({o, c, kh, kw}, type, tag::any);
   auto algo = dnnl::algorithm::convolution_direct;
   auto e = std::make_shared<Entry>();
@@ -100,14 +111,13 @@ std::shared_ptr<Entry> Build(Pass pass, dt type, int64_t n, int64_t h, int64_t w
   return e;
 }
 
-std::shared_ptr<Entry> Get(Pass pass, dt type, int64_t n, int64_t h, int64_t w, int64_t c,
-                           int64_t o, int64_t kh, int64_t kw) {
-  Key key{static_cast<int>(pass), static_cast<int>(type), n, h, w, c, o, kh, kw};
+std::shared_ptr<Entry> Get(Pass pass, dt type, const Shape& sh) {
+  Key key{static_cast<int>(pass), static_cast<int>(type), sh.tie()};
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto& cache = Cache();
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  auto e = Build(pass, type, n, h, w, c, o, kh, kw);
+  auto e = Build(pass, type, sh);
   cache.emplace(key, e);
   return e;
 }
@@ -122,8 +132,12 @@ bool DnnlType(ffi::DataType type, dt* out) {
 
 // Runs one pass. `act` is x (fwd, bwd_weights) or dy (bwd_data); `other` is w (fwd, bwd_data) or
 // dy (bwd_weights); `out` the result.
-ffi::Error Run(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error Run(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   try {
+    if (pt < 0 || pb < 0 || pl < 0 || pr < 0) {
+      return ffi::Error::InvalidArgument("unet_onednn: padding must be >= 0");
+    }
     if (a.element_type() != b.element_type()) {
       return ffi::Error::InvalidArgument("unet_onednn: operands of different dtypes");
     }
@@ -131,29 +145,37 @@ ffi::Error Run(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
     if (!DnnlType(a.element_type(), &type)) {
       return ffi::Error::InvalidArgument("unet_onednn: only float32 and bfloat16");
     }
-    auto ad = a.dimensions(), bd = b.dimensions();
-    if (ad.size() != 4 || bd.size() != 4) {
+    auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
+    if (ad.size() != 4 || bd.size() != 4 || od.size() != 4) {
       return ffi::Error::InvalidArgument("unet_onednn: operands must be rank 4");
     }
-    int64_t n, h, w, c, o, kh, kw;
+    Shape sh{0, 0, 0, 0, 0, 0, 0, pt, pb, pl, pr};
+    // The tensor given as dy (bwd_data, bwd_weights) or returned as y (fwd): [N, OH, OW, O].
+    auto yd = od;
     if (pass == Pass::kFwd) {  // a = x [N,H,W,C], b = w [KH,KW,C,O]
-      n = ad[0]; h = ad[1]; w = ad[2]; c = ad[3]; kh = bd[0]; kw = bd[1]; o = bd[3];
-      if (bd[2] != c) return ffi::Error::InvalidArgument("unet_onednn: C mismatch");
-    } else if (pass == Pass::kBwdData) {  // a = dy [N,H,W,O], b = w [KH,KW,C,O]
-      n = ad[0]; h = ad[1]; w = ad[2]; o = ad[3]; kh = bd[0]; kw = bd[1]; c = bd[2];
-      if (bd[3] != o) return ffi::Error::InvalidArgument("unet_onednn: O mismatch");
-    } else {  // a = x [N,H,W,C], b = dy [N,H,W,O]; kernel size from the result
-      auto od = out->dimensions();
-      n = ad[0]; h = ad[1]; w = ad[2]; c = ad[3]; o = bd[3]; kh = od[0]; kw = od[1];
-      if (bd[0] != n || bd[1] != h || bd[2] != w || od[2] != c || od[3] != o) {
-        return ffi::Error::InvalidArgument("unet_onednn: x/dy/dw shape mismatch");
-      }
+      sh.n = ad[0]; sh.h = ad[1]; sh.w = ad[2]; sh.c = ad[3];
+      sh.kh = bd[0]; sh.kw = bd[1]; sh.o = bd[3];
+      if (bd[2] != sh.c) return ffi::Error::InvalidArgument("unet_onednn: C mismatch");
+    } else if (pass == Pass::kBwdData) {  // a = dy [N,OH,OW,O], b = w [KH,KW,C,O], out = dx
+      sh.n = od[0]; sh.h = od[1]; sh.w = od[2]; sh.c = od[3];
+      sh.kh = bd[0]; sh.kw = bd[1]; sh.o = bd[3];
+      yd = ad;
+      if (bd[2] != sh.c) return ffi::Error::InvalidArgument("unet_onednn: C mismatch");
+    } else {  // a = x [N,H,W,C], b = dy [N,OH,OW,O], out = dw [KH,KW,C,O]
+      sh.n = ad[0]; sh.h = ad[1]; sh.w = ad[2]; sh.c = ad[3];
+      sh.kh = od[0]; sh.kw = od[1]; sh.o = od[3];
+      yd = bd;
+      if (od[2] != sh.c) return ffi::Error::InvalidArgument("unet_onednn: C mismatch");
     }
-    auto e = Get(pass, type, n, h, w, c, o, kh, kw);
+    if (yd[0] != sh.n || yd[1] != sh.oh() || yd[2] != sh.ow() || yd[3] != sh.o || sh.oh() < 1 ||
+        sh.ow() < 1) {
+      return ffi::Error::InvalidArgument("unet_onednn: input/kernel/padding/output shape mismatch");
+    }
+    auto e = Get(pass, type, sh);
     auto& eng = Engine();
     dnnl::stream s(eng);
-    dnnl::memory::desc x_md({n, c, h, w}, type, tag::nhwc);
-    dnnl::memory::desc y_md({n, o, h, w}, type, tag::nhwc);
+    dnnl::memory::desc x_md({sh.n, sh.c, sh.h, sh.w}, type, tag::nhwc);
+    dnnl::memory::desc y_md({sh.n, sh.o, sh.oh(), sh.ow()}, type, tag::nhwc);
     if (pass == Pass::kFwd) {
       dnnl::memory x(x_md, eng, a.untyped_data());
       dnnl::memory user_w(e->user_w, eng, b.untyped_data());
@@ -196,41 +218,44 @@ ffi::Error Run(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
   }
 }
 
-ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
-  return Run(Pass::kFwd, x, w, y);
+ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t pt,
+               int64_t pb, int64_t pl, int64_t pr) {
+  return Run(Pass::kFwd, x, w, y, pt, pb, pl, pr);
 }
-ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx) {
-  return Run(Pass::kBwdData, dy, w, dx);
+ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                   int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Run(Pass::kBwdData, dy, w, dx, pt, pb, pl, pr);
 }
-ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw) {
-  return Run(Pass::kBwdWeights, x, dy, dw);
+ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                      int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Run(Pass::kBwdWeights, x, dy, dw, pt, pb, pl, pr);
 }
+
+#define UNET_ONEDNN_BINDING                  \
+  ffi::Ffi::Bind()                           \
+      .Arg<ffi::AnyBuffer>()                 \
+      .Arg<ffi::AnyBuffer>()                 \
+      .Ret<ffi::AnyBuffer>()                 \
+      .Attr<int64_t>("pad_top")              \
+      .Attr<int64_t>("pad_bottom")           \
+      .Attr<int64_t>("pad_left")             \
+      .Attr<int64_t>("pad_right")
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvFwd, Fwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdData, BwdData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeights, BwdWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvFwd, Fwd, UNET_ONEDNN_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdData, BwdData, UNET_ONEDNN_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeights, BwdWeights, UNET_ONEDNN_BINDING);
 
 // Which oneDNN implementation a pass would use at a shape ("fwd"/"bwd_data"/"bwd_weights"),
-// for the benchmark's report. Returns a static-lifetime string.
+// for the benchmark's report. Returns a thread-local string, valid until the next call.
 extern "C" const char* unet_onednn_impl(int pass, int bf16, int64_t n, int64_t h, int64_t w,
-                                        int64_t c, int64_t o, int64_t kh, int64_t kw) {
+                                        int64_t c, int64_t o, int64_t kh, int64_t kw, int64_t pt,
+                                        int64_t pb, int64_t pl, int64_t pr) {
   static thread_local std::string result;
   try {
-    result = Get(static_cast<Pass>(pass), bf16 ? dt::bf16 : dt::f32, n, h, w, c, o, kh, kw)->impl;
+    Shape sh{n, h, w, c, o, kh, kw, pt, pb, pl, pr};
+    result = Get(static_cast<Pass>(pass), bf16 ? dt::bf16 : dt::f32, sh)->impl;
   } catch (const std::exception& err) {
     result = std::string("error: ") + err.what();
   }
