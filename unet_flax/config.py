@@ -19,6 +19,7 @@ FOLDER_PREFIX = 'folder:'  # config.dataset = 'folder:/path/to/data': your own i
 MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('constant', 'warmup_cosine')
+CONV_BACKENDS = ('auto', 'xla', 'onednn')
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -43,6 +44,10 @@ def defaults() -> ml_collections.ConfigDict:
   config.widths = (64, 128, 256)  # Encoder widths; the bottleneck is twice the last.
   config.dropout_rate = 0.5  # Dropout after the bottleneck.
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+  # Convolutions: 'auto': oneDNN on a one-device CPU when unet_flax_onednn is installed
+  # (ext/unet_flax_onednn), else XLA; 'xla'; 'onednn' (CPU only). Not a model field: checkpoints
+  # fit either.
+  config.conv_backend = 'auto'
 
   # Optimisation: Keras's Adam defaults.
   config.batch_size = 64  # Global batch, split over all devices of all hosts.
@@ -118,6 +123,7 @@ _CHECKS = {
                'must be a tuple of whole numbers >= 1, e.g. (64, 128, 256)'),
     'dropout_rate': _in_range(0, 1, high_open=True),
     'dtype': (lambda v: v in DTYPES, f'must be one of {", ".join(DTYPES)}'),
+    'conv_backend': (lambda v: v in CONV_BACKENDS, f'must be one of {", ".join(CONV_BACKENDS)}'),
     'batch_size': _int_at_least(1),
     'num_microbatches': _int_at_least(0),
     'learning_rate': _in_range(0, None, low_open=True),

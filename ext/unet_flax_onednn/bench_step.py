@@ -1,18 +1,16 @@
-"""The default model's train step with oneDNN 3x3 convolutions against today's, alternated.
+"""The default model's train step on oneDNN's convolutions against XLA's, alternated.
 
 python ext/unet_flax_onednn/bench_step.py [--batch 8] [--dtypes float32,bfloat16] [--rounds 5]
 
-Both steps are the trainer's own (train.compile_steps, microbatches included) on the default
-config; the oneDNN one is traced with flax's nn.Conv given unet_flax_onednn.conv_general_dilated,
-so the ConvBlocks' 3x3 convolutions (forward and both gradients) run in oneDNN while the
-upsampling's four phase convolutions, the 1x1 logits and everything else stay in XLA. Each round
+Both steps are the trainer's own (steps.compile_steps, microbatches included) on the default
+config, with config.conv_backend 'xla' and 'onednn': in the second every convolution (3x3, the
+upsampling's four phases, the 1x1 logits; forward and both gradients) runs in oneDNN. Each round
 runs `calls` XLA steps then `calls` oneDNN steps; medians over rounds.
 """
 
 import argparse
-import importlib.util
-import contextlib
 import functools
+import importlib.util
 import pathlib
 import re
 import statistics
@@ -22,12 +20,10 @@ from unet_flax import runtime
 
 runtime.configure_xla_cpu()
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from unet_flax import train  # noqa: E402
-
-import unet_flax_onednn as onednn  # noqa: E402
+from unet_flax import steps  # noqa: E402
+from unet_flax.devices import Devices  # noqa: E402
 
 
 def default_config():
@@ -36,16 +32,6 @@ def default_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-@contextlib.contextmanager
-def onednn_convs():
-  original = nn.Conv
-  nn.Conv = functools.partial(original, conv_general_dilated=onednn.conv_general_dilated)
-  try:
-    yield
-  finally:
-    nn.Conv = original
 
 
 def main():
@@ -61,18 +47,18 @@ def main():
     config = default_config()
     config.batch_size = args.batch
     config.dtype = dtype
-    devices = train.Devices(args.batch)
+    devices = Devices(args.batch)
     rng = np.random.default_rng(0)
     batch = devices.put({
         'image': rng.integers(0, 256, (args.batch, 128, 128, 3), np.uint8),
         'label': rng.integers(0, 3, (args.batch, 128, 128), np.uint8)})
     compiled, states = [], []
-    for use_onednn in (False, True):
-      state = jax.jit(functools.partial(train.create_train_state, config),
+    for backend in ('xla', 'onednn'):
+      config.conv_backend = backend
+      state = jax.jit(functools.partial(steps.create_train_state, config),
                       out_shardings=devices.replicated)(jax.random.key(0))
-      with onednn_convs() if use_onednn else contextlib.nullcontext():
-        step, _ = train.compile_steps(config, devices)
-        c = step.lower(state, batch, jax.random.key(0)).compile()
+      step, _ = steps.compile_steps(config, devices)
+      c = step.lower(state, batch, jax.random.key(0)).compile()
       compiled.append(c)
       state, _ = c(state, batch, jax.random.key(0))  # Warm-up.
       jax.block_until_ready(state)

@@ -88,8 +88,8 @@ def test_forward_and_gradients_match_xla(shape, dtype, jit):
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-@pytest.mark.parametrize('shape', [(2, 16, 16, 8, 4, 3, 3, 'SAME'), (2, 5, 7, 8, 4, 2, 2, (EVEN, EVEN))],
-                         ids=str)
+@pytest.mark.parametrize('shape', [(2, 16, 16, 8, 4, 3, 3, 'SAME'),
+                                   (2, 5, 7, 8, 4, 2, 2, (EVEN, EVEN))], ids=str)
 def test_weight_gradient_is_float32(dtype, shape):
   x, w, dy, padding = _operands(shape, jnp.dtype(dtype))
   dw = onednn.conv_bwd_weights(x, dy, w.shape[:2], padding)
