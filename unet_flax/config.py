@@ -23,6 +23,7 @@ MASK_MODES = ('values', 'binary', 'colour')
 INPUT_MODES = ('resize', 'crop')
 # Oxford-IIIT Pet's trimap classes, in the model's order (trimap values 1, 2, 3).
 PET_CLASS_NAMES = ('pet', 'background', 'border')
+CONV_BACKENDS = ('auto', 'xla', 'onednn')
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -73,6 +74,10 @@ def defaults() -> ml_collections.ConfigDict:
   config.widths = (64, 128, 256)  # Encoder widths; the bottleneck is twice the last.
   config.dropout_rate = 0.5  # Dropout after the bottleneck.
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+  # Convolutions: 'auto': oneDNN on a one-device CPU when unet_flax_onednn is installed
+  # (ext/unet_flax_onednn), else XLA; 'xla'; 'onednn' (CPU only). Not a model field: checkpoints
+  # fit either.
+  config.conv_backend = 'auto'
 
   # Optimisation: Keras's Adam defaults.
   config.batch_size = 64  # Global batch, split over all devices of all hosts.
@@ -166,6 +171,7 @@ _CHECKS = {
                'must be a tuple of whole numbers >= 1, e.g. (64, 128, 256)'),
     'dropout_rate': _in_range(0, 1, high_open=True),
     'dtype': (lambda v: v in DTYPES, f'must be one of {", ".join(DTYPES)}'),
+    'conv_backend': (lambda v: v in CONV_BACKENDS, f'must be one of {", ".join(CONV_BACKENDS)}'),
     'batch_size': _int_at_least(1),
     'num_microbatches': _int_at_least(0),
     'learning_rate': _in_range(0, None, low_open=True),

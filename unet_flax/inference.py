@@ -70,6 +70,8 @@ def load_model(workdir, step: int | None = None,
                            f'first (python train.py --workdir {workdir} ...) or pass another '
                            '--workdir')
   config = checkpoints.load_config(workdir)
+  # The trainer's convolutions were a speed choice for its machine; the parameters fit any.
+  config.conv_backend = 'auto'
   step, params = checkpoints.restore_params(workdir, config, step, sharding)
   return Model(config, step, params)
 

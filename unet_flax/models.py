@@ -4,9 +4,15 @@ Nothing here knows about data or training: `UNet` maps images [B, H, W, 3] to pe
 [B, H, W, num_classes]; the softmax belongs to the loss. `create(config)` builds it from a run's
 config, `init_params` gives its parameters (or only their shapes, under jax.eval_shape) and
 `logits` is the forward pass that training, evaluation, predict and export share.
+
+Every convolution goes through one function, the module attribute `conv` (jax.lax's
+conv_general_dilated signature): XLA's, or oneDNN's where the optional extension
+ext/unet_flax_onednn is installed (`conv_function(config)`, config.conv_backend). The parameters
+do not depend on it: a checkpoint trained on one path restores and predicts on the other.
 """
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -14,14 +20,55 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from unet_flax import errors
+
 # Keras's defaults, which the chapter relies on: glorot-uniform kernels and zero biases.
 kernel_init = nn.initializers.glorot_uniform()
 bias_init = nn.initializers.zeros
 
 
-def _conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=padding,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+ConvFunction = Callable[..., jax.Array]  # jax.lax.conv_general_dilated's signature.
+ONEDNN_MODULE = 'unet_flax_onednn'  # The optional extension: pip install ./ext/unet_flax_onednn
+
+
+def _onednn_conv() -> ConvFunction | None:
+  """The extension's conv_general_dilated, or None where it is not installed."""
+  try:
+    return importlib.import_module(ONEDNN_MODULE).conv_general_dilated
+  except ImportError:
+    return None
+
+
+def conv_backend(config: ml_collections.ConfigDict) -> str:
+  """'xla' or 'onednn': the convolutions that config.conv_backend asks for on this process.
+
+  'auto' takes oneDNN where the extension is installed and jax runs on one CPU device (a
+  custom call is not partitioned: over several devices XLA would gather the batch onto each).
+  GPUs and TPUs never take it.
+
+  Raises:
+    UserError: 'onednn' asked for where the backend is not CPU or the extension is missing.
+  """
+  backend = config.conv_backend
+  if backend == 'xla':
+    return 'xla'
+  platform = jax.default_backend()
+  if backend == 'auto':
+    return 'onednn' if platform == 'cpu' and jax.device_count() == 1 and _onednn_conv() else 'xla'
+  if platform != 'cpu':
+    raise errors.UserError(f"config.conv_backend='onednn' runs on CPUs only, and jax's backend "
+                           f"here is {platform}; use 'auto' or 'xla'")
+  if _onednn_conv() is None:
+    raise errors.UserError("config.conv_backend='onednn' needs the extension: pip install "
+                           "./ext/unet_flax_onednn (README, Speed), or use 'auto' or 'xla'")
+  return 'onednn'
+
+
+def conv_function(config: ml_collections.ConfigDict) -> ConvFunction:
+  """The convolution of `conv_backend(config)`, for `UNet(conv=...)`."""
+  if conv_backend(config) == 'onednn':
+    return _onednn_conv()
+  return jax.lax.conv_general_dilated
 
 
 class Upsample(nn.Module):
@@ -42,6 +89,7 @@ class Upsample(nn.Module):
   features: int
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  conv: ConvFunction = jax.lax.conv_general_dilated
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,7 +103,8 @@ class Upsample(nn.Module):
     # Static slices, not index arrays: an index array is a gather, whose gradient is a scatter-add.
     taps = (slice(0, 3, 2), slice(1, 2))
     pads = ((1, 0), (0, 0))
-    phases = [[_conv(x, kernel[taps[py]][:, taps[px]], (pads[py], pads[px])) for px in (0, 1)]
+    phases = [[self.conv(x, kernel[taps[py]][:, taps[px]], (1, 1), (pads[py], pads[px]),
+                         dimension_numbers=('NHWC', 'HWIO', 'NHWC')) for px in (0, 1)]
               for py in (0, 1)]
     # [B, H, (py), W, (px), F] -> [B, 2H, 2W, F].
     y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
@@ -85,12 +134,13 @@ class ConvBlock(nn.Module):
 
   features: int
   dtype: Any = None
+  conv: ConvFunction = jax.lax.conv_general_dilated
 
   @nn.compact
   def __call__(self, x):
     for _ in range(2):
       x = nn.Conv(self.features, (3, 3), padding='SAME', kernel_init=kernel_init,
-                  bias_init=bias_init, dtype=self.dtype)(x)
+                  bias_init=bias_init, dtype=self.dtype, conv_general_dilated=self.conv)(x)
       x = nn.relu(x)
     return x
 
@@ -104,6 +154,8 @@ class UNet(nn.Module):
     dropout_rate: dropout after the bottleneck.
     dtype: compute dtype (parameters stay float32); logits are returned as float32.
     fast_upsample: `Upsample` instead of `nn.ConvTranspose` (same parameters and results).
+    conv: every convolution's function (`conv_function`); not a parameter: the same params fit
+      XLA's and oneDNN's. nn.ConvTranspose (fast_upsample=False) always runs in XLA.
   """
 
   num_classes: int = 3
@@ -111,6 +163,7 @@ class UNet(nn.Module):
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
   fast_upsample: bool = True
+  conv: ConvFunction = jax.lax.conv_general_dilated
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -122,22 +175,22 @@ class UNet(nn.Module):
     x = images.astype(self.dtype)
     skips = []
     for i, width in enumerate(self.widths):
-      x = ConvBlock(width, dtype=self.dtype, name=f'down_{i}')(x)
+      x = ConvBlock(width, dtype=self.dtype, conv=self.conv, name=f'down_{i}')(x)
       skips.append(x)
       x = max_pool_2x2(x)
-    x = ConvBlock(2 * self.widths[-1], dtype=self.dtype, name='bottleneck')(x)
+    x = ConvBlock(2 * self.widths[-1], dtype=self.dtype, conv=self.conv, name='bottleneck')(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     for i, (width, skip) in reversed(list(enumerate(zip(self.widths, skips)))):
       if self.fast_upsample:
-        x = Upsample(width, dtype=self.dtype, name=f'upsample_{i}')(x)
+        x = Upsample(width, dtype=self.dtype, conv=self.conv, name=f'upsample_{i}')(x)
       else:
         x = nn.ConvTranspose(width, (3, 3), strides=(2, 2), padding='SAME',
                              kernel_init=kernel_init, bias_init=bias_init,
                              dtype=self.dtype, name=f'upsample_{i}')(x)
       x = jnp.concatenate([x, skip], axis=-1)
-      x = ConvBlock(width, dtype=self.dtype, name=f'up_{i}')(x)
+      x = ConvBlock(width, dtype=self.dtype, conv=self.conv, name=f'up_{i}')(x)
     x = nn.Conv(self.num_classes, (1, 1), kernel_init=kernel_init, bias_init=bias_init,
-                dtype=self.dtype, name='logits')(x)
+                dtype=self.dtype, conv_general_dilated=self.conv, name='logits')(x)
     return x.astype(jnp.float32)
 
 
@@ -146,9 +199,10 @@ def param_count(params) -> int:
 
 
 def create(config: ml_collections.ConfigDict) -> UNet:
-  """The U-Net of a run's config (widths, num_classes, dropout_rate, dtype)."""
+  """The U-Net of a run's config (widths, num_classes, dropout_rate, dtype, conv_backend)."""
   return UNet(num_classes=config.num_classes, widths=tuple(config.widths),
-              dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype))
+              dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
+              conv=conv_function(config))
 
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array):

@@ -151,7 +151,7 @@ def _train(config, per_epoch: int, train_data: input_pipeline.Split,
   microbatches = steps.num_microbatches(config, devices)
   report.text(f'model: {models.param_count(state.params):,} parameters, '
               f'{jax.device_count()} {devices.platform} device(s), '
-              f'{jax.process_count()} process(es)'
+              f'{jax.process_count()} process(es), {models.conv_backend(config)} convolutions'
               + (f', gradients summed over {microbatches} microbatches a step'
                  if microbatches > 1 else ''))
   state = manager.restore_or(state)

@@ -1,0 +1,217 @@
+"""This project's train step against the chapter's Keras model, alternated in one run.
+
+  python3 -m venv /tmp/keras-peer && /tmp/keras-peer/bin/pip install tensorflow-cpu pillow
+  python bench/keras_peer.py --keras_python /tmp/keras-peer/bin/python [--batch 8] [--rounds 5]
+
+Contenders, at batch 8 (default), 128x128, the default config's U-Net, per precision (float32;
+bfloat16 = the project's config.dtype 'bfloat16' and Keras's mixed_bfloat16 policy):
+
+  unet-flax xla     the trainer's step (steps.compile_steps), config.conv_backend = 'xla'
+  unet-flax onednn  the same with 'onednn' (when ext/unet_flax_onednn is installed)
+  keras             keras_unet.unet_model(3), Adam, train_on_batch, in its own process
+                    (bench/keras_worker.py under --keras_python: TensorFlow is never a
+                    dependency of this project)
+
+Each round times every contender in turn (`calls` steps each; the order rotates from round to
+round), so all of them see the same machine load; the table gives medians over rounds, img/s,
+ratios to Keras and to the project's XLA step of the same precision, and the fraction of this
+machine's matmul limit for that precision: the best n x n x n matmul of jax, numpy (float32) and
+TensorFlow (oneDNN), timed in the same rounds (medians). FLOPs are the model's
+(bench.model_flops: the chapter's formulation), the same for every contender.
+"""
+
+import argparse
+import functools
+import importlib.util
+import pathlib
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from unet_flax import runtime
+
+runtime.configure_xla_cpu()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from unet_flax import bench  # noqa: E402
+from unet_flax import models  # noqa: E402
+from unet_flax import steps  # noqa: E402
+from unet_flax.devices import Devices  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KERAS_POLICY = {'float32': 'float32', 'bfloat16': 'mixed_bfloat16'}
+
+
+def default_config():
+  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def cpu_model() -> str:
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown CPU'
+  fields = dict(line.split(':', 1) for line in out.splitlines() if ':' in line)
+  flags = fields.get('Flags', '').split()
+  extras = [f for f in ('avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
+  return (f'{fields.get("Model name", "?").strip()}, {fields.get("CPU(s)", "?").strip()} CPUs, '
+          f'{" ".join(extras) or "no AVX-512"}')
+
+
+class Keras:
+  """The Keras worker process: one command a line, one answer a line."""
+
+  def __init__(self, python: str, batch: int):
+    self.log = tempfile.NamedTemporaryFile('w+', prefix='keras_worker_', suffix='.log',
+                                           delete=False)
+    self.proc = subprocess.Popen([python, str(ROOT / 'bench' / 'keras_worker.py'), str(batch)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                 text=True)
+
+  def _read(self) -> str:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'the Keras worker stopped; its log: {self.log.name}')
+    return line.strip()
+
+  def ready(self) -> str:
+    line = self._read()
+    if not line.startswith('ready'):
+      raise RuntimeError(f'Keras worker: {line} (log: {self.log.name})')
+    return line[len('ready '):]
+
+  def ask(self, *command) -> float:
+    self.proc.stdin.write(' '.join(map(str, command)) + '\n')
+    self.proc.stdin.flush()
+    return float(self._read())
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.write('quit\n')
+      self.proc.stdin.flush()
+      self.proc.wait(timeout=60)
+
+
+def project_step(config, batch_size: int):
+  """A function running `calls` train steps of config's model, and the model's FLOPs per step."""
+  devices = Devices(batch_size)
+  rng = np.random.default_rng(0)
+  batch = devices.put({
+      'image': rng.integers(0, 256, (batch_size, 128, 128, 3), np.uint8),
+      'label': rng.integers(0, 3, (batch_size, 128, 128), np.uint8)})
+  state = jax.jit(functools.partial(steps.create_train_state, config),
+                  out_shardings=devices.replicated)(jax.random.key(0))
+  flops = bench.model_flops(config, state, batch)
+  step, _ = steps.compile_steps(config, devices)
+  compiled = step.lower(state, batch, jax.random.key(0)).compile()
+  holder = [compiled(state, batch, jax.random.key(0))[0]]  # Warm-up.
+  jax.block_until_ready(holder[0])
+
+  def run(calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+      holder[0], _ = compiled(holder[0], batch, jax.random.key(0))
+    jax.block_until_ready(holder[0])
+    return (time.perf_counter() - start) / calls
+  return run, flops
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--keras_python', required=True,
+                      help="python of a venv with tensorflow-cpu (not this project's)")
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--backends', default='xla,onednn',
+                      help='conv backends of the project to run; onednn needs the extension')
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--calls', type=int, default=1, help='steps per contender per round')
+  parser.add_argument('--matmul_size', type=int, default=4096)
+  args = parser.parse_args()
+  dtypes = args.dtypes.split(',')
+  backends = args.backends.split(',')
+
+  print(f'machine: {cpu_model()}; jax {jax.__version__}, {jax.devices()[0].platform}')
+  print('command: python ' + ' '.join(shlex.quote(a) for a in sys.argv), flush=True)
+  keras = Keras(args.keras_python, args.batch)  # Builds its models while ours compile.
+  runners, flops = {}, {}
+  for dtype in dtypes:
+    for backend in backends:
+      config = default_config()
+      config.batch_size = args.batch
+      config.dtype = dtype
+      config.conv_backend = backend
+      models.conv_backend(config)  # Fails here, plainly, where oneDNN is asked for but missing.
+      runners[f'unet-flax {backend}', dtype], flops[dtype] = project_step(config, args.batch)
+    runners['keras', dtype] = functools.partial(
+        lambda policy, calls: keras.ask('step', policy, calls), KERAS_POLICY[dtype])
+  print(f'keras worker: {keras.ready()}', flush=True)
+
+  # The matmul limits are timed inside the rounds too, as contenders: the load moves.
+  for dtype in dtypes:
+    n = args.matmul_size
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, a))
+
+    def jax_matmul(calls, a=a, mm=mm, n=n):
+      start = time.perf_counter()
+      for _ in range(calls):
+        out = mm(a, a)
+      jax.block_until_ready(out)
+      return 2 * n ** 3 / ((time.perf_counter() - start) / calls) / 1e9
+    matmuls = {('jax', dtype): jax_matmul,
+               ('tensorflow', dtype): functools.partial(
+                   lambda dtype, n, calls: keras.ask('matmul', dtype, n), dtype, n)}
+    if dtype == 'float32':
+      matmuls['numpy', dtype] = lambda calls, n=n: bench.numpy_matmul_gflops(n, calls)
+    runners.update({('matmul ' + k, d): f for (k, d), f in matmuls.items()})
+
+  names = list(runners)
+  times = {name: [] for name in names}
+  for r in range(args.rounds):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for name in order:
+      times[name].append(runners[name](args.calls))
+    print(f'round {r + 1}/{args.rounds}: ' + ', '.join(
+        f'{c} {d} {times[c, d][-1]:.2f}' + ('GFLOP/s' if c.startswith('matmul') else 's')
+        for c, d in names), flush=True)
+  limits = {}
+  for dtype in dtypes:
+    found = {c[len('matmul '):]: statistics.median(v) for (c, d), v in times.items()
+             if c.startswith('matmul') and d == dtype}
+    best = max(found, key=found.get)
+    limits[dtype] = found[best]
+    print(f'{dtype} matmul {args.matmul_size}^3 GFLOP/s (medians): ' + ', '.join(
+        f'{k} {v:.1f}' for k, v in found.items()) + f'; the limit is {best}\'s', flush=True)
+  names = [name for name in names if not name[0].startswith('matmul')]
+
+  print()
+  print(f'| contender | precision | step s (median) | img/s | vs Keras | vs unet-flax xla '
+        f'| GFLOP/s | of matmul limit |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+  for name in names:
+    contender, dtype = name
+    seconds = statistics.median(times[name])
+    keras_s = statistics.median(times['keras', dtype])
+    xla = times.get(('unet-flax xla', dtype))
+    vs_xla = f'{statistics.median(xla) / seconds:.2f}x' if xla else '-'
+    gflops = flops[dtype] / seconds / 1e9
+    print(f'| {contender} | {dtype} | {seconds:.3f} | {args.batch / seconds:.2f} | '
+          f'{keras_s / seconds:.2f}x | {vs_xla} | {gflops:.1f} | {gflops / limits[dtype]:.1%} |')
+  print(f'\nmodel: {flops[dtypes[0]] / 1e9:.1f} GFLOP per step at batch {args.batch}; matmul '
+        'limits: ' + ', '.join(f'{d} {limits[d]:.1f} GFLOP/s' for d in dtypes))
+  keras.close()
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,171 @@
+"""oneDNN stride-1 NHWC convolutions for JAX on CPU, through jax.ffi (unet-flax's issue 15).
+
+`conv(x, w, padding)` equals `jax.lax.conv_general_dilated(x, w, (1, 1), padding,
+dimension_numbers=('NHWC', 'HWIO', 'NHWC'))` for float32 or bfloat16 x and w of the same dtype,
+any kernel size and explicit zero padding ((top, bottom), (left, right)) or 'SAME'/'VALID'. Its
+gradient (a `jax.custom_vjp`) uses oneDNN's backward-data and backward-weights primitives; bfloat16
+accumulates in float32, and the weight gradient is written in float32 by oneDNN, then cast to w's
+dtype. The three passes are also exposed alone (`conv_fwd`, `conv_bwd_data`, `conv_bwd_weights`).
+
+`conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (flax's
+`nn.Conv(conv_general_dilated=...)`, unet-flax's models): the cases above go to oneDNN, anything
+else to XLA. CPU only: the FFI targets are registered for the 'cpu' platform alone.
+"""
+
+import ctypes
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_LIB = ctypes.cdll.LoadLibrary(str(pathlib.Path(__file__).parent / 'libunet_flax_onednn_ffi.so'))
+
+_TARGETS = {
+    'unet_onednn_conv_fwd': 'UnetOnednnConvFwd',
+    'unet_onednn_conv_bwd_data': 'UnetOnednnConvBwdData',
+    'unet_onednn_conv_bwd_weights': 'UnetOnednnConvBwdWeights',
+}
+for _name, _symbol in _TARGETS.items():
+  jax.ffi.register_ffi_target(_name, jax.ffi.pycapsule(getattr(_LIB, _symbol)), platform='cpu')
+
+_LIB.unet_onednn_impl.restype = ctypes.c_char_p
+_LIB.unet_onednn_impl.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_int64] * 11
+_PASSES = {'fwd': 0, 'bwd_data': 1, 'bwd_weights': 2}
+_DTYPES = (jnp.float32, jnp.bfloat16)
+SAME_3X3 = ((1, 1), (1, 1))
+
+
+def _check(a, b):
+  if a.dtype != b.dtype or a.dtype not in _DTYPES:
+    raise TypeError(f'unet_flax_onednn: float32 or bfloat16 operands of one dtype, '
+                    f'got {a.dtype} and {b.dtype}')
+  if a.ndim != 4 or b.ndim != 4:
+    raise ValueError('unet_flax_onednn: rank-4 operands (NHWC, HWIO)')
+
+
+def _pads(padding, spatial, kernel_size) -> tuple[tuple[int, int], tuple[int, int]]:
+  """'SAME', 'VALID' or ((top, bottom), (left, right)) -> explicit stride-1 padding."""
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(tuple(spatial), tuple(kernel_size), (1, 1), padding)
+  (pt, pb), (pl, pr) = padding
+  return (int(pt), int(pb)), (int(pl), int(pr))
+
+
+def _attrs(padding):
+  (pt, pb), (pl, pr) = padding
+  return dict(pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
+              pad_right=np.int64(pr))
+
+
+def _out_spatial(spatial, kernel_size, padding):
+  return tuple(s + lo + hi - k + 1 for s, k, (lo, hi) in zip(spatial, kernel_size, padding))
+
+
+def conv_fwd(x: jax.Array, w: jax.Array, padding=SAME_3X3) -> jax.Array:
+  """x [N,H,W,C], w [KH,KW,C,O] -> y [N,OH,OW,O] in x's dtype."""
+  _check(x, w)
+  padding = _pads(padding, x.shape[1:3], w.shape[:2])
+  out = jax.ShapeDtypeStruct(
+      (x.shape[0], *_out_spatial(x.shape[1:3], w.shape[:2], padding), w.shape[3]), x.dtype)
+  return jax.ffi.ffi_call('unet_onednn_conv_fwd', out)(x, w, **_attrs(padding))
+
+
+def conv_bwd_data(dy: jax.Array, w: jax.Array, padding=SAME_3X3) -> jax.Array:
+  """dy [N,OH,OW,O], w [KH,KW,C,O] -> dx [N,H,W,C] in dy's dtype (padding explicit)."""
+  _check(dy, w)
+  (pt, pb), (pl, pr) = padding = _pads(padding, (), ())
+  kh, kw = w.shape[:2]
+  spatial = (dy.shape[1] - pt - pb + kh - 1, dy.shape[2] - pl - pr + kw - 1)
+  out = jax.ShapeDtypeStruct((dy.shape[0], *spatial, w.shape[2]), dy.dtype)
+  return jax.ffi.ffi_call('unet_onednn_conv_bwd_data', out)(dy, w, **_attrs(padding))
+
+
+def conv_bwd_weights(x: jax.Array, dy: jax.Array, kernel_size=(3, 3),
+                     padding=SAME_3X3) -> jax.Array:
+  """x [N,H,W,C], dy [N,OH,OW,O] -> dw [KH,KW,C,O] in float32."""
+  _check(x, dy)
+  padding = _pads(padding, x.shape[1:3], kernel_size)
+  out = jax.ShapeDtypeStruct(tuple(kernel_size) + (x.shape[3], dy.shape[3]), jnp.float32)
+  return jax.ffi.ffi_call('unet_onednn_conv_bwd_weights', out)(x, dy, **_attrs(padding))
+
+
+def conv(x: jax.Array, w: jax.Array, padding='SAME') -> jax.Array:
+  """Stride-1 convolution, NHWC x HWIO -> NHWC, through oneDNN (forward and both gradients).
+
+  padding: 'SAME', 'VALID' or ((top, bottom), (left, right)), each >= 0.
+  """
+  _check(x, w)
+  return _conv(x, w, _pads(padding, x.shape[1:3], w.shape[:2]))
+
+
+# The padding is static (Python ints): a nondiff argument of the custom_vjp.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x, w, padding):
+  return conv_fwd(x, w, padding)
+
+
+def _conv_fwd_rule(x, w, padding):
+  return conv_fwd(x, w, padding), (x, w)
+
+
+def _conv_bwd_rule(padding, residuals, dy):
+  x, w = residuals
+  dy = dy.astype(x.dtype)
+  dx = conv_bwd_data(dy, w, padding)
+  dw = conv_bwd_weights(x, dy, w.shape[:2], padding).astype(w.dtype)
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd_rule, _conv_bwd_rule)
+
+
+def implementation(pass_: str, dtype, n, h, w, c, o, kh=3, kw=3, padding=None) -> str:
+  """The oneDNN implementation (e.g. 'brg_conv_fwd:avx512_core') a pass uses at a shape."""
+  (pt, pb), (pl, pr) = _pads('SAME' if padding is None else padding, (h, w), (kh, kw))
+  bf16 = int(jnp.dtype(dtype) == jnp.bfloat16)
+  return _LIB.unet_onednn_impl(_PASSES[pass_], bf16, n, h, w, c, o, kh, kw, pt, pb, pl,
+                               pr).decode()
+
+
+def covers(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, preferred_element_type=None,
+           **unused) -> bool:
+  """Whether `conv_general_dilated` with these arguments runs in oneDNN (else in XLA)."""
+  del unused
+
+  def ones(v):
+    return v is None or all(d == 1 for d in v)
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    return False
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+  if isinstance(padding, str):
+    padding_ok = padding in ('SAME', 'VALID')
+  else:
+    padding_ok = (len(padding) == 2 and all(len(p) == 2 and min(p) >= 0 for p in padding))
+  return bool(tuple(window_strides) == (1, 1) and padding_ok and ones(lhs_dilation)
+              and ones(rhs_dilation) and feature_group_count == 1
+              and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+              and lhs.dtype == rhs.dtype and lhs.dtype in _DTYPES
+              and preferred_element_type in (None, lhs.dtype))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """`jax.lax.conv_general_dilated`, through oneDNN where this extension covers the case.
+
+  Covered: stride 1, 'SAME', 'VALID' or explicit non-negative padding, no dilation or groups,
+  NHWC x HWIO -> NHWC, float32 or bfloat16 operands of one dtype, any kernel size (oneDNN
+  computes float32 at full precision whatever `precision` asks). Anything else goes to XLA.
+  """
+  if batch_group_count == 1 and covers(lhs, rhs, window_strides, padding, lhs_dilation,
+                                       rhs_dilation, dimension_numbers, feature_group_count,
+                                       preferred_element_type):
+    return conv(lhs, rhs, padding)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)

@@ -1,0 +1,146 @@
+"""oneDNN conv against jax.lax.conv_general_dilated: forward, input gradient, weight gradient.
+
+The U-Net's shapes: 3x3 'SAME' (ConvBlocks), 1x1 (logits) and the upsampling's four phase
+kernels with their explicit padding (2x2, 2x1, 1x2, 1x1; models.Upsample); odd sizes, batch 1.
+
+python -m pytest ext/unet_flax_onednn/tests (skipped where the extension is not installed).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+onednn = pytest.importorskip('unet_flax_onednn')
+
+EVEN, ODD, NONE = (1, 0), (0, 0), (0, 0)  # Upsample's paddings of its even and odd phases.
+SHAPES = [  # (N, H, W, C, O, KH, KW, padding)
+    (1, 5, 7, 3, 4, 3, 3, 'SAME'),
+    (2, 5, 7, 4, 8, 3, 3, 'SAME'),
+    (2, 16, 16, 8, 3, 3, 3, 'SAME'),
+    (1, 16, 16, 3, 8, 3, 3, 'SAME'),
+    (2, 5, 7, 4, 8, 1, 1, 'SAME'),  # The logits.
+    (1, 6, 5, 3, 4, 2, 2, 'SAME'),  # Even kernel: SAME pads the extra row/column at the end.
+    # Upsample's phases: (even, even) 2x2, (even, odd) 2x1, (odd, even) 1x2, (odd, odd) 1x1.
+    (1, 5, 7, 3, 4, 2, 2, (EVEN, EVEN)),
+    (2, 4, 4, 8, 4, 2, 2, (EVEN, EVEN)),
+    (1, 5, 7, 3, 4, 2, 1, (EVEN, ODD)),
+    (2, 4, 3, 8, 4, 2, 1, (EVEN, ODD)),
+    (1, 5, 7, 3, 4, 1, 2, (ODD, EVEN)),
+    (2, 3, 4, 8, 4, 1, 2, (ODD, EVEN)),
+    (1, 5, 7, 3, 4, 1, 1, (NONE, NONE)),
+    (2, 4, 4, 8, 4, 1, 1, (NONE, NONE)),
+    # Other explicit paddings: the output size follows them.
+    (1, 5, 7, 3, 4, 3, 3, ((2, 0), (0, 1))),
+    (2, 6, 5, 3, 4, 3, 2, 'VALID'),
+]
+
+
+def _reference(x, w, padding):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _operands(shape, dtype):
+  n, h, w, c, o, kh, kw, padding = shape
+  kx, kw_, kdy = jax.random.split(jax.random.key(n + h + w + c + o + kh + kw), 3)
+  x = jax.random.normal(kx, (n, h, w, c), jnp.float32).astype(dtype)
+  kernel = jax.random.normal(kw_, (kh, kw, c, o), jnp.float32).astype(dtype)
+  y_shape = jax.eval_shape(functools.partial(_reference, padding=padding), x, kernel).shape
+  dy = jax.random.normal(kdy, y_shape, jnp.float32).astype(dtype)
+  return x, kernel, dy, padding
+
+
+def _close(actual, expected, rtol):
+  """Within rtol of the reference, relative to the reference's largest magnitude."""
+  actual = np.asarray(actual, np.float32)
+  expected = np.asarray(expected, np.float32)
+  assert actual.shape == expected.shape
+  scale = np.abs(expected).max()
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=str)
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('jit', [False, True])
+def test_forward_and_gradients_match_xla(shape, dtype, jit):
+  dtype = jnp.dtype(dtype)
+  x, w, dy, padding = _operands(shape, dtype)
+  # The reference is float32 on the same (rounded) operands: what oneDNN's f32 accumulation does.
+  y_ref, vjp_ref = jax.vjp(functools.partial(_reference, padding=padding),
+                           x.astype(jnp.float32), w.astype(jnp.float32))
+  dx_ref, dw_ref = vjp_ref(dy.astype(jnp.float32))
+
+  def f(x, w, dy):
+    y, vjp = jax.vjp(functools.partial(onednn.conv, padding=padding), x, w)
+    return (y, *vjp(dy))
+  y, dx, dw = (jax.jit(f) if jit else f)(x, w, dy)
+
+  assert y.dtype == dx.dtype == dw.dtype == dtype
+  # bfloat16 results are rounded to 8 significant bits once (relative 2^-8 = 0.4%).
+  rtol = 1e-5 if dtype == jnp.float32 else 1e-2
+  _close(y, y_ref, rtol)
+  _close(dx, dx_ref, rtol)
+  _close(dw, dw_ref, rtol)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('shape', [(2, 16, 16, 8, 4, 3, 3, 'SAME'),
+                                   (2, 5, 7, 8, 4, 2, 2, (EVEN, EVEN))], ids=str)
+def test_weight_gradient_is_float32(dtype, shape):
+  x, w, dy, padding = _operands(shape, jnp.dtype(dtype))
+  dw = onednn.conv_bwd_weights(x, dy, w.shape[:2], padding)
+  assert dw.dtype == jnp.float32
+  _, vjp_ref = jax.vjp(functools.partial(_reference, padding=padding),
+                       x.astype(jnp.float32), w.astype(jnp.float32))
+  _close(dw, vjp_ref(dy.astype(jnp.float32))[1], 1e-5)  # f32 accumulation and output.
+
+
+def test_mixed_dtypes_rejected():
+  x, w, _, _ = _operands(SHAPES[0], jnp.float32)
+  with pytest.raises(TypeError):
+    onednn.conv(x, w.astype(jnp.bfloat16))
+
+
+def _ffi_calls(fn, *args) -> int:
+  return jax.jit(fn).lower(*args).as_text().count('unet_onednn_conv')
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'VALID', (EVEN, ODD), ((2, 1), (0, 3))], ids=str)
+def test_drop_in_takes_covered_cases(padding):
+  x, w, _, _ = _operands((1, 5, 7, 3, 4, 2, 1, 'SAME'), jnp.float32)
+
+  def f(x, w):
+    return onednn.conv_general_dilated(x, w, (1, 1), padding,
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert _ffi_calls(f, x, w) == 1
+  _close(f(x, w), _reference(x, w, padding), 1e-5)
+
+
+@pytest.mark.parametrize('case', ['stride', 'dilation', 'negative_padding', 'nchw', 'float16',
+                                  'groups'])
+def test_drop_in_leaves_the_rest_to_xla(case):
+  x, w, _, _ = _operands((1, 6, 6, 4, 4, 3, 3, 'SAME'), jnp.float32)
+  kwargs = dict(window_strides=(1, 1), padding='SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if case == 'stride':
+    kwargs['window_strides'] = (2, 2)
+  elif case == 'dilation':
+    kwargs['rhs_dilation'] = (2, 2)
+  elif case == 'negative_padding':
+    kwargs['padding'] = ((-1, 1), (1, 1))
+  elif case == 'nchw':
+    kwargs['dimension_numbers'] = ('NCHW', 'HWIO', 'NCHW')
+    x = x.transpose(0, 3, 1, 2)
+  elif case == 'float16':
+    x, w = x.astype(jnp.float16), w.astype(jnp.float16)
+  elif case == 'groups':
+    w = w[:, :, :2]
+    kwargs['feature_group_count'] = 2
+
+  def f(x, w):
+    return onednn.conv_general_dilated(x, w, **kwargs)
+  assert _ffi_calls(f, x, w) == 0
+  np.testing.assert_array_equal(f(x, w), jax.lax.conv_general_dilated(x, w, **kwargs))

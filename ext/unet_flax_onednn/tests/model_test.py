@@ -1,0 +1,153 @@
+"""The whole U-Net on oneDNN's convolutions against XLA's: loss, gradients, train step, params.
+
+Tiny widths (4, 8) at 16x16. Every convolution (3x3, the upsampling's phases, the 1x1 logits)
+runs through the extension when config.conv_backend is 'onednn'; the parameters are the same on
+both paths, so params (a checkpoint) from one predict on the other.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+onednn = pytest.importorskip('unet_flax_onednn')
+
+from unet_flax import config as config_lib  # noqa: E402
+from unet_flax import errors  # noqa: E402
+from unet_flax import export  # noqa: E402
+from unet_flax import inference  # noqa: E402
+from unet_flax import metrics  # noqa: E402
+from unet_flax import models  # noqa: E402
+from unet_flax import steps  # noqa: E402
+
+# Per U-Net of widths (4, 8): 5 ConvBlocks x 2 3x3 convolutions, 2 upsamplings x 4 phases, logits.
+FORWARD_CONVS = 5 * 2 + 2 * 4 + 1
+
+
+def _config(backend, dtype='float32'):
+  config = config_lib.defaults()
+  config.image_size = 16
+  config.widths = (4, 8)
+  config.dropout_rate = 0.0
+  config.dtype = dtype
+  config.conv_backend = backend
+  return config_lib.validate(config)
+
+
+def _params(config):
+  """Fixed random params (numpy), the same for both paths: init's shapes, no compiling of init."""
+  shapes = jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(0))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
+
+
+def _batch(n):
+  rng = np.random.default_rng(n)
+  return (rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+          rng.integers(0, 3, (n, 16, 16)).astype(np.int32))
+
+
+def _close(actual, expected, rtol):
+  """Within rtol of the reference, relative to the reference's largest magnitude."""
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  assert actual.shape == expected.shape
+  np.testing.assert_allclose(actual, expected, rtol=rtol,
+                             atol=rtol * max(np.abs(expected).max(), 1e-30))
+
+
+def _loss_and_grads(config, params, images, labels):
+  model = models.create(config)
+
+  def loss_fn(params):
+    logits = models.logits(model, params, images)
+    return metrics.segmentation_loss(logits, labels, jnp.ones(labels.shape[0], bool))
+  fn = jax.jit(jax.value_and_grad(loss_fn))
+  return fn(params), fn.lower(params).as_text().count('unet_onednn_conv')
+
+
+def test_conv_backend_choice():
+  assert models.conv_function(_config('xla')) is jax.lax.conv_general_dilated
+  assert models.conv_function(_config('onednn')) is onednn.conv_general_dilated
+  assert models.conv_backend(_config('auto')) == ('onednn' if jax.default_backend() == 'cpu'
+                                                  and jax.device_count() == 1 else 'xla')
+  with pytest.raises(errors.UserError, match='conv_backend'):
+    config = _config('xla')
+    config.conv_backend = 'mkl'
+    config_lib.validate(config)
+
+
+# bfloat16: each convolution's output is rounded to 8 bits; a different summation order flips
+# some roundings, and 19 layers carry the differences on.
+@pytest.mark.parametrize('dtype,rtol', [('float32', 1e-5), ('bfloat16', 3e-2)])
+@pytest.mark.parametrize('batch', [1, 2])
+def test_unet_loss_and_gradients_match_xla(dtype, rtol, batch):
+  images, labels = _batch(batch)
+  params = _params(_config('xla', dtype))
+  (loss_x, grads_x), calls_x = _loss_and_grads(_config('xla', dtype), params, images, labels)
+  (loss_o, grads_o), calls_o = _loss_and_grads(_config('onednn', dtype), params, images, labels)
+  assert calls_x == 0
+  # Forward, backward-data and backward-weights of each, but the first layer's input gradient
+  # (of the images) is never computed.
+  assert calls_o == 3 * FORWARD_CONVS - 1
+  _close(loss_o, loss_x, rtol)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads_x):
+    _close(_at(grads_o, path), g, rtol)
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+def test_train_step_matches_xla():
+  """The trainer's own jitted step (microbatches: 2) on both paths, from one state.
+
+  With plain SGD at rate 1 the update is the gradient; Adam's first update is lr * sign(g), whose
+  sign flips where a gradient is ~0 would hide the comparison.
+  """
+  images, labels = _batch(4)
+  batch = {'image': images, 'label': labels.astype(np.uint8)}
+  results = []
+  for backend in ('xla', 'onednn'):
+    config = _config(backend)
+    config.batch_size = 4
+    config.num_microbatches = 2
+    state = steps.TrainState.create(apply_fn=models.create(config).apply,
+                                    params=_params(config), tx=optax.sgd(1.0))
+    step = jax.jit(functools.partial(steps.train_step, num_microbatches=2))
+    assert (step.lower(state, batch, jax.random.key(0)).as_text().count('unet_onednn_conv')
+            > 0) == (backend == 'onednn')
+    results.append(step(state, batch, jax.random.key(0)))
+  (state_x, out_x), (state_o, out_o) = results
+  _close(out_o['loss'], out_x['loss'], 1e-5)
+  start = _params(_config('xla'))
+  for path, p in jax.tree_util.tree_leaves_with_path(state_x.params):
+    _close(_at(start, path) - _at(state_o.params, path), _at(start, path) - p, 1e-5)
+
+
+@pytest.mark.parametrize('trained_on,predicted_on', [('onednn', 'xla'), ('xla', 'onednn')])
+def test_params_of_one_path_predict_on_the_other(trained_on, predicted_on):
+  """A checkpoint is its params: those initialised and trained on one path fit the other."""
+  images, labels = _batch(2)
+  config = _config(trained_on)
+  params = models.init_params(config, jax.random.key(0))
+  state = steps.TrainState.create(apply_fn=models.create(config).apply, params=params,
+                                  tx=steps.create_optimizer(config))
+  batch = {'image': images, 'label': labels.astype(np.uint8)}
+  state, _ = jax.jit(steps.train_step)(state, batch, jax.random.key(0))
+  want = jax.jit(functools.partial(models.logits, models.create(config)))(state.params, images)
+  other = models.create(_config(predicted_on))
+  got = jax.jit(functools.partial(models.logits, other))(state.params, images)
+  _close(got, want, 1e-5)
+
+
+def test_export_uses_xla_convolutions():
+  """The exported model must load where the extension is not installed."""
+  config = _config('onednn')
+  model = inference.Model(config, 0, _params(config))
+  exported = export.export_model(model, batch_size=1, platforms=('cpu',))
+  assert 'unet_onednn' not in exported.mlir_module()
