@@ -74,10 +74,10 @@ def defaults() -> ml_collections.ConfigDict:
   config.widths = (64, 128, 256)  # Encoder widths; the bottleneck is twice the last.
   config.dropout_rate = 0.5  # Dropout after the bottleneck.
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
-  # Convolutions: 'auto': oneDNN on a one-device CPU when unet_flax_onednn is installed
-  # (ext/unet_flax_onednn), else XLA; 'xla'; 'onednn' (CPU only). Not a model field: checkpoints
-  # fit either.
-  config.conv_backend = 'auto'
+  # Convolutions: 'xla'; 'onednn' (CPU only, needs ext/unet_flax_onednn installed); 'auto':
+  # oneDNN on a one-device CPU when the extension is installed, else XLA. Not a model field:
+  # checkpoints fit either.
+  config.conv_backend = 'xla'
 
   # Optimisation: Keras's Adam defaults.
   config.batch_size = 64  # Global batch, split over all devices of all hosts.

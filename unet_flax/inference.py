@@ -71,7 +71,7 @@ def load_model(workdir, step: int | None = None,
                            '--workdir')
   config = checkpoints.load_config(workdir)
   # The trainer's convolutions were a speed choice for its machine; the parameters fit any.
-  config.conv_backend = 'auto'
+  config.conv_backend = 'xla'
   step, params = checkpoints.restore_params(workdir, config, step, sharding)
   return Model(config, step, params)
 
