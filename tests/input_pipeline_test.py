@@ -161,3 +161,10 @@ def test_a_damaged_prepared_data_set_is_one_line_saying_how_to_rebuild_it(tmp_pa
   assert '\n' not in message
   assert f'of the prepared data set in {record.parent} cannot be read' in message
   assert message.endswith(f'delete {record.parent} and rerun, which prepares it again')
+
+
+def test_a_split_the_data_set_lacks_is_one_line_naming_those_it_has(tiny_config):
+  tiny_config.train_split = 'validation'
+  with pytest.raises(errors.UserError, match=r"^split 'validation' is not a split of "
+                                             r'synthetic_pets/tiny; use one of test, train'):
+    input_pipeline.check_data(tiny_config)
