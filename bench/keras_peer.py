@@ -196,8 +196,8 @@ def main():
   names = [name for name in names if not name[0].startswith('matmul')]
 
   print()
-  print(f'| contender | precision | step s (median) | img/s | vs Keras | vs unet-flax xla '
-        f'| GFLOP/s | of matmul limit |')
+  print('| contender | precision | step s (median) | img/s | vs Keras | vs unet-flax xla '
+        '| GFLOP/s | of matmul limit |')
   print('| --- | --- | --- | --- | --- | --- | --- | --- |')
   for name in names:
     contender, dtype = name

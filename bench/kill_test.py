@@ -11,7 +11,6 @@ preemption_test.py) kill at fixed points only.
 
 import argparse
 import json
-import os
 import pathlib
 import signal
 import subprocess

@@ -6,7 +6,6 @@ import os
 import signal
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.conftest import ROOT

@@ -69,9 +69,10 @@ BAD_VALUES = {
 }
 
 
-def _one_line_error(config) -> str:
+def _one_line_error(config, check=config_lib.validate) -> str:
+  """The UserError that check(config) raises, which must be one line."""
   with pytest.raises(errors.UserError) as raised:
-    config_lib.validate(config)
+    check(config)
   message = str(raised.value)
   assert '\n' not in message
   return message
@@ -154,11 +155,7 @@ def stored(tmp_path, tiny_config):
 
 
 def _load_error(path) -> str:
-  with pytest.raises(errors.UserError) as raised:
-    config_lib.load(path)
-  message = str(raised.value)
-  assert '\n' not in message
-  return message
+  return _one_line_error(path, config_lib.load)
 
 
 def test_load_reads_what_was_stored_with_tuples_and_floats(stored, tiny_config):

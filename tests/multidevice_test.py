@@ -20,7 +20,6 @@ from unet_flax import checkpoints
 from unet_flax import input_pipeline
 from unet_flax import train
 from unet_flax import steps
-from unet_flax.devices import Devices
 
 # One step of the tiny model on a fixed global batch of 8, on however many devices JAX has.
 STEP = textwrap.dedent('''
