@@ -193,3 +193,37 @@ def test_real_full_disk_in_a_background_save(tiny_disk, tiny_config):
     with ocp.StandardCheckpointer() as checkpointer:
       restored = checkpointer.restore(tiny_disk / 'checkpoints' / str(step) / 'default')
     assert int(restored['step']) == step
+
+
+def test_ema_params_are_saved_restored_and_read_by_inference(tmp_path, tiny_config):
+  tiny_config.ema_decay = 0.9
+  state = _state(tiny_config, 3)
+  state = state.replace(ema_params=jax.tree.map(lambda p: p - 10.0, state.params))
+  manager = checkpoints.Manager(tmp_path, tiny_config)
+  manager.save(3, state)
+  manager.close()
+  manager = checkpoints.Manager(tmp_path, tiny_config)
+  restored = manager.restore_or(steps.create_train_state(tiny_config, jax.random.key(1)))
+  manager.close()
+  for saved, got in [(state.params, restored.params), (state.ema_params, restored.ema_params)]:
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(a, b)
+  # Inference reads the average by default, the trained weights when asked.
+  for ema, expected in [(True, state.ema_params), (False, state.params)]:
+    step, params = checkpoints.restore_params(tmp_path, tiny_config, ema=ema)
+    assert step == 3
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_with_ema_and_one_without_do_not_share_checkpoints(workdir, tiny_config):
+  before = snapshot(workdir)
+  other = tiny_config.copy_and_resolve_references()
+  other.ema_decay = 0.99
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(other, str(workdir))
+  assert str(raised.value) == (
+      f'the checkpoints in {workdir} do not fit this config (ema_decay: checkpoint 0.0, config '
+      '0.99 (a moving average of the weights is kept or not)); use another --workdir or the '
+      'same model fields')
+  assert snapshot(workdir) == before

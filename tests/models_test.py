@@ -70,3 +70,51 @@ def test_max_pool_2x2_equals_flax_max_pool():
   g = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * jnp.arange(4.0)))(x)
   np.testing.assert_array_equal(g(models.max_pool_2x2),
                                 g(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))
+
+
+def _conv3x3_same(x, kernel):
+  """numpy: [B, H, W, C] x [3, 3, C, F] -> [B, H, W, F], zero padding."""
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = x.shape[1:3]
+  return sum(np.einsum('bhwc,cf->bhwf', padded[:, dy:dy + h, dx:dx + w], kernel[dy, dx])
+             for dy in range(3) for dx in range(3))
+
+
+def _group_norm(x, groups, scale, offset, eps=1e-6):
+  """numpy group normalization (Wu & He 2018) of [B, H, W, C] over H, W and each group's
+  channels; flax's epsilon."""
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + offset
+
+
+def test_group_norm_block_equals_numpy_conv_norm_relu():
+  # 48 channels: 16 groups of 3 channels (the largest divisor of 32 and 48).
+  assert models.num_groups(48) == 16 and models.num_groups(64) == 32
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 6, 5, 3)), np.float64)
+  block = models.ConvBlock(48, normalization='group')
+  params = block.init(jax.random.key(1), jnp.asarray(x, jnp.float32))['params']
+  assert set(params['Conv_0']) == {'kernel'}  # The norm's offset takes the bias's place.
+  keys = iter(jax.random.split(jax.random.key(2), 16))
+  params = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+  got = block.apply({'params': params}, jnp.asarray(x, jnp.float32))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  y = x
+  for i in range(2):
+    norm = p[f'GroupNorm_{i}']
+    y = np.maximum(_group_norm(_conv3x3_same(y, p[f'Conv_{i}']['kernel']), 16, norm['scale'],
+                               norm['bias']), 0)
+  np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-4)
+
+
+def test_normalization_none_is_the_chapters_block_and_group_adds_only_scales_and_offsets():
+  images = jnp.zeros((1, 16, 16, 3))
+  plain = models.UNet(widths=(4, 8)).init(jax.random.key(0), images, train=False)['params']
+  normed = models.UNet(widths=(4, 8), normalization='group').init(
+      jax.random.key(0), images, train=False)['params']
+  assert set(plain['down_0']) == {'Conv_0', 'Conv_1'}
+  # Per block convolution: its bias (F) is gone, a scale and an offset (2F) come.
+  conv_features = 2 * (4 + 8 + 16 + 8 + 4)
+  assert models.param_count(normed) == models.param_count(plain) + conv_features

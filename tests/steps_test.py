@@ -195,3 +195,28 @@ def test_without_skipping_a_nonfinite_update_is_applied_and_counted(tiny_config)
   # The second step's loss overflows; its update is applied (the loop stops on it, see train).
   assert int(step_metrics['nonfinite_updates']) == 1
   assert not all(np.all(np.isfinite(p)) for p in jax.tree.leaves(state.params))
+
+
+def test_ema_params_follow_the_moving_average_of_the_trained_params(tiny_config):
+  tiny_config.ema_decay = 0.75
+  state = jax.jit(functools.partial(steps.create_train_state, tiny_config))(jax.random.key(0))
+  step = jax.jit(functools.partial(steps.train_step, ema_decay=tiny_config.ema_decay))
+  batch = labelled_batch(tiny_config, 2)
+  ema = [np.asarray(p, np.float64) for p in jax.tree.leaves(state.params)]
+  for _ in range(3):
+    state, _ = step(state, batch, jax.random.key(1))
+    ema = [0.75 * e + 0.25 * np.asarray(p, np.float64)
+           for e, p in zip(ema, jax.tree.leaves(state.params))]
+  for expected, got in zip(ema, jax.tree.leaves(state.ema_params)):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+  assert not all(np.allclose(e, p) for e, p in zip(ema, jax.tree.leaves(state.params)))
+  # Evaluation predicts with the average.
+  images = batch['image']
+  expected = np.argmax(state.apply_fn({'params': state.ema_params}, images / 255.0,
+                                      train=False), axis=-1)
+  np.testing.assert_array_equal(jax.jit(steps.predict)(state, images), expected)
+
+
+def test_without_ema_decay_the_state_keeps_no_average(tiny_config):
+  state = jax.jit(functools.partial(steps.create_train_state, tiny_config))(jax.random.key(0))
+  assert state.ema_params is None and steps.inference_params(state) is state.params

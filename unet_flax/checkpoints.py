@@ -149,6 +149,9 @@ class Manager:
       stored = config_lib.load(path)
       differ = [f'{k}: checkpoint {_comparable(stored[k])!r}, config {_comparable(config[k])!r}'
                 for k in config_lib.MODEL_FIELDS if _comparable(stored[k]) != _comparable(config[k])]
+      if bool(stored.ema_decay) != bool(config.ema_decay):
+        differ.append(f'ema_decay: checkpoint {stored.ema_decay!r}, config {config.ema_decay!r} '
+                      '(a moving average of the weights is kept or not)')
       if differ:
         raise errors.UserError(
             f'the checkpoints in {self.workdir} do not fit this config ({"; ".join(differ)}); '
@@ -279,8 +282,12 @@ def restorable_steps(workdir) -> list[int]:
 
 
 def restore_params(workdir, config: ml_collections.ConfigDict, step: int | None = None,
-                   sharding: jax.sharding.Sharding | None = None) -> tuple[int, Any]:
+                   sharding: jax.sharding.Sharding | None = None,
+                   ema: bool = True) -> tuple[int, Any]:
   """(step, parameters) of a checkpoint of `workdir`, read without writing anything there.
+
+  Of a run that kept a moving average of its weights (config.ema_decay > 0), that average is
+  read, as the trainer evaluated it; with ema=False, the trained weights themselves.
 
   Only the parameters are read, into the shapes of `models.init_params(config)`: neither the
   optimizer nor the data set is needed, so a run trained elsewhere restores anywhere, while its
@@ -308,7 +315,8 @@ def restore_params(workdir, config: ml_collections.ConfigDict, step: int | None 
                            f'pass --step with one of {", ".join(map(str, steps))}')
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shapes = jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(0))
-  target = {'params': jax.tree.map(
+  key = 'ema_params' if ema and config.ema_decay else 'params'
+  target = {key: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)}
   args = ocp.args.PyTreeRestore(target, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target))
@@ -340,7 +348,7 @@ def restore_params(workdir, config: ml_collections.ConfigDict, step: int | None 
       try:
         step, restored = _restore_newest(candidates, restore, skip, none_restores,
                                          passthrough=(_Deleted,))
-        return step, restored['params']
+        return step, restored[key]
       except _Deleted as deleted:
         if step is not None:
           raise errors.UserError(f'checkpoint {directory / str(deleted.step)} was deleted (by '
@@ -406,4 +414,7 @@ def _silence_orbax_echoes() -> None:
 
 def _saved(state) -> dict:
   """What a checkpoint holds: everything of the state that changes while training."""
-  return {'step': state.step, 'params': state.params, 'opt_state': state.opt_state}
+  saved = {'step': state.step, 'params': state.params, 'opt_state': state.opt_state}
+  if state.ema_params is not None:
+    saved['ema_params'] = state.ema_params
+  return saved

@@ -16,7 +16,9 @@ from unet_flax import errors
 
 FOLDER_PREFIX = 'folder:'  # config.dataset = 'folder:/path/to/data': your own images and masks.
 # Fields that decide the shapes and meaning of the parameters: a checkpoint only fits their values.
-MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype')
+MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype', 'normalization')
+# Model fields that older versions did not store: their default is the model those versions built.
+_LATER_MODEL_FIELDS = ('normalization',)
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('constant', 'warmup_cosine')
 MASK_MODES = ('values', 'binary', 'colour')
@@ -24,6 +26,7 @@ INPUT_MODES = ('resize', 'crop')
 # Oxford-IIIT Pet's trimap classes, in the model's order (trimap values 1, 2, 3).
 PET_CLASS_NAMES = ('pet', 'background', 'border')
 CONV_BACKENDS = ('auto', 'xla', 'onednn')
+NORMALIZATIONS = ('none', 'group')  # models.ConvBlock's normalization.
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -73,6 +76,8 @@ def defaults() -> ml_collections.ConfigDict:
   # Model.
   config.widths = (64, 128, 256)  # Encoder widths; the bottleneck is twice the last.
   config.dropout_rate = 0.5  # Dropout after the bottleneck.
+  # After each 3x3 convolution of the blocks: 'none' (the chapter's), or 'group' (group norm).
+  config.normalization = 'none'
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   # Convolutions: 'xla'; 'onednn' (CPU only, needs ext/unet_flax_onednn installed); 'auto':
   # oneDNN on a one-device CPU when the extension is installed, else XLA. Not a model field:
@@ -97,6 +102,9 @@ def defaults() -> ml_collections.ConfigDict:
   # Cross-entropy weight of each class, e.g. (1.0, 1.0, 3.0) for a rare border; None: all 1.
   config.class_weights = ml_collections.config_dict.placeholder(tuple)
   config.dice_weight = 0.0  # Weight of a soft Dice loss added to the cross-entropy; 0: none.
+  # An exponential moving average of the weights, updated after every step with this decay, is
+  # what the run evaluates, checkpoints beside the weights, and predicts and exports with; 0: none.
+  config.ema_decay = 0.0
 
   # Bookkeeping.
   config.seed = 0
@@ -170,6 +178,8 @@ _CHECKS = {
                and all(_is_int(w) and w >= 1 for w in v),
                'must be a tuple of whole numbers >= 1, e.g. (64, 128, 256)'),
     'dropout_rate': _in_range(0, 1, high_open=True),
+    'normalization': (lambda v: v in NORMALIZATIONS,
+                      f'must be one of {", ".join(NORMALIZATIONS)}'),
     'dtype': (lambda v: v in DTYPES, f'must be one of {", ".join(DTYPES)}'),
     'conv_backend': (lambda v: v in CONV_BACKENDS, f'must be one of {", ".join(CONV_BACKENDS)}'),
     'batch_size': _int_at_least(1),
@@ -187,6 +197,7 @@ _CHECKS = {
         _is_number(w) and w >= 0 for w in v) and any(w > 0 for w in v)),
                       'must be None or a tuple of numbers >= 0, not all 0, one per class'),
     'dice_weight': _in_range(0, None),
+    'ema_decay': _in_range(0, 1, high_open=True),
     'seed': _int_at_least(0),
     'log_every_steps': _int_at_least(1),
     'eval_every_epochs': _int_at_least(1),
@@ -360,7 +371,7 @@ def load(path) -> ml_collections.ConfigDict:
     raise errors.UserError(f'{path} holds a {type(stored).__name__}, not a config; restore it '
                            'from a copy, or use another --workdir')
   for name in MODEL_FIELDS:
-    if name not in stored:
+    if name not in stored and name not in _LATER_MODEL_FIELDS:
       raise errors.UserError(f'config.{name} is missing in {path}, and the checkpoints need it; '
                              'restore the file from a copy, or use another --workdir')
   values = defaults().to_dict()

@@ -11,7 +11,9 @@ ext/unet_flax_onednn is installed (`conv_function(config)`, config.conv_backend)
 do not depend on it: a checkpoint trained on one path restores and predicts on the other.
 """
 
+import functools
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -129,18 +131,37 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+GROUP_NORM_GROUPS = 32  # Wu & He, "Group Normalization" (ECCV 2018): 32 groups of channels.
+
+
+def num_groups(features: int) -> int:
+  """Group norm's groups for `features` channels: 32, or the largest divisor of both below it."""
+  return math.gcd(GROUP_NORM_GROUPS, features)
+
+
 class ConvBlock(nn.Module):
-  """Two 3x3 'same' convolutions, each followed by a ReLU."""
+  """Two 3x3 'same' convolutions, each followed by a ReLU (the chapter's block).
+
+  With normalization='group' each convolution is followed by group normalization before its
+  ReLU (`num_groups(features)` groups, a learnt scale and offset per channel) and has no bias of
+  its own, which the normalization's offset would cancel.
+  """
 
   features: int
   dtype: Any = None
   conv: ConvFunction = jax.lax.conv_general_dilated
+  normalization: str = 'none'
 
   @nn.compact
   def __call__(self, x):
-    for _ in range(2):
-      x = nn.Conv(self.features, (3, 3), padding='SAME', kernel_init=kernel_init,
-                  bias_init=bias_init, dtype=self.dtype, conv_general_dilated=self.conv)(x)
+    normalize = self.normalization == 'group'
+    for i in range(2):
+      x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=not normalize,
+                  kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
+                  conv_general_dilated=self.conv, name=f'Conv_{i}')(x)
+      if normalize:
+        x = nn.GroupNorm(num_groups=num_groups(self.features), dtype=self.dtype,
+                         name=f'GroupNorm_{i}')(x)
       x = nn.relu(x)
     return x
 
@@ -154,6 +175,8 @@ class UNet(nn.Module):
     dropout_rate: dropout after the bottleneck.
     dtype: compute dtype (parameters stay float32); logits are returned as float32.
     fast_upsample: `Upsample` instead of `nn.ConvTranspose` (same parameters and results).
+    normalization: 'none' (the chapter's model) or 'group': group norm after every 3x3
+      convolution of the blocks (ConvBlock).
     conv: every convolution's function (`conv_function`); not a parameter: the same params fit
       XLA's and oneDNN's. nn.ConvTranspose (fast_upsample=False) always runs in XLA.
   """
@@ -164,6 +187,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   fast_upsample: bool = True
   conv: ConvFunction = jax.lax.conv_general_dilated
+  normalization: str = 'none'
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -173,12 +197,14 @@ class UNet(nn.Module):
       logits: [B, H, W, num_classes] float32.
     """
     x = images.astype(self.dtype)
+    block = functools.partial(ConvBlock, dtype=self.dtype, conv=self.conv,
+                              normalization=self.normalization)
     skips = []
     for i, width in enumerate(self.widths):
-      x = ConvBlock(width, dtype=self.dtype, conv=self.conv, name=f'down_{i}')(x)
+      x = block(width, name=f'down_{i}')(x)
       skips.append(x)
       x = max_pool_2x2(x)
-    x = ConvBlock(2 * self.widths[-1], dtype=self.dtype, conv=self.conv, name='bottleneck')(x)
+    x = block(2 * self.widths[-1], name='bottleneck')(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     for i, (width, skip) in reversed(list(enumerate(zip(self.widths, skips)))):
       if self.fast_upsample:
@@ -188,7 +214,7 @@ class UNet(nn.Module):
                              kernel_init=kernel_init, bias_init=bias_init,
                              dtype=self.dtype, name=f'upsample_{i}')(x)
       x = jnp.concatenate([x, skip], axis=-1)
-      x = ConvBlock(width, dtype=self.dtype, conv=self.conv, name=f'up_{i}')(x)
+      x = block(width, name=f'up_{i}')(x)
     x = nn.Conv(self.num_classes, (1, 1), kernel_init=kernel_init, bias_init=bias_init,
                 dtype=self.dtype, conv_general_dilated=self.conv, name='logits')(x)
     return x.astype(jnp.float32)
@@ -199,10 +225,11 @@ def param_count(params) -> int:
 
 
 def create(config: ml_collections.ConfigDict) -> UNet:
-  """The U-Net of a run's config (widths, num_classes, dropout_rate, dtype, conv_backend)."""
+  """The U-Net of a run's config (widths, num_classes, dropout_rate, dtype, normalization,
+  conv_backend)."""
   return UNet(num_classes=config.num_classes, widths=tuple(config.widths),
               dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
-              conv=conv_function(config))
+              normalization=config.normalization, conv=conv_function(config))
 
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array):

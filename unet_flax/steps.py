@@ -26,7 +26,16 @@ _NEVER_GIVE_UP = 2**31 - 1
 
 
 class TrainState(train_state.TrainState):
-  """flax's TrainState: step, params, opt_state; apply_fn and tx are static."""
+  """flax's TrainState: step, params, opt_state (apply_fn and tx are static), and ema_params.
+
+  ema_params: an exponential moving average of params (config.ema_decay), or None.
+  """
+  ema_params: Any = None
+
+
+def inference_params(state: TrainState):
+  """The weights that evaluation and inference use: the moving average where there is one."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 def create_optimizer(config: ml_collections.ConfigDict,
@@ -56,15 +65,17 @@ def create_optimizer(config: ml_collections.ConfigDict,
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
                        steps_per_epoch: int | None = None) -> TrainState:
-  """The model's initial parameters and Adam's state (see create_optimizer for the arguments)."""
-  return TrainState.create(apply_fn=models.create(config).apply,
-                           params=models.init_params(config, rng),
-                           tx=create_optimizer(config, steps_per_epoch))
+  """The model's initial parameters, Adam's state, and with config.ema_decay their moving
+  average, which starts as a copy of them (see create_optimizer for the arguments)."""
+  params = models.init_params(config, rng)
+  ema_params = jax.tree.map(jnp.copy, params) if config.ema_decay else None
+  return TrainState.create(apply_fn=models.create(config).apply, params=params,
+                           tx=create_optimizer(config, steps_per_epoch), ema_params=ema_params)
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=None,
-               dice_weight: float = 0.0, ignore_label=None,
-               num_microbatches: int = 1) -> tuple[TrainState, dict]:
+               dice_weight: float = 0.0, ignore_label=None, num_microbatches: int = 1,
+               ema_decay: float = 0.0) -> tuple[TrainState, dict]:
   """One Adam step on the segmentation loss: softmax cross-entropy, by default unweighted.
 
   Args:
@@ -78,6 +89,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=
     num_microbatches: the gradient is accumulated over this many slices of each device's rows
       (microbatches.py); the loss and gradient are those of the whole batch. Needs
       dice_weight == 0: a batch's Dice is not a sum over its parts.
+    ema_decay: where the state has ema_params, they become
+      ema_decay * ema_params + (1 - ema_decay) * new params (optax.incremental_update).
 
   Returns:
     (new state, {'loss': scalar float32}).
@@ -100,12 +113,17 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=
     loss, grads = microbatches.value_and_grad(loss_fn, state.params, batch['image'], labels,
                                               dropout_rng, num_microbatches, class_weights,
                                               ignore_label)
-  return state.apply_gradients(grads=grads), {'loss': loss}
+  new_state = state.apply_gradients(grads=grads)
+  if state.ema_params is not None:
+    new_state = new_state.replace(ema_params=optax.incremental_update(
+        new_state.params, state.ema_params, step_size=1.0 - ema_decay))
+  return new_state, {'loss': loss}
 
 
 def predict(state: TrainState, images: jax.Array) -> jax.Array:
-  """images: [B, H, W, 3] uint8 -> predicted classes [B, H, W] int32."""
-  logits = state.apply_fn({'params': state.params}, models.normalize(images), train=False)
+  """images: [B, H, W, 3] uint8 -> predicted classes [B, H, W] int32 (inference_params)."""
+  logits = state.apply_fn({'params': inference_params(state)}, models.normalize(images),
+                          train=False)
   return jnp.argmax(logits, axis=-1)
 
 
@@ -155,7 +173,8 @@ def compile_steps(config: ml_collections.ConfigDict, devices: Devices):
   step = functools.partial(train_step, class_weights=class_weights,
                            dice_weight=float(config.dice_weight),
                            ignore_label=config.ignore_label,
-                           num_microbatches=num_microbatches(config, devices))
+                           num_microbatches=num_microbatches(config, devices),
+                           ema_decay=float(config.ema_decay))
   train = jax.jit(_counting_nonfinite(step), in_shardings=(repl, data, repl),
                   out_shardings=(repl, repl), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, num_classes=config.num_classes,

@@ -137,7 +137,7 @@ def _evaluate(eval_fn, state, eval_data, devices: Devices, config) -> dict:
   over each image at native resolution (per-image confusion matrices summed)."""
   if config.input_mode != 'crop':
     return steps.evaluate(eval_fn, state, eval_data, devices)
-  return tiles.evaluate(config, state.params, eval_data)
+  return tiles.evaluate(config, steps.inference_params(state), eval_data)
 
 
 def _train(config, per_epoch: int, train_data: input_pipeline.Split,
@@ -308,7 +308,7 @@ def _prediction_sample(state, split: input_pipeline.Split, config) -> dict | Non
     return None
   if config.input_mode == 'crop':
     examples = [split[row] for row in range(n)]
-    forward, params = tiles.forward_of(config), state.params
+    forward, params = tiles.forward_of(config), steps.inference_params(state)
     return {'image': [image for image, _ in examples], 'label': [l for _, l in examples],
             'prediction': [tiles.sliding_window_classes(
                 forward, params, image, crop_size=config.crop_size,
