@@ -1,10 +1,13 @@
-"""The U-Net's shapes, parameter count and the fast upsampling's exactness."""
+"""The U-Net's shapes, parameter count, the fast upsampling's exactness and flip TTA."""
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests.conftest import reference_flip_tta_logits
 from unet_flax import models
 
 
@@ -70,3 +73,16 @@ def test_max_pool_2x2_equals_flax_max_pool():
   g = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * jnp.arange(4.0)))(x)
   np.testing.assert_array_equal(g(models.max_pool_2x2),
                                 g(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))
+
+
+def test_flip_tta_logits_is_the_log_of_the_mean_softmax_of_image_and_mirror():
+  module = models.UNet(num_classes=3, widths=(4, 8), dropout_rate=0.0)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']
+  images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
+  forward = functools.partial(models.logits, module, params)
+  tta = jax.jit(models.flip_tta_logits, static_argnums=0)(forward, images)
+  assert tta.shape == (2, 16, 16, 3) and tta.dtype == jnp.float32
+  expected = reference_flip_tta_logits(forward, images)
+  np.testing.assert_allclose(tta, expected, atol=1e-5)
+  # The network is not mirror-symmetric, so the augmentation changes the probabilities.
+  assert np.abs(tta - jax.nn.log_softmax(forward(images))).max() > 1e-3
