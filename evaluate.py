@@ -4,6 +4,7 @@ Prints per-class IoU and Dice, mean IoU and pixel accuracy, and writes them as J
 confusion-matrix PNG and a gallery of the worst images (<workdir>/eval/step_<N>*, or --out).
 By default the split is scored as the trainer scores it (its pipeline and eval step, so the
 numbers equal its metrics.jsonl); --original_resolution scores each image at its own size.
+--flip_tta averages each image's and its mirror's probabilities (written to *_flip_tta.json).
 A crop-mode run (config.input_mode=crop) always scores at each image's own size, with the
 sliding window of overlapping tiles (unet_flax/tiles.py).
 """
@@ -26,6 +27,9 @@ flags.DEFINE_string('data_dir', None, "tfds data_dir; default: the run's.")
 flags.DEFINE_bool('original_resolution', False,
                   "Score at each image's original size (logits upsampled bilinearly) instead "
                   "of at the network's image_size.")
+flags.DEFINE_bool('flip_tta', False,
+                  'Flip test-time augmentation: score the average of the softmax probabilities '
+                  'of each image and its left-right mirror (twice the compute).')
 flags.DEFINE_integer('worst_k', 6, 'Images in the gallery of the worst; 0: no gallery.',
                      lower_bound=0)
 flags.DEFINE_string('out', None, 'A .json file, or a directory; default: <workdir>/eval.')
@@ -41,7 +45,7 @@ def main(argv):
   from unet_flax import evaluation  # pylint: disable=g-import-not-at-top  (fast --help)
   evaluation.evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, dataset=FLAGS.dataset,
                       data_dir=FLAGS.data_dir, original_resolution=FLAGS.original_resolution,
-                      worst_k=FLAGS.worst_k, out=FLAGS.out,
+                      flip_tta=FLAGS.flip_tta, worst_k=FLAGS.worst_k, out=FLAGS.out,
                       batch_size=FLAGS.batch_size)
 
 

@@ -21,6 +21,9 @@ flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
 flags.DEFINE_string('out', None, 'Directory for the masks and overlays (created).')
 flags.DEFINE_integer('step', None, 'Checkpoint step to use; default: the latest.')
 flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.', lower_bound=1)
+flags.DEFINE_bool('flip_tta', False,
+                  'Flip test-time augmentation: the average of the softmax probabilities of each '
+                  'image and its left-right mirror (twice the compute).')
 flags.DEFINE_bool('overwrite', False, 'Replace masks and overlays that exist in --out.')
 flags.mark_flags_as_required(['workdir', 'out'])
 
@@ -31,11 +34,12 @@ def main(argv):
     raise app.UsageError('no images given; e.g. python predict.py --workdir runs/pets '
                          '--out masks/ photos/*.jpg')
   from unet_flax import inference  # pylint: disable=g-import-not-at-top  (fast --help)
-  model = inference.load_model(FLAGS.workdir, FLAGS.step)
+  model = inference.load_model(FLAGS.workdir, FLAGS.step, flip_tta=FLAGS.flip_tta)
   failed = inference.predict_files(model, paths, FLAGS.out, batch_size=FLAGS.batch_size,
                                    overwrite=FLAGS.overwrite)
   done = len(paths) - len(failed)
-  print(f'wrote masks and overlays of {done} of {len(paths)} images to {FLAGS.out}')
+  tta = ' (flip TTA)' if FLAGS.flip_tta else ''
+  print(f'wrote masks and overlays{tta} of {done} of {len(paths)} images to {FLAGS.out}')
   if failed:
     print(f'error: {len(failed)} of {len(paths)} images could not be read (named above)',
           file=sys.stderr)

@@ -42,15 +42,17 @@ def test_every_tool_takes_relative_home_and_symlinked_paths_from_anywhere(tmp_pa
   Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(here / 'photo.jpg')
   (here / 'run_link').symlink_to(workdir)
   predicted = run_script('predict.py', '--workdir', 'run_link', '--out=~/masks', 'photo.jpg',
-                         cache=cache, cwd=here, HOME=home)
+                         '--flip_tta', cache=cache, cwd=here, HOME=home)
   assert predicted.returncode == 0, predicted.stderr
+  assert 'wrote masks and overlays (flip TTA) of 1 of 1 images' in predicted.stdout
   with Image.open(home / 'masks' / 'photo_mask.png') as mask:
     assert mask.size == (40, 30) and mask.mode == 'P'
   evaluated = run_script('evaluate.py', '--workdir', 'runs/tiny', '--out', 'scores/tiny.json',
-                         cache=cache, cwd=here, HOME=home)
+                         '--flip_tta', cache=cache, cwd=here, HOME=home)
   assert evaluated.returncode == 0, evaluated.stderr
   scores = json.loads((here / 'scores' / 'tiny.json').read_text())
   assert scores['step'] == 6 and scores['workdir'] == str(workdir.resolve())
+  assert scores['flip_tta'] is True and 'with flip TTA' in evaluated.stdout
   assert np.sum(scores['confusion_matrix']) == 12 * 16 * 16  # The tiny test split, once.
   exported = run_script('export.py', '--workdir=~/../somewhere/else/runs/tiny', '--out', 'model',
                         '--platforms', 'cpu', cache=cache, cwd=here, HOME=home)

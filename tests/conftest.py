@@ -94,7 +94,7 @@ def fixed_state(config):
                                                 tx=shapes.tx))
 
 
-# Independent numpy references of the losses, written out pixel by pixel.
+# Independent numpy references of the losses, written out pixel by pixel, and of flip TTA.
 
 def _softmax(logits):
   e = np.exp(logits - logits.max(-1, keepdims=True))
@@ -127,6 +127,14 @@ def reference_soft_dice(logits, labels, mask, smooth=1.0) -> float:
   dice = [(2 * np.sum(probs[..., c] * truth[..., c]) + smooth) /
           (np.sum(probs[..., c]) + np.sum(truth[..., c]) + smooth) for c in range(k)]
   return 1 - np.mean(dice)
+
+
+def reference_flip_tta_logits(forward, images) -> np.ndarray:
+  """log((softmax(forward(x)) + softmax(forward(mirror x)) mirrored back) / 2) in float64, the
+  mirror taken with numpy along the width. images [B, H, W, C]; forward -> [B, H, W, K]."""
+  plain = _softmax(np.asarray(forward(images), np.float64))
+  mirrored = _softmax(np.asarray(forward(np.asarray(images)[:, :, ::-1]), np.float64))
+  return np.log((plain + mirrored[:, :, ::-1]) / 2)
 
 
 # A `folder:` data set: stem -> (height, width, image format); sizes vary, formats too.

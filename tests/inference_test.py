@@ -1,15 +1,20 @@
 """Restoring read-only, reading photos of any mode, and predict.py, on tiny data."""
 
+import dataclasses
+import functools
+
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import gradient_picture
+from tests.conftest import reference_flip_tta_logits
 from tests.conftest import run_script
 from tests.conftest import snapshot
 from unet_flax import errors
 from unet_flax import inference
+from unet_flax import models
 
 
 def test_load_model_reads_latest_or_given_step_and_writes_nothing(trained_workdir):
@@ -102,3 +107,33 @@ def test_predict_replaces_nothing_it_did_not_write_without_overwrite(trained_wor
   assert inference.predict_files(model, [str(photos / 'a.jpg')], photos, overwrite=True) == []
   with Image.open(photos / 'a_mask.png') as mask:
     assert mask.mode == 'P' and mask.size == (14, 12)
+
+
+def test_flip_tta_is_every_forward_pass_of_the_model_and_of_predict(tiny_config, tmp_path):
+  """Freshly initialised parameters: not mirror-symmetric, so the augmentation changes the
+  classes of many pixels and a path that skipped it would show."""
+  params = models.init_params(tiny_config, jax.random.key(0))
+  plain = inference.Model(tiny_config, 0, params)
+  tta = dataclasses.replace(plain, flip_tta=True)
+  photo = gradient_picture(16, 16)
+  forward = functools.partial(jax.jit(functools.partial(models.logits, plain.module)), params)
+  # Off: the jitted network's logits, bit for bit, as before flip TTA existed.
+  np.testing.assert_array_equal(plain.logits_fn()(params, photo[None]), forward(photo[None]))
+  expected = reference_flip_tta_logits(forward, photo[None])
+  logits = np.asarray(tta.logits_fn()(params, photo[None]))
+  np.testing.assert_allclose(logits, expected, atol=1e-5)
+  # The trainer's eval step calls apply_fn on images in [0, 1].
+  applied = tta.apply_fn()({'params': params}, models.normalize(photo[None]), train=False)
+  np.testing.assert_allclose(applied, expected, atol=1e-5)
+
+  Image.fromarray(photo).save(tmp_path / 'photo.png')
+  masks = {}
+  for model in (plain, tta):
+    out = tmp_path / f'tta_{model.flip_tta}'
+    assert inference.predict_files(model, [str(tmp_path / 'photo.png')], out) == []
+    masks[model.flip_tta] = np.asarray(Image.open(out / 'photo_mask.png'))
+  # The same compiled forward passes (one photo: a batch of 1); at the network's size
+  # upsample_classes is the argmax itself.
+  np.testing.assert_array_equal(masks[True], logits[0].argmax(-1))
+  np.testing.assert_array_equal(masks[False], np.asarray(forward(photo[None]))[0].argmax(-1))
+  assert (masks[True] != masks[False]).sum() > 10

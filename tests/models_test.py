@@ -1,10 +1,13 @@
-"""The U-Net's shapes, parameter count and the fast upsampling's exactness."""
+"""The U-Net's shapes, parameter count, the fast upsampling's exactness and flip TTA."""
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests.conftest import reference_flip_tta_logits
 from unet_flax import models
 
 
@@ -118,3 +121,16 @@ def test_normalization_none_is_the_chapters_block_and_group_adds_only_scales_and
   # Per block convolution: its bias (F) is gone, a scale and an offset (2F) come.
   conv_features = 2 * (4 + 8 + 16 + 8 + 4)
   assert models.param_count(normed) == models.param_count(plain) + conv_features
+
+
+def test_flip_tta_logits_is_the_log_of_the_mean_softmax_of_image_and_mirror():
+  module = models.UNet(num_classes=3, widths=(4, 8), dropout_rate=0.0)
+  params = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']
+  images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
+  forward = functools.partial(models.logits, module, params)
+  tta = jax.jit(models.flip_tta_logits, static_argnums=0)(forward, images)
+  assert tta.shape == (2, 16, 16, 3) and tta.dtype == jnp.float32
+  expected = reference_flip_tta_logits(forward, images)
+  np.testing.assert_allclose(tta, expected, atol=1e-5)
+  # The network is not mirror-symmetric, so the augmentation changes the probabilities.
+  assert np.abs(tta - jax.nn.log_softmax(forward(images))).max() > 1e-3

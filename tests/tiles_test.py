@@ -1,5 +1,7 @@
 """Crop mode: the sliding window against whole-image forward passes, random crops, end to end."""
 
+import dataclasses
+import functools
 import json
 
 import jax
@@ -8,11 +10,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests.conftest import reference_flip_tta_logits
 from unet_flax import config as config_lib
 from unet_flax import crops
+from unet_flax import decode
 from unet_flax import errors
 from unet_flax import evaluation
 from unet_flax import inference
+from unet_flax import input_pipeline
 from unet_flax import models
 from unet_flax import tiles
 from unet_flax import train
@@ -193,6 +198,33 @@ def test_crop_mode_trains_evaluates_and_predicts_at_the_images_own_sizes(tmp_pat
   for stem, (h, w) in _FOLDER.items():
     mask = np.asarray(Image.open(tmp_path / 'out' / f'{stem}_mask.png'))
     assert mask.shape == (h, w) and mask.max() < 2
+
+  # Flip TTA: each window's logits are the log of the mean softmax of it and its mirror.
+  tta = evaluation.evaluate(workdir, split='train', worst_k=1, flip_tta=True, log=lambda _: None)
+  assert tta['flip_tta'] is True
+  assert tta['files']['json'].endswith('/step_2_train_original_flip_tta.json')
+  tta_model = dataclasses.replace(model, flip_tta=True)
+  assert inference.predict_files(tta_model, paths, tmp_path / 'tta', batch_size=3) == []
+  network = jax.jit(functools.partial(models.logits, model.module))
+
+  def reference_forward(params, windows):
+    return reference_flip_tta_logits(functools.partial(network, params), windows)
+
+  def reference_classes(image):
+    return tiles.predict_classes(reference_forward, model.params, image, model.config)
+
+  originals = input_pipeline.originals(config.dataset, 'train', None, 2,
+                                       decode.Options.from_config(config))
+  expected = sum(evaluation.confusions(labels[None], reference_classes(image)[None], 2,
+                                       IGNORE)[0] for _, image, labels in originals)
+  # A pixel on a near-tie may part from the float64 reference; without TTA hundreds do.
+  assert np.abs(np.subtract(tta['confusion_matrix'], expected)).sum() <= 4
+  assert np.abs(np.subtract(report['confusion_matrix'], expected)).sum() > 100
+  for path, stem in zip(paths, _FOLDER):
+    reference = reference_classes(inference.read_photo(path))
+    mask, plain = (np.asarray(Image.open(tmp_path / out / f'{stem}_mask.png'))
+                   for out in ('tta', 'out'))
+    assert (mask != reference).sum() <= 2 and (plain != reference).sum() > 50, stem
 
 
 _STRIP = '''

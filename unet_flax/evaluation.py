@@ -7,6 +7,8 @@ tfds trimaps or folder masks), the logits upsampled bilinearly to each image's s
 does (inference.py). Per-image confusion matrices give both the totals and the worst images.
 In crop mode (config.input_mode == 'crop') both resolutions are the image's own: each image is
 predicted whole with the sliding window (tiles.py) and scored against its original mask.
+With flip_tta every path scores the flip test-time augmentation's logits
+(models.flip_tta_logits, through inference.Model), and the outputs say so.
 """
 
 import functools
@@ -24,7 +26,6 @@ from unet_flax import errors
 from unet_flax import inference
 from unet_flax import input_pipeline
 from unet_flax import metrics
-from unet_flax import models
 from unet_flax import plots
 from unet_flax import reporting
 from unet_flax import steps
@@ -83,12 +84,12 @@ def _score_split(model: inference.Model, data, originals, devices: Devices, orig
   original one, from the network's logits upsampled to each original mask.
   """
   config, k = model.config, model.config.num_classes
-  state = steps.TrainState(step=model.step, apply_fn=model.module.apply, params=model.params,
+  state = steps.TrainState(step=model.step, apply_fn=model.apply_fn(), params=model.params,
                            tx=None, opt_state=None)
   per_example = jax.jit(functools.partial(steps.eval_step_per_example, num_classes=k,
                                           ignore_label=config.ignore_label),
                         in_shardings=(devices.replicated, devices.data))
-  logits_fn = jax.jit(functools.partial(models.logits, model.module))
+  logits_fn = model.logits_fn()
   per_image = np.zeros((len(data), k, k), np.int64)
   worst = _Worst(worst_k)
   progress = reporting.Progress('evaluated', len(data)) if original else None
@@ -118,7 +119,7 @@ def _score_split_tiled(model: inference.Model, originals, worst_k: int,
   """Crop mode: each image whole through the sliding window at its own resolution -> ([N, K, K]
   per-image confusions, the worst k)."""
   config, k = model.config, model.config.num_classes
-  forward = tiles.logits_fn(model.module)
+  forward = model.logits_fn()
   per_image = np.zeros((len(originals), k, k), np.int64)
   worst = _Worst(worst_k)
   progress = reporting.Progress('evaluated', len(originals))
@@ -132,10 +133,13 @@ def _score_split_tiled(model: inference.Model, originals, worst_k: int,
 
 
 def _draw(files: dict, stem, total, names, worst: _Worst, originals, step: int,
-          what: str, resolution: str, num_examples: int, split: str) -> None:
-  """The confusion-matrix heat map and the worst-k gallery; adds the gallery to `files`."""
+          what: str, how: str, num_examples: int, split: str) -> None:
+  """The confusion-matrix heat map and the worst-k gallery; adds the gallery to `files`.
+
+  how: e.g. 'network resolution', 'original resolution, flip TTA'.
+  """
   plots.confusion_matrix(files['confusion_matrix'], total, names,
-                         title=f'{what}\nat {resolution} resolution, rows sum to 100%')
+                         title=f'{what}\nat {how}, rows sum to 100%')
   drawn = worst.rows()
   if not drawn:
     return
@@ -143,7 +147,7 @@ def _draw(files: dict, stem, total, names, worst: _Worst, originals, step: int,
   images, labels, predicted = (list(c) for c in zip(*(p for _, _, p in drawn)))
   plots.predictions(files['worst'], images, labels, predicted, names,
                     title=f'the {len(drawn)} worst of {num_examples} {split} images by mean IoU\n'
-                    f'(step {step}, {resolution} resolution)',
+                    f'(step {step}, {how})',
                     row_titles=[f'{originals[row][0]}\nmean IoU {iou:.3f}'
                                 for row, iou, _ in drawn])
 
@@ -161,8 +165,10 @@ def _json_ready(value):
   return int(value) if isinstance(value, np.integer) else value
 
 
-def _output_stem(workdir, out, step, config, split, dataset, original) -> epath.Path:
-  """<out>.json's path without the suffix: <workdir>/eval/step_<N>[_split][_original]."""
+def _output_stem(workdir, out, step, config, split, dataset, original,
+                 flip_tta=False) -> epath.Path:
+  """<out>.json's path without the suffix:
+  <workdir>/eval/step_<N>[_dataset][_split][_original][_flip_tta]."""
   if out and str(out).endswith('.json'):
     return errors.absolute(str(out)[:-len('.json')])
   name = f'step_{step}'
@@ -171,13 +177,13 @@ def _output_stem(workdir, out, step, config, split, dataset, original) -> epath.
   if split != config.eval_split:
     name += f'_{split}'
   directory = errors.absolute(out) if out else workdir / 'eval'
-  return directory / (name + ('_original' if original else ''))
+  return directory / (name + ('_original' if original else '') + ('_flip_tta' if flip_tta else ''))
 
 
 def evaluate(workdir, *, step: int | None = None, split: str | None = None,
              dataset: str | None = None, data_dir: str | None = None,
-             original_resolution: bool = False, worst_k: int = 6, out=None,
-             batch_size: int | None = None, log=print) -> dict:
+             original_resolution: bool = False, flip_tta: bool = False, worst_k: int = 6,
+             out=None, batch_size: int | None = None, log=print) -> dict:
   """Scores a checkpoint on a split; writes JSON, a confusion-matrix PNG and a worst-k gallery.
 
   Args:
@@ -186,6 +192,8 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
     split, dataset, data_dir: default: the run's config.eval_split, dataset and data_dir.
     original_resolution: score each image at its original size (logits upsampled bilinearly,
       truth = the original mask) instead of at the network's image_size x image_size.
+    flip_tta: score the flip test-time augmentation (models.flip_tta_logits): the mean of the
+      softmax probabilities of each image and its left-right mirror, twice the compute.
     worst_k: images drawn in the gallery of the worst by per-image mean IoU.
     out: a .json path, or a directory; default <workdir>/eval.
     batch_size: images per forward pass; None: the run's config.batch_size, whose batches are
@@ -199,7 +207,7 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
     UserError: for a workdir that is no training run's, or data that cannot be read.
   """
   workdir = errors.absolute(workdir)
-  model = inference.load_model(workdir, step)
+  model = inference.load_model(workdir, step, flip_tta=flip_tta)
   config = model.config
   count = jax.device_count()
   devices = Devices(-(-(batch_size or config.batch_size) // count) * count)
@@ -208,13 +216,14 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
     dataset = 'folder:' + str(errors.absolute(dataset[len('folder:'):]))
   data_dir = str(errors.absolute(data_dir)) if data_dir else config.data_dir
   split = split or config.eval_split
-  stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution)
+  stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution,
+                      flip_tta)
   errors.make_output_dir(stem.parent, '--out')  # A full or read-only place fails before work.
   options = decode.Options.from_config(config)
   originals = input_pipeline.originals(dataset, split, data_dir, config.num_classes, options)
   if config.input_mode == 'crop':
     original_resolution = True  # Crop mode has no other resolution: both are the image's own.
-    stem = _output_stem(workdir, out, model.step, config, split, dataset, True)
+    stem = _output_stem(workdir, out, model.step, config, split, dataset, True, flip_tta)
     data = originals
     per_image, worst = _score_split_tiled(model, originals, worst_k,
                                           batch_size or tiles.WINDOW_BATCH)
@@ -236,17 +245,20 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
   if config.input_mode == 'crop':
     where = (f"each image's original resolution ({config.crop_size}x{config.crop_size} "
              f'sliding window, overlap {config.tile_overlap:g}, scale {config.scale:g})')
+  if flip_tta:
+    where += ', with flip TTA (mean softmax of each image and its mirror)'
   log(f'evaluation of {what} at {where}:\n{reporting.iou_table(results, names)}')
   resolution = 'original' if original_resolution else 'network'
+  how = f'{resolution} resolution' + (', flip TTA' if flip_tta else '')
   files = {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png'}
   with checkpoints.disk_errors(str(stem.parent), flag='--out'):
-    _draw(files, stem, total, names, worst, originals, model.step, what, resolution,
-          len(data), split)
+    _draw(files, stem, total, names, worst, originals, model.step, what, how, len(data), split)
   drawn = worst.rows()
   file_names = {row: originals[row][0] for row, _, _ in drawn}
   report = _json_ready({
       'workdir': str(workdir), 'step': model.step, 'dataset': dataset, 'split': split,
-      'num_examples': len(data), 'resolution': resolution, 'image_size': config.image_size,
+      'num_examples': len(data), 'resolution': resolution, 'flip_tta': flip_tta,
+      'image_size': config.image_size,
       'mean_iou': results['mean_iou'], 'pixel_accuracy': results['pixel_accuracy'],
       'mean_dice': results['mean_dice'],
       'per_class_iou': dict(zip(names, results['per_class_iou'])),

@@ -35,28 +35,56 @@ from unet_flax import tiles
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A trained U-Net: the run's config, the checkpoint's step and its parameters."""
+  """A trained U-Net: the run's config, the checkpoint's step and its parameters.
+
+  With flip_tta, every forward pass below (predict, evaluate at either resolution, crop mode's
+  windows) gives models.flip_tta_logits of the network's: the image and its mirror, twice the
+  compute. Off, they are the network's logits themselves.
+  """
   config: ml_collections.ConfigDict
   step: int
   params: Any
+  flip_tta: bool = False
 
   @property
   def module(self) -> models.UNet:
     return models.create(self.config)
 
   def logits_fn(self):
-    """The jitted forward pass: (params, uint8 images [B, S, S, 3]) -> logits [B, S, S, K]."""
-    return jax.jit(functools.partial(models.logits, self.module))
+    """The jitted forward pass: (params, uint8 images [B, S, S, 3]) -> logits [B, S, S, K]
+    float32 (with flip_tta, models.flip_tta_logits of the network's)."""
+    module = self.module
+    if not self.flip_tta:
+      return jax.jit(functools.partial(models.logits, module))
+
+    def flip_tta_logits(params, images):
+      return models.flip_tta_logits(functools.partial(models.logits, module, params), images)
+    return jax.jit(flip_tta_logits)
+
+  def apply_fn(self):
+    """The forward pass as a TrainState's apply_fn, for the trainer's eval step:
+    (variables, float images [B, S, S, 3] in [0, 1], *, train) -> logits [B, S, S, K]."""
+    module = self.module
+    if not self.flip_tta:
+      return module.apply
+
+    def flip_tta_apply(variables, images, *, train: bool):
+      return models.flip_tta_logits(functools.partial(module.apply, variables, train=train),
+                                    images)
+    return flip_tta_apply
 
 
 def load_model(workdir, step: int | None = None,
-               sharding: jax.sharding.Sharding | None = None) -> Model:
+               sharding: jax.sharding.Sharding | None = None, *,
+               flip_tta: bool = False) -> Model:
   """The model of a training run, from its workdir alone (config.json and a checkpoint).
 
   Args:
     workdir: a training run's --workdir (relative paths and `~` are fine).
     step: the checkpoint; None: the newest that restores.
     sharding: where the parameters go; default: the first local device.
+    flip_tta: the model's forward passes average the image's and its mirror's probabilities
+      (Model.flip_tta).
 
   Raises:
     UserError: if the workdir is no training run's, or its checkpoint does not fit its config.
@@ -73,7 +101,7 @@ def load_model(workdir, step: int | None = None,
   # The trainer's convolutions were a speed choice for its machine; the parameters fit any.
   config.conv_backend = 'xla'
   step, params = checkpoints.restore_params(workdir, config, step, sharding)
-  return Model(config, step, params)
+  return Model(config, step, params, flip_tta)
 
 
 # Logits -> classes at any resolution.
@@ -178,7 +206,7 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
   colours; the overlay is the photo tinted by class, with a legend.
 
   Args:
-    model: the restored model.
+    model: the restored model; with model.flip_tta, its masks are the flip TTA's.
     paths: image files of any format, mode and size.
     out: the output directory (created).
     overwrite: replace masks and overlays that exist in `out`; without it they are refused
@@ -256,7 +284,7 @@ def _predict_tiled(model: Model, paths: list[str], outputs: dict, window_batch: 
                    stderr) -> int:
   """Crop mode's predict: each image whole through the sliding window; -> files replaced."""
   config = model.config
-  forward = tiles.logits_fn(model.module)
+  forward = model.logits_fn()
   progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > 1 else None
   replaced = 0
   for done, path in enumerate(paths, 1):

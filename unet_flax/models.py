@@ -250,3 +250,24 @@ def logits(model: UNet, params, images: jax.Array, *, train: bool = False,
            rngs=None) -> jax.Array:
   """images: [B, H, W, 3] uint8 -> logits [B, H, W, K] float32 (dropout only with train=True)."""
   return model.apply({'params': params}, normalize(images), train=train, rngs=rngs)
+
+
+def flip_tta_logits(logits_fn: Callable[[jax.Array], jax.Array], images: jax.Array) -> jax.Array:
+  """Flip test-time augmentation: the log of the mean softmax of the images and their mirrors.
+
+  The network sees each image and its left-right mirror; the mirror's probabilities are flipped
+  back before the mean, so twice the compute. Computed as a logsumexp of the log-softmaxes,
+  which is log(mean) without a log(0) where a probability underflows.
+
+  Args:
+    logits_fn: images -> logits [B, H, W, K] float32, e.g. functools.partial(logits, model,
+      params) on uint8 images or a module's apply on float ones.
+    images: [B, H, W, C] of the dtype logits_fn takes (uint8 or float).
+
+  Returns:
+    [B, H, W, K] float32: log((softmax(f(x)) + flip(softmax(f(flip(x))))) / 2), flip reversing
+    the width axis (2). Its softmax is the mean probability; its argmax, that mean's.
+  """
+  plain = jax.nn.log_softmax(logits_fn(images), axis=-1)
+  mirrored = jax.nn.log_softmax(logits_fn(jnp.flip(images, axis=2)), axis=-1)
+  return jnp.logaddexp(plain, jnp.flip(mirrored, axis=2)) - jnp.log(2.0)
