@@ -5,6 +5,8 @@ confusion-matrix PNG and a gallery of the worst images (<workdir>/eval/step_<N>*
 By default the split is scored as the trainer scores it (its pipeline and eval step, so the
 numbers equal its metrics.jsonl); --original_resolution scores each image at its own size.
 --flip_tta averages each image's and its mirror's probabilities (written to *_flip_tta.json).
+A run that kept a moving average of its weights (config.ema_decay) is scored with that average;
+--noema scores its trained weights (written to *_no_ema.json).
 A crop-mode run (config.input_mode=crop) always scores at each image's own size, with the
 sliding window of overlapping tiles (unet_flax/tiles.py).
 """
@@ -30,6 +32,10 @@ flags.DEFINE_bool('original_resolution', False,
 flags.DEFINE_bool('flip_tta', False,
                   'Flip test-time augmentation: score the average of the softmax probabilities '
                   'of each image and its left-right mirror (twice the compute).')
+flags.DEFINE_bool('ema', True,
+                  "Of a run that kept a moving average of its weights (config.ema_decay), score "
+                  "that average, as the trainer does; --noema: the trained weights (written to "
+                  "*_no_ema.json).")
 flags.DEFINE_integer('worst_k', 6, 'Images in the gallery of the worst; 0: no gallery.',
                      lower_bound=0)
 flags.DEFINE_string('out', None, 'A .json file, or a directory; default: <workdir>/eval.')
@@ -45,8 +51,8 @@ def main(argv):
   from unet_flax import evaluation  # pylint: disable=g-import-not-at-top  (fast --help)
   evaluation.evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, dataset=FLAGS.dataset,
                       data_dir=FLAGS.data_dir, original_resolution=FLAGS.original_resolution,
-                      flip_tta=FLAGS.flip_tta, worst_k=FLAGS.worst_k, out=FLAGS.out,
-                      batch_size=FLAGS.batch_size)
+                      flip_tta=FLAGS.flip_tta, ema=FLAGS.ema, worst_k=FLAGS.worst_k,
+                      out=FLAGS.out, batch_size=FLAGS.batch_size)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
 
@@ -15,6 +16,7 @@ from tests.conftest import png_pixels
 from tests.conftest import reference_flip_tta_logits
 from tests.conftest import run_script
 from tests.conftest import write_folder_data
+from unet_flax import checkpoints
 from unet_flax import evaluation
 from unet_flax import inference
 from unet_flax import input_pipeline
@@ -133,6 +135,34 @@ def test_evaluate_with_flip_tta_scores_the_mean_softmax_of_image_and_mirror(tmp_
   no_tta = upsampled_counts(np.asarray(forward(data.images)))
   assert np.abs(no_tta - expected).sum() > 1000
   _assert_pictures(original, tmp_path / 'step_1_original_flip_tta')
+
+
+def test_a_run_with_ema_is_scored_with_the_average_as_the_trainer_did_or_its_weights(
+    tmp_path, tiny_config):
+  tiny_config.num_epochs, tiny_config.steps_per_epoch, tiny_config.ema_decay = 1, 2, 0.5
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config, str(workdir))
+  trainer = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+             if json.loads(l)['split'] == 'eval'][-1]
+  data = input_pipeline.load_split(tiny_config.dataset, 'test', data_dir=tiny_config.data_dir,
+                                   image_size=16, num_classes=3)
+  module = models.create(tiny_config)
+  printed = []
+  matrices = []
+  for ema in (True, False):
+    _, params = checkpoints.restore_params(workdir, tiny_config, ema=ema)
+    predicted = np.asarray(models.logits(module, params, data.images)).argmax(-1)
+    report = evaluation.evaluate(workdir, out=tmp_path, worst_k=0, ema=ema, log=printed.append)
+    assert report['ema'] is ema
+    np.testing.assert_array_equal(report['confusion_matrix'],
+                                  evaluation.confusions(data.labels, predicted, 3).sum(axis=0))
+    matrices.append(report['confusion_matrix'])
+  assert trainer['mean_iou'] == pytest.approx(
+      json.loads((tmp_path / 'step_2.json').read_text())['mean_iou'])
+  assert "the weights' moving average" in printed[0]
+  assert 'the trained weights (not their moving average)' in printed[2]
+  assert (tmp_path / 'step_2_no_ema.json').exists()
+  assert matrices[0] != matrices[1]  # Two steps at decay 0.5 leave the average elsewhere.
 
 
 def test_evaluate_a_folder_data_set_at_both_resolutions(tmp_path, tiny_config):

@@ -166,9 +166,9 @@ def _json_ready(value):
 
 
 def _output_stem(workdir, out, step, config, split, dataset, original,
-                 flip_tta=False) -> epath.Path:
+                 flip_tta=False, no_ema=False) -> epath.Path:
   """<out>.json's path without the suffix:
-  <workdir>/eval/step_<N>[_dataset][_split][_original][_flip_tta]."""
+  <workdir>/eval/step_<N>[_dataset][_split][_original][_flip_tta][_no_ema]."""
   if out and str(out).endswith('.json'):
     return errors.absolute(str(out)[:-len('.json')])
   name = f'step_{step}'
@@ -177,13 +177,14 @@ def _output_stem(workdir, out, step, config, split, dataset, original,
   if split != config.eval_split:
     name += f'_{split}'
   directory = errors.absolute(out) if out else workdir / 'eval'
-  return directory / (name + ('_original' if original else '') + ('_flip_tta' if flip_tta else ''))
+  return directory / (name + ('_original' if original else '') + ('_flip_tta' if flip_tta else '')
+                       + ('_no_ema' if no_ema else ''))
 
 
 def evaluate(workdir, *, step: int | None = None, split: str | None = None,
              dataset: str | None = None, data_dir: str | None = None,
-             original_resolution: bool = False, flip_tta: bool = False, worst_k: int = 6,
-             out=None, batch_size: int | None = None, log=print) -> dict:
+             original_resolution: bool = False, flip_tta: bool = False, ema: bool = True,
+             worst_k: int = 6, out=None, batch_size: int | None = None, log=print) -> dict:
   """Scores a checkpoint on a split; writes JSON, a confusion-matrix PNG and a worst-k gallery.
 
   Args:
@@ -194,6 +195,8 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
       truth = the original mask) instead of at the network's image_size x image_size.
     flip_tta: score the flip test-time augmentation (models.flip_tta_logits): the mean of the
       softmax probabilities of each image and its left-right mirror, twice the compute.
+    ema: of a run that kept a moving average of its weights (config.ema_decay), score that
+      average, as the trainer does; False: the trained weights themselves.
     worst_k: images drawn in the gallery of the worst by per-image mean IoU.
     out: a .json path, or a directory; default <workdir>/eval.
     batch_size: images per forward pass; None: the run's config.batch_size, whose batches are
@@ -207,8 +210,9 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
     UserError: for a workdir that is no training run's, or data that cannot be read.
   """
   workdir = errors.absolute(workdir)
-  model = inference.load_model(workdir, step, flip_tta=flip_tta)
+  model = inference.load_model(workdir, step, flip_tta=flip_tta, ema=ema)
   config = model.config
+  no_ema = bool(config.ema_decay) and not ema
   count = jax.device_count()
   devices = Devices(-(-(batch_size or config.batch_size) // count) * count)
   dataset = dataset or config.dataset
@@ -217,13 +221,14 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
   data_dir = str(errors.absolute(data_dir)) if data_dir else config.data_dir
   split = split or config.eval_split
   stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution,
-                      flip_tta)
+                      flip_tta, no_ema)
   errors.make_output_dir(stem.parent, '--out')  # A full or read-only place fails before work.
   options = decode.Options.from_config(config)
   originals = input_pipeline.originals(dataset, split, data_dir, config.num_classes, options)
   if config.input_mode == 'crop':
     original_resolution = True  # Crop mode has no other resolution: both are the image's own.
-    stem = _output_stem(workdir, out, model.step, config, split, dataset, True, flip_tta)
+    stem = _output_stem(workdir, out, model.step, config, split, dataset, True, flip_tta,
+                        no_ema)
     data = originals
     per_image, worst = _score_split_tiled(model, originals, worst_k,
                                           batch_size or tiles.WINDOW_BATCH)
@@ -247,6 +252,9 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
              f'sliding window, overlap {config.tile_overlap:g}, scale {config.scale:g})')
   if flip_tta:
     where += ', with flip TTA (mean softmax of each image and its mirror)'
+  if config.ema_decay:
+    where += (', the weights\' moving average' if ema else
+              ', the trained weights (not their moving average)')
   log(f'evaluation of {what} at {where}:\n{reporting.iou_table(results, names)}')
   resolution = 'original' if original_resolution else 'network'
   how = f'{resolution} resolution' + (', flip TTA' if flip_tta else '')
@@ -258,6 +266,7 @@ def evaluate(workdir, *, step: int | None = None, split: str | None = None,
   report = _json_ready({
       'workdir': str(workdir), 'step': model.step, 'dataset': dataset, 'split': split,
       'num_examples': len(data), 'resolution': resolution, 'flip_tta': flip_tta,
+      'ema': bool(config.ema_decay) and ema,
       'image_size': config.image_size,
       'mean_iou': results['mean_iou'], 'pixel_accuracy': results['pixel_accuracy'],
       'mean_dice': results['mean_dice'],

@@ -76,7 +76,7 @@ class Model:
 
 def load_model(workdir, step: int | None = None,
                sharding: jax.sharding.Sharding | None = None, *,
-               flip_tta: bool = False) -> Model:
+               flip_tta: bool = False, ema: bool = True) -> Model:
   """The model of a training run, from its workdir alone (config.json and a checkpoint).
 
   Args:
@@ -85,6 +85,8 @@ def load_model(workdir, step: int | None = None,
     sharding: where the parameters go; default: the first local device.
     flip_tta: the model's forward passes average the image's and its mirror's probabilities
       (Model.flip_tta).
+    ema: of a run that kept a moving average of its weights (config.ema_decay), that average;
+      False: the trained weights themselves.
 
   Raises:
     UserError: if the workdir is no training run's, or its checkpoint does not fit its config.
@@ -100,7 +102,7 @@ def load_model(workdir, step: int | None = None,
   config = checkpoints.load_config(workdir)
   # The trainer's convolutions were a speed choice for its machine; the parameters fit any.
   config.conv_backend = 'xla'
-  step, params = checkpoints.restore_params(workdir, config, step, sharding)
+  step, params = checkpoints.restore_params(workdir, config, step, sharding, ema=ema)
   return Model(config, step, params, flip_tta)
 
 
