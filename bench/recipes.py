@@ -45,6 +45,8 @@ RECIPES = [
     ('warmup_cosine', 'chapter', {'schedule': 'warmup_cosine', 'warmup_epochs': 1.0,
                                   'ema_decay': 0.99},
      'learning rate: 1 epoch (24 steps) of linear warmup, then cosine decay to 0'),
+    ('group_norm_warmup_cosine', 'group_norm',
+     {'schedule': 'warmup_cosine', 'warmup_epochs': 1.0}, 'group_norm + warmup_cosine'),
 ]
 
 
