@@ -116,7 +116,8 @@ def scores(run: pathlib.Path, ema: bool) -> dict:
 
 
 def table(rows: dict) -> str:
-  """The Markdown table of the scored recipes."""
+  """The Markdown table of the scored recipes. Where a recipe keeps a moving average of its
+  weights, every column but the last scores that average."""
   lines = ['| recipe | change | steps x batch | val mean IoU | test mean IoU | test pet | '
            'test background | test border | test pixel acc | val / test with flip TTA | '
            'test at original resolution | val / test without EMA |',
@@ -200,6 +201,10 @@ def main() -> int:
                       'command': ' '.join(train_command(name, out, args.budget)[1:]),
                       'scores': scores(run, ema=True)}
     results_path.write_text(json.dumps(rows, indent=2) + '\n')
+  order = [workdir(r[0], out, b).name for r in RECIPES for b in sorted(
+      {args.budget, 1})]
+  rows = {name: rows[name] for name in sorted(rows, key=lambda n: order.index(n)
+                                              if n in order else len(order))}
   print(table(rows))
   if args.curves:
     draw_curves([workdir(n, out, args.budget) for n in args.curves.split(',')],

@@ -1,10 +1,17 @@
-"""A stronger recipe for Oxford-IIIT Pet at 128x128, meant for one GPU (about 5,750 steps).
+"""The recipe chosen on real Oxford Pet photos: the chapter's, plus group norm and a cosine
+learning rate.
 
-From the chapter's recipe (default.py) it changes: host augmentation (flip, scale-and-crop,
-brightness, contrast), a longer run with linear warmup then cosine decay, a smaller batch, a
-heavier cross-entropy weight on the rare border class plus a soft Dice term, and bfloat16
-compute. It has not been run to completion here, so it promises no figures: compare its
-mean_iou with default.py's on your own hardware.
+From the chapter's recipe (default.py) it changes two things, each kept because it raised the
+validation mean IoU in bench/recipes.py's A/B on a real 300-photo slice of Oxford-IIIT Pet
+(README, "Recipes measured on real photos"):
+
+- group normalization after every 3x3 convolution of the blocks (normalization='group');
+- the learning rate warms up linearly from 0 over the first twelfth of the run (0.4 of 5
+  epochs; 24 of 288 steps in the A/B), then decays to 0 on a cosine.
+
+The A/B scored a moving average of the weights too: with the cosine decay it was worse on the
+validation split than the weights themselves, so this recipe keeps none. The budget, batch and
+everything else are the chapter's. Its figures on the full data set have not been measured.
 
   python train.py --config configs/pets_strong.py --workdir runs/pets_strong
 """
@@ -14,17 +21,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.augment_flip = True
-  config.augment_min_scale = 0.6
-  config.augment_brightness = 0.1
-  config.augment_contrast = 0.2
-  config.batch_size = 32
-  config.num_epochs = 50  # 3680 // 32 = 115 steps an epoch.
+  config.normalization = 'group'
   config.schedule = 'warmup_cosine'
-  config.warmup_epochs = 2.0
-  config.class_weights = (1.0, 1.0, 2.0)  # Pet, background, border: the border is rare.
-  config.dice_weight = 0.5
-  config.dtype = 'bfloat16'
-  config.checkpoint_every_steps = 1000
-  config.eval_every_epochs = 5
+  config.warmup_epochs = 0.4
   return config
