@@ -94,6 +94,15 @@ def test_an_image_smaller_than_a_window_is_padded_then_cropped_back(model):
   np.testing.assert_array_equal(classes, direct.argmax(-1))
 
 
+def test_the_window_forward_pass_is_the_configs_model_group_norm_included(tiny_config):
+  tiny_config.normalization = 'group'
+  params = models.init_params(tiny_config, jax.random.key(0))
+  images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
+  np.testing.assert_array_equal(
+      tiles.forward_of(tiny_config)(params, images),
+      jax.jit(functools.partial(models.logits, models.create(tiny_config)))(params, images))
+
+
 def test_crop_mode_needs_an_ignore_label_and_a_crop_the_widths_divide():
   config = config_lib.defaults()
   config.input_mode = 'crop'

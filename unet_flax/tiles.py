@@ -154,15 +154,16 @@ def predict_classes(forward, params, image: np.ndarray, config: ml_collections.C
 
 
 @functools.cache
-def _forward_of(num_classes: int, widths: tuple, dropout_rate: float, dtype: str):
+def _forward_of(num_classes: int, widths: tuple, dropout_rate: float, dtype: str,
+                normalization: str):
   return logits_fn(models.UNet(num_classes=num_classes, widths=widths, dropout_rate=dropout_rate,
-                               dtype=jax.numpy.dtype(dtype)))
+                               dtype=jax.numpy.dtype(dtype), normalization=normalization))
 
 
 def forward_of(config: ml_collections.ConfigDict):
   """The jitted window forward pass of the config's model (models.create), one per model."""
   return _forward_of(config.num_classes, tuple(config.widths), config.dropout_rate,
-                     config.dtype)
+                     config.dtype, config.normalization)
 
 
 def evaluate(config: ml_collections.ConfigDict, params, split) -> dict:
