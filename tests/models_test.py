@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.conftest import reference_flip_tta_logits
 from unet_flax import models
@@ -134,3 +135,43 @@ def test_flip_tta_logits_is_the_log_of_the_mean_softmax_of_image_and_mirror():
   np.testing.assert_allclose(tta, expected, atol=1e-5)
   # The network is not mirror-symmetric, so the augmentation changes the probabilities.
   assert np.abs(tta - jax.nn.log_softmax(forward(images))).max() > 1e-3
+
+
+@pytest.mark.parametrize('kernel_size,relu', [((3, 3), True), ((3, 3), False), ((1, 1), False)])
+def test_conv_is_flax_conv_with_the_same_parameters(kernel_size, relu):
+  """models.Conv (every convolution of the blocks and the logits) creates nn.Conv's parameters
+  with the same values, and computes relu?(nn.Conv(x)), values and gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 4))
+  ours = models.Conv(8, kernel_size, relu=relu)
+  flax_conv = nn.Conv(8, kernel_size, padding='SAME', kernel_init=models.kernel_init,
+                      bias_init=models.bias_init)
+  params = ours.init(jax.random.key(1), x)
+  reference_params = flax_conv.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, params, reference_params)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+
+  def reference(params, x):
+    y = flax_conv.apply(params, x)
+    return jax.nn.relu(y) if relu else y
+  y, grads = jax.value_and_grad(lambda p: (ours.apply(p, x) ** 2).sum())(params)
+  y_ref, grads_ref = jax.value_and_grad(lambda p: (reference(p, x) ** 2).sum())(params)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5), grads, grads_ref)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_concatenate_channels_equals_jnp_concatenate(dtype):
+  a = jax.random.normal(jax.random.key(0), (2, 4, 6, 3)).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (2, 4, 6, 5)).astype(dtype)
+  weights = jax.random.normal(jax.random.key(2), (2, 4, 6, 8)).astype(dtype)
+
+  def value_and_grads(concatenate):
+    return jax.value_and_grad(lambda a, b: jnp.sum(concatenate(a, b) * weights), (0, 1))(a, b)
+  (y, grads) = value_and_grads(models.concatenate_channels)
+  (y_ref, grads_ref) = value_and_grads(lambda a, b: jnp.concatenate([a, b], axis=-1))
+  np.testing.assert_array_equal(models.concatenate_channels(a, b),
+                                jnp.concatenate([a, b], axis=-1))
+  np.testing.assert_array_equal(y, y_ref)
+  for got, want in zip(grads, grads_ref):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)

@@ -95,7 +95,7 @@ def _batch(config, batch_size: int, devices: Devices) -> dict:
 def model_flops(config, state, batch) -> float:
   """FLOPs of one train step of the chapter's formulation (nn.ConvTranspose upsampling)."""
   # XLA's convolutions: its cost analysis counts no FLOPs in a custom call (oneDNN's).
-  model = models.create(config).clone(fast_upsample=False, conv=jax.lax.conv_general_dilated)
+  model = models.create(config).clone(fast_upsample=False, layer=models.xla_layer)
   reference = state.replace(apply_fn=model.apply)
   lowered = jax.jit(steps.train_step).lower(reference, batch, jax.random.key(0))
   return lowered.cost_analysis()['flops']

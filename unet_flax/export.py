@@ -48,7 +48,7 @@ def export_model(model: inference.Model, *, batch_size: int | None = None,
     """images: [B, S, S, 3] uint8 -> logits [B, S, S, K] float32."""
     # The closed-over params become constants. XLA's convolutions: no custom call (oneDNN's)
     # that the loading process would lack.
-    module = model.module.clone(conv=jax.lax.conv_general_dilated)
+    module = model.module.clone(layer=models.xla_layer)
     return models.logits(module, model.params, images)
 
   batch = jax.export.symbolic_shape('b')[0] if batch_size is None else batch_size

@@ -5,10 +5,11 @@ Nothing here knows about data or training: `UNet` maps images [B, H, W, 3] to pe
 config, `init_params` gives its parameters (or only their shapes, under jax.eval_shape) and
 `logits` is the forward pass that training, evaluation, predict and export share.
 
-Every convolution goes through one function, the module attribute `conv` (jax.lax's
-conv_general_dilated signature): XLA's, or oneDNN's where the optional extension
-ext/unet_flax_onednn is installed (`conv_function(config)`, config.conv_backend). The parameters
-do not depend on it: a checkpoint trained on one path restores and predicts on the other.
+Every convolution goes through one function, the module attribute `layer` (`LayerFunction`:
+a stride-1 convolution with its optional bias and ReLU): XLA's (`xla_layer`), or oneDNN's where
+the optional extension ext/unet_flax_onednn is installed (`layer_function(config)`,
+config.conv_backend), which computes the bias and ReLU inside the convolution. The parameters do
+not depend on it: a checkpoint trained on one path restores and predicts on the other.
 """
 
 import functools
@@ -29,14 +30,37 @@ kernel_init = nn.initializers.glorot_uniform()
 bias_init = nn.initializers.zeros
 
 
-ConvFunction = Callable[..., jax.Array]  # jax.lax.conv_general_dilated's signature.
+# (x [N, H, W, C], kernel [KH, KW, C, O], bias [O] or None, padding ((top, bottom), (left,
+# right)), relu) -> relu?(conv(x, kernel) + bias) [N, OH, OW, O], stride 1, NHWC x HWIO.
+LayerFunction = Callable[..., jax.Array]
 ONEDNN_MODULE = 'unet_flax_onednn'  # The optional extension: pip install ./ext/unet_flax_onednn
 
 
-def _onednn_conv() -> ConvFunction | None:
-  """The extension's conv_general_dilated, or None where it is not installed."""
+def xla_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, padding,
+              relu: bool = False) -> jax.Array:
+  """relu?(conv(x, kernel) + bias) in XLA: the `LayerFunction` of every platform.
+
+  Args:
+    x: [N, H, W, C].
+    kernel: [KH, KW, C, O] of x's dtype.
+    bias: [O] of x's dtype, or None.
+    padding: ((top, bottom), (left, right)) zeros, or 'SAME' / 'VALID'.
+    relu: apply max(0, .) to the result.
+
+  Returns:
+    [N, H + top + bottom - KH + 1, W + left + right - KW + 1, O] of x's dtype.
+  """
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if bias is not None:
+    y = y + bias
+  return nn.relu(y) if relu else y
+
+
+def _onednn_layer() -> LayerFunction | None:
+  """The extension's layer function, or None where it is not installed."""
   try:
-    return importlib.import_module(ONEDNN_MODULE).conv_general_dilated
+    return importlib.import_module(ONEDNN_MODULE).layer
   except ImportError:
     return None
 
@@ -56,21 +80,21 @@ def conv_backend(config: ml_collections.ConfigDict) -> str:
     return 'xla'
   platform = jax.default_backend()
   if backend == 'auto':
-    return 'onednn' if platform == 'cpu' and jax.device_count() == 1 and _onednn_conv() else 'xla'
+    return 'onednn' if platform == 'cpu' and jax.device_count() == 1 and _onednn_layer() else 'xla'
   if platform != 'cpu':
     raise errors.UserError(f"config.conv_backend='onednn' runs on CPUs only, and jax's backend "
                            f"here is {platform}; use 'auto' or 'xla'")
-  if _onednn_conv() is None:
+  if _onednn_layer() is None:
     raise errors.UserError("config.conv_backend='onednn' needs the extension: pip install "
                            "./ext/unet_flax_onednn (README, Speed), or use 'auto' or 'xla'")
   return 'onednn'
 
 
-def conv_function(config: ml_collections.ConfigDict) -> ConvFunction:
-  """The convolution of `conv_backend(config)`, for `UNet(conv=...)`."""
+def layer_function(config: ml_collections.ConfigDict) -> LayerFunction:
+  """The convolutions of `conv_backend(config)`, for `UNet(layer=...)`."""
   if conv_backend(config) == 'onednn':
-    return _onednn_conv()
-  return jax.lax.conv_general_dilated
+    return _onednn_layer()
+  return xla_layer
 
 
 class Upsample(nn.Module):
@@ -91,7 +115,7 @@ class Upsample(nn.Module):
   features: int
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  conv: ConvFunction = jax.lax.conv_general_dilated
+  layer: LayerFunction = xla_layer
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -105,13 +129,13 @@ class Upsample(nn.Module):
     # Static slices, not index arrays: an index array is a gather, whose gradient is a scatter-add.
     taps = (slice(0, 3, 2), slice(1, 2))
     pads = ((1, 0), (0, 0))
-    phases = [[self.conv(x, kernel[taps[py]][:, taps[px]], (1, 1), (pads[py], pads[px]),
-                         dimension_numbers=('NHWC', 'HWIO', 'NHWC')) for px in (0, 1)]
-              for py in (0, 1)]
+    # Each output pixel is in one phase: the bias is added to each (inside oneDNN's call).
+    phases = [[self.layer(x, kernel[taps[py]][:, taps[px]], bias, (pads[py], pads[px]))
+               for px in (0, 1)] for py in (0, 1)]
     # [B, H, (py), W, (px), F] -> [B, 2H, 2W, F].
     y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
     b, h, _, w, _, f = y.shape
-    return y.reshape(b, 2 * h, 2 * w, f) + bias
+    return y.reshape(b, 2 * h, 2 * w, f)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -131,12 +155,80 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+@jax.custom_vjp
+def _concatenate_bf16_channels(a: jax.Array, b: jax.Array) -> jax.Array:
+  as_bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
+  joined = jnp.concatenate([as_bits(a), as_bits(b)], axis=-1)
+  return jax.lax.bitcast_convert_type(joined, jnp.bfloat16)
+
+
+def _concatenate_bf16_channels_fwd(a, b):
+  return _concatenate_bf16_channels(a, b), a.shape[-1]
+
+
+def _concatenate_bf16_channels_bwd(channels_a, dy):
+  bits = jax.lax.bitcast_convert_type(dy.astype(jnp.bfloat16), jnp.uint16)
+  return tuple(jax.lax.bitcast_convert_type(part, jnp.bfloat16)
+               for part in (bits[..., :channels_a], bits[..., channels_a:]))
+
+
+_concatenate_bf16_channels.defvjp(_concatenate_bf16_channels_fwd, _concatenate_bf16_channels_bwd)
+
+
+def concatenate_channels(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.concatenate([a, b], axis=-1)`, the decoder's skip connection; the same values and
+  gradients.
+
+  bfloat16 operands are joined as their uint16 bit patterns: XLA:CPU widens a bfloat16
+  concatenation (and the slices of its gradient) to float32 and back, which made it 4x slower.
+
+  Args:
+    a: [..., Ca].
+    b: [..., Cb] of a's dtype and leading shape.
+
+  Returns:
+    [..., Ca + Cb].
+  """
+  if a.dtype == b.dtype == jnp.bfloat16:
+    return _concatenate_bf16_channels(a, b)
+  return jnp.concatenate([a, b], axis=-1)
+
+
 GROUP_NORM_GROUPS = 32  # Wu & He, "Group Normalization" (ECCV 2018): 32 groups of channels.
 
 
 def num_groups(features: int) -> int:
   """Group norm's groups for `features` channels: 32, or the largest divisor of both below it."""
   return math.gcd(GROUP_NORM_GROUPS, features)
+
+
+class Conv(nn.Module):
+  """A stride-1 'SAME' convolution with its bias and, optionally, a ReLU: nn.Conv's parameters.
+
+  The same parameters as `nn.Conv(features, kernel_size, padding='SAME')` (`kernel` [KH, KW, C,
+  features], Keras's glorot-uniform; `bias` [features], zeros; created in that order, so with
+  the same values), computed by `layer` in one call, which lets oneDNN apply the bias and the
+  ReLU inside the convolution.
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  use_bias: bool = True
+  relu: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  layer: LayerFunction = xla_layer
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> [B, H, W, features]."""
+    kernel = self.param('kernel', kernel_init, (*self.kernel_size, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param('bias', bias_init, (self.features,), self.param_dtype) if self.use_bias
+            else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size, (1, 1), 'SAME')
+    return self.layer(x, kernel, bias, tuple(padding), self.relu)
 
 
 class ConvBlock(nn.Module):
@@ -149,20 +241,19 @@ class ConvBlock(nn.Module):
 
   features: int
   dtype: Any = None
-  conv: ConvFunction = jax.lax.conv_general_dilated
+  layer: LayerFunction = xla_layer
   normalization: str = 'none'
 
   @nn.compact
   def __call__(self, x):
     normalize = self.normalization == 'group'
     for i in range(2):
-      x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=not normalize,
-                  kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
-                  conv_general_dilated=self.conv, name=f'Conv_{i}')(x)
+      x = Conv(self.features, (3, 3), use_bias=not normalize, relu=not normalize,
+               dtype=self.dtype, layer=self.layer, name=f'Conv_{i}')(x)
       if normalize:
         x = nn.GroupNorm(num_groups=num_groups(self.features), dtype=self.dtype,
                          name=f'GroupNorm_{i}')(x)
-      x = nn.relu(x)
+        x = nn.relu(x)
     return x
 
 
@@ -177,8 +268,8 @@ class UNet(nn.Module):
     fast_upsample: `Upsample` instead of `nn.ConvTranspose` (same parameters and results).
     normalization: 'none' (the chapter's model) or 'group': group norm after every 3x3
       convolution of the blocks (ConvBlock).
-    conv: every convolution's function (`conv_function`); not a parameter: the same params fit
-      XLA's and oneDNN's. nn.ConvTranspose (fast_upsample=False) always runs in XLA.
+    layer: every convolution's function (`layer_function`); not a parameter: the same params
+      fit XLA's and oneDNN's. nn.ConvTranspose (fast_upsample=False) always runs in XLA.
   """
 
   num_classes: int = 3
@@ -186,7 +277,7 @@ class UNet(nn.Module):
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
   fast_upsample: bool = True
-  conv: ConvFunction = jax.lax.conv_general_dilated
+  layer: LayerFunction = xla_layer
   normalization: str = 'none'
 
   @nn.compact
@@ -197,7 +288,7 @@ class UNet(nn.Module):
       logits: [B, H, W, num_classes] float32.
     """
     x = images.astype(self.dtype)
-    block = functools.partial(ConvBlock, dtype=self.dtype, conv=self.conv,
+    block = functools.partial(ConvBlock, dtype=self.dtype, layer=self.layer,
                               normalization=self.normalization)
     skips = []
     for i, width in enumerate(self.widths):
@@ -208,15 +299,14 @@ class UNet(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     for i, (width, skip) in reversed(list(enumerate(zip(self.widths, skips)))):
       if self.fast_upsample:
-        x = Upsample(width, dtype=self.dtype, conv=self.conv, name=f'upsample_{i}')(x)
+        x = Upsample(width, dtype=self.dtype, layer=self.layer, name=f'upsample_{i}')(x)
       else:
         x = nn.ConvTranspose(width, (3, 3), strides=(2, 2), padding='SAME',
                              kernel_init=kernel_init, bias_init=bias_init,
                              dtype=self.dtype, name=f'upsample_{i}')(x)
-      x = jnp.concatenate([x, skip], axis=-1)
+      x = concatenate_channels(x, skip)
       x = block(width, name=f'up_{i}')(x)
-    x = nn.Conv(self.num_classes, (1, 1), kernel_init=kernel_init, bias_init=bias_init,
-                dtype=self.dtype, conv_general_dilated=self.conv, name='logits')(x)
+    x = Conv(self.num_classes, (1, 1), dtype=self.dtype, layer=self.layer, name='logits')(x)
     return x.astype(jnp.float32)
 
 
@@ -229,7 +319,7 @@ def create(config: ml_collections.ConfigDict) -> UNet:
   conv_backend)."""
   return UNet(num_classes=config.num_classes, widths=tuple(config.widths),
               dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
-              normalization=config.normalization, conv=conv_function(config))
+              normalization=config.normalization, layer=layer_function(config))
 
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array):

@@ -11,9 +11,25 @@
 //   unet_onednn_conv_bwd_data(dy[N,OH,OW,O], w[KH,KW,C,O]) -> dx[N,H,W,C]     (dy's dtype)
 //   unet_onednn_conv_bwd_weights(x[N,H,W,C], dy[N,OH,OW,O]) -> dw[KH,KW,C,O]  (float32)
 //
+// and the fused layer of the U-Net's blocks and logits, y = relu?(conv(x, w) + b), with the
+// bias gradient computed in the same pass over dy as the weight gradient:
+//
+//   unet_onednn_conv_bias_fwd(x[N,H,W,C], w[KH,KW,C,O], b[O]) -> y[N,OH,OW,O]  (attr relu: 0/1)
+//   unet_onednn_conv_bwd_weights_bias(x[N,H,W,C], dy[N,OH,OW,O]) -> dw[KH,KW,C,O], db[O]
+//                                                                     (both float32)
+//
+// The ReLU is a oneDNN post-op applied to the float32 accumulator before the one rounding to
+// the output dtype; its gradient (dy where y > 0) is left to XLA, which fuses it with the ops
+// that produce dy.
+//
 // Primitive descriptors and primitives are cached per shape and dtype. The kernel is given to
 // oneDNN in the layout it asks for (format_tag::any), through a reorder when that differs from
 // HWIO; activations stay NHWC.
+//
+// Threads: XLA calls a handler from any of its threads, while oneDNN's library-managed
+// scratchpad (its default) is tied to the thread that created the primitive ("primitives ...
+// cannot migrate between threads", dnnl::scratchpad_mode). So every primitive here takes a user
+// scratchpad, allocated for each call, and calls are serialised (execute_mutex).
 
 #include <cstdint>
 #include <map>
@@ -21,6 +37,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -46,18 +63,32 @@ struct Shape {
   auto tie() const { return std::tie(n, h, w, c, o, kh, kw, pt, pb, pl, pr); }
 };
 
-// (pass, dtype, shape)
-using Key = std::tuple<int, int, std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                             int64_t, int64_t, int64_t, int64_t, int64_t>>;
+// What a pass computes besides the convolution: a bias (forward: added; backward-weights: its
+// gradient) and a ReLU post-op (forward only).
+enum Fusion { kNone = 0, kBias = 1, kBiasRelu = 3 };
+
+// (pass, dtype, fusion, shape)
+using Key = std::tuple<int, int, int, std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t,
+                                                 int64_t, int64_t, int64_t, int64_t, int64_t,
+                                                 int64_t>>;
 
 struct Entry {
   dnnl::primitive conv;
+  dnnl::memory::desc conv_scratchpad;
   dnnl::memory::desc user_w;  // HWIO, as XLA has it (float32 for the weight gradient).
   dnnl::memory::desc conv_w;  // What the primitive wants.
   bool reorder = false;
   dnnl::reorder w_reorder;
+  dnnl::memory::desc reorder_scratchpad;
   std::string impl;
 };
+
+// Attributes of every primitive here: the caller provides the scratchpad.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
 
 std::mutex cache_mutex;
 std::map<Key, std::shared_ptr<Entry>>& Cache() {
@@ -65,7 +96,7 @@ std::map<Key, std::shared_ptr<Entry>>& Cache() {
   return *cache;
 }
 
-std::shared_ptr<Entry> Build(Pass pass, dt type, const Shape& sh) {
+std::shared_ptr<Entry> Build(Pass pass, dt type, Fusion fusion, const Shape& sh) {
   auto& eng = Engine();
   const int64_t n = sh.n, h = sh.h, w = sh.w, c = sh.c, o = sh.o, kh = sh.kh, kw = sh.kw;
   const dnnl::memory::dims strides = {1, 1};
@@ -74,50 +105,64 @@ std::shared_ptr<Entry> Build(Pass pass, dt type, const Shape& sh) {
   dnnl::memory::desc src({n, c, h, w}, type, tag::nhwc);
   dnnl::memory::desc dst({n, o, sh.oh(), sh.ow()}, type, tag::nhwc);
   dnnl::memory::desc w_any({o, c, kh, kw}, type, tag::any);
+  const bool bias = fusion & kBias;
+  dnnl::memory::desc b_md = bias ? dnnl::memory::desc({o}, type, tag::a) : dnnl::memory::desc();
+  dnnl::primitive_attr attr = UserScratchpad();
+  if (pass == Pass::kFwd && fusion == kBiasRelu) {
+    dnnl::post_ops ops;
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(ops);
+  }
   auto algo = dnnl::algorithm::convolution_direct;
   auto e = std::make_shared<Entry>();
   // The forward descriptor is the hint for the backward ones, as oneDNN requires.
   dnnl::convolution_forward::primitive_desc fwd(
-      eng, dnnl::prop_kind::forward_training, algo, src, w_any, dst, strides, pad_l, pad_r);
+      eng, dnnl::prop_kind::forward_training, algo, src, w_any, b_md, dst, strides, pad_l, pad_r,
+      attr);
   if (pass == Pass::kFwd) {
     e->conv = dnnl::convolution_forward(fwd);
+    e->conv_scratchpad = fwd.scratchpad_desc();
     e->user_w = dnnl::memory::desc({o, c, kh, kw}, type, tag::hwio);
     e->conv_w = fwd.weights_desc();
     e->impl = fwd.impl_info_str();
   } else if (pass == Pass::kBwdData) {
     dnnl::convolution_backward_data::primitive_desc bwd(eng, algo, src, w_any, dst, strides,
-                                                        pad_l, pad_r, fwd);
+                                                        pad_l, pad_r, fwd, UserScratchpad());
     e->conv = dnnl::convolution_backward_data(bwd);
+    e->conv_scratchpad = bwd.scratchpad_desc();
     e->user_w = dnnl::memory::desc({o, c, kh, kw}, type, tag::hwio);
     e->conv_w = bwd.weights_desc();
     e->impl = bwd.impl_info_str();
   } else {
     dnnl::memory::desc dw_any({o, c, kh, kw}, dt::f32, tag::any);
-    dnnl::convolution_backward_weights::primitive_desc bwd(eng, algo, src, dw_any, dst, strides,
-                                                           pad_l, pad_r, fwd);
+    dnnl::memory::desc db_md =
+        bias ? dnnl::memory::desc({o}, dt::f32, tag::a) : dnnl::memory::desc();
+    dnnl::convolution_backward_weights::primitive_desc bwd(
+        eng, algo, src, dw_any, db_md, dst, strides, pad_l, pad_r, fwd, UserScratchpad());
     e->conv = dnnl::convolution_backward_weights(bwd);
+    e->conv_scratchpad = bwd.scratchpad_desc();
     e->user_w = dnnl::memory::desc({o, c, kh, kw}, dt::f32, tag::hwio);
     e->conv_w = bwd.diff_weights_desc();
     e->impl = bwd.impl_info_str();
   }
   e->reorder = e->conv_w != e->user_w;
   if (e->reorder) {
-    if (pass == Pass::kBwdWeights) {
-      e->w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->conv_w, eng, e->user_w));
-    } else {
-      e->w_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->user_w, eng, e->conv_w));
-    }
+    auto reorder = pass == Pass::kBwdWeights
+        ? dnnl::reorder::primitive_desc(eng, e->conv_w, eng, e->user_w, UserScratchpad())
+        : dnnl::reorder::primitive_desc(eng, e->user_w, eng, e->conv_w, UserScratchpad());
+    e->w_reorder = dnnl::reorder(reorder);
+    e->reorder_scratchpad = reorder.scratchpad_desc();
   }
   return e;
 }
 
-std::shared_ptr<Entry> Get(Pass pass, dt type, const Shape& sh) {
-  Key key{static_cast<int>(pass), static_cast<int>(type), sh.tie()};
+std::shared_ptr<Entry> Get(Pass pass, dt type, Fusion fusion, const Shape& sh) {
+  Key key{static_cast<int>(pass), static_cast<int>(type), static_cast<int>(fusion), sh.tie()};
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto& cache = Cache();
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  auto e = Build(pass, type, sh);
+  auto e = Build(pass, type, fusion, sh);
   cache.emplace(key, e);
   return e;
 }
@@ -130,14 +175,28 @@ bool DnnlType(ffi::DataType type, dt* out) {
   }
 }
 
-// Runs one pass. `act` is x (fwd, bwd_weights) or dy (bwd_data); `other` is w (fwd, bwd_data) or
-// dy (bwd_weights); `out` the result.
-ffi::Error Run(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+// One oneDNN call at a time: each runs on all cores (its OpenMP team), and XLA may call several
+// handlers at once from its own threads, which would put two teams on the same cores.
+std::mutex execute_mutex;
+
+// The operands of one pass. `a` is x (fwd, bwd_weights) or dy (bwd_data); `b` is w (fwd,
+// bwd_data) or dy (bwd_weights); `bias` the bias (fused forward), `out` the result and `db` the
+// bias gradient (fused backward-weights).
+struct Operands {
+  ffi::AnyBuffer a, b;
+  ffi::AnyBuffer* bias = nullptr;
+  ffi::Result<ffi::AnyBuffer>* out;
+  ffi::Result<ffi::AnyBuffer>* db = nullptr;
+};
+
+ffi::Error Run(Pass pass, Fusion fusion, Operands ops, int64_t pt, int64_t pb, int64_t pl,
+               int64_t pr) {
   try {
     if (pt < 0 || pb < 0 || pl < 0 || pr < 0) {
       return ffi::Error::InvalidArgument("unet_onednn: padding must be >= 0");
     }
+    ffi::AnyBuffer &a = ops.a, &b = ops.b;
+    ffi::Result<ffi::AnyBuffer>& out = *ops.out;
     if (a.element_type() != b.element_type()) {
       return ffi::Error::InvalidArgument("unet_onednn: operands of different dtypes");
     }
@@ -171,43 +230,66 @@ ffi::Error Run(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
         sh.ow() < 1) {
       return ffi::Error::InvalidArgument("unet_onednn: input/kernel/padding/output shape mismatch");
     }
-    auto e = Get(pass, type, sh);
+    if (ops.bias && (ops.bias->element_type() != a.element_type() ||
+                     ops.bias->dimensions().size() != 1 || ops.bias->dimensions()[0] != sh.o)) {
+      return ffi::Error::InvalidArgument("unet_onednn: the bias must be [O] of x's dtype");
+    }
+    if (pass == Pass::kBwdWeights &&
+        (out->element_type() != ffi::DataType::F32 ||
+         (ops.db && (*ops.db)->element_type() != ffi::DataType::F32))) {
+      return ffi::Error::InvalidArgument("unet_onednn: the weight and bias gradients are float32");
+    }
+    auto e = Get(pass, type, fusion, sh);
     auto& eng = Engine();
-    dnnl::stream s(eng);
     dnnl::memory::desc x_md({sh.n, sh.c, sh.h, sh.w}, type, tag::nhwc);
     dnnl::memory::desc y_md({sh.n, sh.o, sh.oh(), sh.ow()}, type, tag::nhwc);
-    if (pass == Pass::kFwd) {
-      dnnl::memory x(x_md, eng, a.untyped_data());
+    // Zero-sized where a primitive needs none.
+    dnnl::memory conv_scratchpad(e->conv_scratchpad, eng);
+    dnnl::memory reorder_scratchpad(e->reorder_scratchpad, eng);
+    std::lock_guard<std::mutex> lock(execute_mutex);
+    dnnl::stream s(eng);
+    auto reorder = [&](const dnnl::memory& from, const dnnl::memory& to) {
+      e->w_reorder.execute(s, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                               {DNNL_ARG_SCRATCHPAD, reorder_scratchpad}});
+    };
+    if (pass == Pass::kFwd || pass == Pass::kBwdData) {
       dnnl::memory user_w(e->user_w, eng, b.untyped_data());
-      dnnl::memory y(y_md, eng, out->untyped_data());
       dnnl::memory conv_w = user_w;
       if (e->reorder) {
         conv_w = dnnl::memory(e->conv_w, eng);
-        e->w_reorder.execute(s, user_w, conv_w);
+        reorder(user_w, conv_w);
       }
-      e->conv.execute(s, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, conv_w}, {DNNL_ARG_DST, y}});
-    } else if (pass == Pass::kBwdData) {
-      dnnl::memory dy(y_md, eng, a.untyped_data());
-      dnnl::memory user_w(e->user_w, eng, b.untyped_data());
-      dnnl::memory dx(x_md, eng, out->untyped_data());
-      dnnl::memory conv_w = user_w;
-      if (e->reorder) {
-        conv_w = dnnl::memory(e->conv_w, eng);
-        e->w_reorder.execute(s, user_w, conv_w);
+      if (pass == Pass::kFwd) {
+        std::unordered_map<int, dnnl::memory> args = {
+            {DNNL_ARG_SRC, dnnl::memory(x_md, eng, a.untyped_data())},
+            {DNNL_ARG_WEIGHTS, conv_w},
+            {DNNL_ARG_DST, dnnl::memory(y_md, eng, out->untyped_data())},
+            {DNNL_ARG_SCRATCHPAD, conv_scratchpad}};
+        if (ops.bias) {
+          args[DNNL_ARG_BIAS] =
+              dnnl::memory({{sh.o}, type, tag::a}, eng, ops.bias->untyped_data());
+        }
+        e->conv.execute(s, args);
+      } else {
+        e->conv.execute(s, {{DNNL_ARG_DIFF_DST, dnnl::memory(y_md, eng, a.untyped_data())},
+                            {DNNL_ARG_WEIGHTS, conv_w},
+                            {DNNL_ARG_DIFF_SRC, dnnl::memory(x_md, eng, out->untyped_data())},
+                            {DNNL_ARG_SCRATCHPAD, conv_scratchpad}});
       }
-      e->conv.execute(s, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, conv_w},
-                          {DNNL_ARG_DIFF_SRC, dx}});
     } else {
-      if (out->element_type() != ffi::DataType::F32) {
-        return ffi::Error::InvalidArgument("unet_onednn: the weight gradient is float32");
-      }
-      dnnl::memory x(x_md, eng, a.untyped_data());
-      dnnl::memory dy(y_md, eng, b.untyped_data());
       dnnl::memory user_dw(e->user_w, eng, out->untyped_data());
       dnnl::memory conv_dw = e->reorder ? dnnl::memory(e->conv_w, eng) : user_dw;
-      e->conv.execute(s, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy},
-                          {DNNL_ARG_DIFF_WEIGHTS, conv_dw}});
-      if (e->reorder) e->w_reorder.execute(s, conv_dw, user_dw);
+      std::unordered_map<int, dnnl::memory> args = {
+          {DNNL_ARG_SRC, dnnl::memory(x_md, eng, a.untyped_data())},
+          {DNNL_ARG_DIFF_DST, dnnl::memory(y_md, eng, b.untyped_data())},
+          {DNNL_ARG_DIFF_WEIGHTS, conv_dw},
+          {DNNL_ARG_SCRATCHPAD, conv_scratchpad}};
+      if (ops.db) {
+        args[DNNL_ARG_DIFF_BIAS] =
+            dnnl::memory({{sh.o}, dt::f32, tag::a}, eng, (*ops.db)->untyped_data());
+      }
+      e->conv.execute(s, args);
+      if (e->reorder) reorder(conv_dw, user_dw);
     }
     s.wait();
     return ffi::Error::Success();
@@ -220,32 +302,61 @@ ffi::Error Run(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
 
 ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t pt,
                int64_t pb, int64_t pl, int64_t pr) {
-  return Run(Pass::kFwd, x, w, y, pt, pb, pl, pr);
+  return Run(Pass::kFwd, kNone, {x, w, nullptr, &y}, pt, pb, pl, pr);
 }
 ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
                    int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Run(Pass::kBwdData, dy, w, dx, pt, pb, pl, pr);
+  return Run(Pass::kBwdData, kNone, {dy, w, nullptr, &dx}, pt, pb, pl, pr);
 }
 ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
                       int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Run(Pass::kBwdWeights, x, dy, dw, pt, pb, pl, pr);
+  return Run(Pass::kBwdWeights, kNone, {x, dy, nullptr, &dw}, pt, pb, pl, pr);
 }
+ffi::Error BiasFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer b,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                   int64_t relu) {
+  if (relu != 0 && relu != 1) return ffi::Error::InvalidArgument("unet_onednn: relu is 0 or 1");
+  return Run(Pass::kFwd, relu ? kBiasRelu : kBias, {x, w, &b, &y}, pt, pb, pl, pr);
+}
+ffi::Error BwdWeightsBias(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                          ffi::Result<ffi::AnyBuffer> db, int64_t pt, int64_t pb, int64_t pl,
+                          int64_t pr) {
+  return Run(Pass::kBwdWeights, kBias, {x, dy, nullptr, &dw, &db}, pt, pb, pl, pr);
+}
+
+#define UNET_ONEDNN_PADDING                  \
+      .Attr<int64_t>("pad_top")              \
+      .Attr<int64_t>("pad_bottom")           \
+      .Attr<int64_t>("pad_left")             \
+      .Attr<int64_t>("pad_right")
 
 #define UNET_ONEDNN_BINDING                  \
   ffi::Ffi::Bind()                           \
       .Arg<ffi::AnyBuffer>()                 \
       .Arg<ffi::AnyBuffer>()                 \
       .Ret<ffi::AnyBuffer>()                 \
-      .Attr<int64_t>("pad_top")              \
-      .Attr<int64_t>("pad_bottom")           \
-      .Attr<int64_t>("pad_left")             \
-      .Attr<int64_t>("pad_right")
+      UNET_ONEDNN_PADDING
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvFwd, Fwd, UNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdData, BwdData, UNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeights, BwdWeights, UNET_ONEDNN_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBiasFwd, BiasFwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  UNET_ONEDNN_PADDING
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeightsBias, BwdWeightsBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  UNET_ONEDNN_PADDING);
 
 // Which oneDNN implementation a pass would use at a shape ("fwd"/"bwd_data"/"bwd_weights"),
 // for the benchmark's report. Returns a thread-local string, valid until the next call.
@@ -255,7 +366,7 @@ extern "C" const char* unet_onednn_impl(int pass, int bf16, int64_t n, int64_t h
   static thread_local std::string result;
   try {
     Shape sh{n, h, w, c, o, kh, kw, pt, pb, pl, pr};
-    result = Get(static_cast<Pass>(pass), bf16 ? dt::bf16 : dt::f32, sh)->impl;
+    result = Get(static_cast<Pass>(pass), bf16 ? dt::bf16 : dt::f32, kNone, sh)->impl;
   } catch (const std::exception& err) {
     result = std::string("error: ") + err.what();
   }

@@ -7,6 +7,10 @@ gradient (a `jax.custom_vjp`) uses oneDNN's backward-data and backward-weights p
 accumulates in float32, and the weight gradient is written in float32 by oneDNN, then cast to w's
 dtype. The three passes are also exposed alone (`conv_fwd`, `conv_bwd_data`, `conv_bwd_weights`).
 
+`conv_bias(x, w, b, padding, relu)` is the U-Net's layer, relu?(conv(x, w) + b), in one oneDNN
+call (bias and ReLU applied to the float32 accumulator); its backward computes the bias gradient
+in the weight-gradient pass. It is unet-flax's `models.LayerFunction` (`layer`).
+
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (flax's
 `nn.Conv(conv_general_dilated=...)`, unet-flax's models): the cases above go to oneDNN, anything
 else to XLA. CPU only: the FFI targets are registered for the 'cpu' platform alone.
@@ -26,6 +30,8 @@ _TARGETS = {
     'unet_onednn_conv_fwd': 'UnetOnednnConvFwd',
     'unet_onednn_conv_bwd_data': 'UnetOnednnConvBwdData',
     'unet_onednn_conv_bwd_weights': 'UnetOnednnConvBwdWeights',
+    'unet_onednn_conv_bias_fwd': 'UnetOnednnConvBiasFwd',
+    'unet_onednn_conv_bwd_weights_bias': 'UnetOnednnConvBwdWeightsBias',
 }
 for _name, _symbol in _TARGETS.items():
   jax.ffi.register_ffi_target(_name, jax.ffi.pycapsule(getattr(_LIB, _symbol)), platform='cpu')
@@ -91,6 +97,31 @@ def conv_bwd_weights(x: jax.Array, dy: jax.Array, kernel_size=(3, 3),
   return jax.ffi.ffi_call('unet_onednn_conv_bwd_weights', out)(x, dy, **_attrs(padding))
 
 
+def conv_bias_fwd(x: jax.Array, w: jax.Array, b: jax.Array, padding=SAME_3X3,
+                  relu: bool = False) -> jax.Array:
+  """x [N,H,W,C], w [KH,KW,C,O], b [O] -> relu?(conv(x, w) + b) [N,OH,OW,O] in x's dtype."""
+  _check(x, w)
+  if b.dtype != x.dtype or b.shape != (w.shape[3],):
+    raise ValueError(f'unet_flax_onednn: the bias must be [{w.shape[3]}] of {x.dtype}, '
+                     f'got {b.shape} of {b.dtype}')
+  padding = _pads(padding, x.shape[1:3], w.shape[:2])
+  out = jax.ShapeDtypeStruct(
+      (x.shape[0], *_out_spatial(x.shape[1:3], w.shape[:2], padding), w.shape[3]), x.dtype)
+  return jax.ffi.ffi_call('unet_onednn_conv_bias_fwd', out)(x, w, b, **_attrs(padding),
+                                                              relu=np.int64(bool(relu)))
+
+
+def conv_bwd_weights_bias(x: jax.Array, dy: jax.Array, kernel_size=(3, 3),
+                          padding=SAME_3X3) -> tuple[jax.Array, jax.Array]:
+  """x [N,H,W,C], dy [N,OH,OW,O] -> (dw [KH,KW,C,O], db [O]), both float32, in one pass."""
+  _check(x, dy)
+  padding = _pads(padding, x.shape[1:3], kernel_size)
+  out = (jax.ShapeDtypeStruct(tuple(kernel_size) + (x.shape[3], dy.shape[3]), jnp.float32),
+         jax.ShapeDtypeStruct((dy.shape[3],), jnp.float32))
+  return tuple(jax.ffi.ffi_call('unet_onednn_conv_bwd_weights_bias', out)(
+      x, dy, **_attrs(padding)))
+
+
 def conv(x: jax.Array, w: jax.Array, padding='SAME') -> jax.Array:
   """Stride-1 convolution, NHWC x HWIO -> NHWC, through oneDNN (forward and both gradients).
 
@@ -119,6 +150,68 @@ def _conv_bwd_rule(padding, residuals, dy):
 
 
 _conv.defvjp(_conv_fwd_rule, _conv_bwd_rule)
+
+
+def conv_bias(x: jax.Array, w: jax.Array, b: jax.Array | None, padding='SAME',
+              relu: bool = False) -> jax.Array:
+  """relu?(conv(x, w) + b): a stride-1 NHWC x HWIO convolution, its bias and ReLU in oneDNN.
+
+  The bias and the ReLU are applied to the float32 accumulator, so a bfloat16 output is rounded
+  once. Gradients: the ReLU's mask (dy where the output > 0) in XLA, then oneDNN's
+  backward-data and one backward-weights pass that also gives the bias gradient.
+
+  Args:
+    x: [N, H, W, C] float32 or bfloat16.
+    w: [KH, KW, C, O] of x's dtype.
+    b: [O] of x's dtype, or None: no bias (then `conv`, and relu applied by XLA).
+    padding: 'SAME', 'VALID' or ((top, bottom), (left, right)), each >= 0.
+    relu: apply max(0, .) to the result.
+
+  Returns:
+    [N, OH, OW, O] of x's dtype.
+  """
+  padding = _pads(padding, x.shape[1:3], w.shape[:2])
+  if b is None:
+    y = _conv(x, w, padding)
+    return jax.nn.relu(y) if relu else y
+  _check(x, w)
+  return _conv_bias(x, w, b.astype(x.dtype), padding, bool(relu))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_bias(x, w, b, padding, relu):
+  return conv_bias_fwd(x, w, b, padding, relu)
+
+
+def _conv_bias_fwd_rule(x, w, b, padding, relu):
+  y = conv_bias_fwd(x, w, b, padding, relu)
+  return y, (x, w, y if relu else None)
+
+
+def _conv_bias_bwd_rule(padding, relu, residuals, dy):
+  x, w, y = residuals
+  dy = dy.astype(x.dtype)
+  if relu:
+    dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+  dx = conv_bwd_data(dy, w, padding)
+  dw, db = conv_bwd_weights_bias(x, dy, w.shape[:2], padding)
+  return dx, dw.astype(w.dtype), db.astype(x.dtype)  # b was cast to x's dtype.
+
+
+_conv_bias.defvjp(_conv_bias_fwd_rule, _conv_bias_bwd_rule)
+
+
+def layer(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, padding,
+          relu: bool = False) -> jax.Array:
+  """unet-flax's layer function (models.LayerFunction): `conv_bias` where oneDNN covers the
+  operands (float32 or bfloat16 of one dtype), else XLA's convolution, bias and ReLU."""
+  if x.dtype == kernel.dtype and x.dtype in _DTYPES and x.ndim == 4 and kernel.ndim == 4:
+    return conv_bias(x, kernel, bias, padding, relu)
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if bias is not None:
+    y = y + bias
+  return jax.nn.relu(y) if relu else y
 
 
 def implementation(pass_: str, dtype, n, h, w, c, o, kh=3, kw=3, padding=None) -> str:
