@@ -70,10 +70,21 @@ def test_max_pool_2x2_equals_flax_max_pool():
   x = jax.random.normal(jax.random.key(0), (2, 16, 12, 4))
   np.testing.assert_array_equal(models.max_pool_2x2(x),
                                 nn.max_pool(x, (2, 2), strides=(2, 2)))
-  # Without ties the gradients agree exactly too.
-  g = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * jnp.arange(4.0)))(x)
-  np.testing.assert_array_equal(g(models.max_pool_2x2),
-                                g(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))
+  g = lambda pool, x: jax.grad(lambda x: jnp.sum(pool(x) * jnp.arange(4.0)))(x)
+  flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(g(models.max_pool_2x2, x), g(flax_pool, x))
+  # Ties, as after a ReLU or in bfloat16: the gradient goes to each window's first maximum.
+  ties = jnp.round(jax.random.uniform(jax.random.key(1), (2, 16, 12, 4)) * 2) / 2
+  assert (ties[:, ::2, ::2] == ties[:, 1::2, 1::2]).any()
+  np.testing.assert_array_equal(g(models.max_pool_2x2, ties), g(flax_pool, ties))
+  # numpy: the first maximum of each 2x2 window (row-major) receives the window's gradient.
+  t = np.asarray(ties)
+  want = np.zeros_like(t)
+  for bi, i, j, ci in np.ndindex(2, 8, 6, 4):
+    window = t[bi, 2 * i:2 * i + 2, 2 * j:2 * j + 2, ci].ravel()
+    k = int(np.argmax(window))
+    want[bi, 2 * i + k // 2, 2 * j + k % 2, ci] = ci
+  np.testing.assert_array_equal(g(models.max_pool_2x2, ties), want)
 
 
 def _conv3x3_same(x, kernel):

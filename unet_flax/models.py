@@ -138,12 +138,14 @@ class Upsample(nn.Module):
     return y.reshape(b, 2 * h, 2 * w, f)
 
 
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """`nn.max_pool(x, (2, 2), strides=(2, 2))` for even H, W, as a reshape and a max.
 
-  The same values; its gradient is an elementwise select, where `nn.max_pool`'s is XLA's
-  select-and-scatter, which costs about 3x as much on CPU. (At ties within a window, which after
-  a ReLU are zeros whose gradient is zero anyway, the gradient is shared instead of picked.)
+  The same values and gradients, ties included: each window's gradient goes to its first
+  maximum in row-major order, as nn.max_pool's select-and-scatter gives it. Here the gradient is
+  elementwise masks over the windows, where XLA's select-and-scatter costs about 3x as much on
+  CPU, and jnp.max's own gradient shares it among ties through a sum and a division.
 
   Args:
     x: [B, H, W, C] with even H and W.
@@ -153,6 +155,29 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   """
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x):
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_2x2_bwd(residuals, dy):
+  x, y = residuals
+  b, h, w, c = x.shape
+  is_max = x.reshape(b, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None, :]
+  taken = jnp.zeros(y.shape, bool)
+  first = []  # Per window position (0, 0), (0, 1), (1, 0), (1, 1): the window's first maximum.
+  for i in (0, 1):
+    for j in (0, 1):
+      first.append(is_max[:, :, i, :, j] & ~taken)
+      taken = taken | first[-1]
+  mask = jnp.stack([jnp.stack(first[:2], axis=3), jnp.stack(first[2:], axis=3)], axis=2)
+  dx = jnp.where(mask, dy[:, :, None, :, None, :], jnp.zeros((), dy.dtype))
+  return (dx.reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 @jax.custom_vjp
