@@ -79,10 +79,10 @@ def defaults() -> ml_collections.ConfigDict:
   # After each 3x3 convolution of the blocks: 'none' (the chapter's), or 'group' (group norm).
   config.normalization = 'none'
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
-  # Convolutions: 'xla'; 'onednn' (CPU only, needs ext/unet_flax_onednn installed); 'auto':
-  # oneDNN on a one-device CPU when the extension is installed, else XLA. Not a model field:
-  # checkpoints fit either.
-  config.conv_backend = 'xla'
+  # Convolutions: 'auto': oneDNN on a one-device CPU where ext/unet_flax_onednn is installed,
+  # else XLA; 'xla'; 'onednn' (CPU only, needs the extension). Not a model field: checkpoints
+  # fit either.
+  config.conv_backend = 'auto'
 
   # Optimisation: Keras's Adam defaults.
   config.batch_size = 64  # Global batch, split over all devices of all hosts.

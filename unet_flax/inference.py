@@ -101,7 +101,7 @@ def load_model(workdir, step: int | None = None,
                            '--workdir')
   config = checkpoints.load_config(workdir)
   # The trainer's convolutions were a speed choice for its machine; the parameters fit any.
-  config.conv_backend = 'xla'
+  config.conv_backend = 'auto'
   step, params = checkpoints.restore_params(workdir, config, step, sharding, ema=ema)
   return Model(config, step, params, flip_tta)
 
