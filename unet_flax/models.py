@@ -30,18 +30,20 @@ kernel_init = nn.initializers.glorot_uniform()
 bias_init = nn.initializers.zeros
 
 
-# (x [N, H, W, C], kernel [KH, KW, C, O], bias [O] or None, padding ((top, bottom), (left,
-# right)), relu) -> relu?(conv(x, kernel) + bias) [N, OH, OW, O], stride 1, NHWC x HWIO.
+# (x [N, H, W, C] or a tuple of inputs concatenated along channels, kernel [KH, KW, C, O], bias
+# [O] or None, padding ((top, bottom), (left, right)), relu) -> relu?(conv(x, kernel) + bias)
+# [N, OH, OW, O], stride 1, NHWC x HWIO.
 LayerFunction = Callable[..., jax.Array]
 ONEDNN_MODULE = 'unet_flax_onednn'  # The optional extension: pip install ./ext/unet_flax_onednn
 
 
-def xla_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, padding,
-              relu: bool = False) -> jax.Array:
+def xla_layer(x: jax.Array | tuple[jax.Array, jax.Array], kernel: jax.Array,
+              bias: jax.Array | None, padding, relu: bool = False) -> jax.Array:
   """relu?(conv(x, kernel) + bias) in XLA: the `LayerFunction` of every platform.
 
   Args:
-    x: [N, H, W, C].
+    x: [N, H, W, C], or a pair ([N, H, W, Ca], [N, H, W, Cb]) to concatenate along channels
+      (`concatenate_channels`; oneDNN's layer convolves each with its part of the kernel).
     kernel: [KH, KW, C, O] of x's dtype.
     bias: [O] of x's dtype, or None.
     padding: ((top, bottom), (left, right)) zeros, or 'SAME' / 'VALID'.
@@ -50,11 +52,35 @@ def xla_layer(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, padding,
   Returns:
     [N, H + top + bottom - KH + 1, W + left + right - KW + 1, O] of x's dtype.
   """
+  if isinstance(x, tuple):
+    x = concatenate_channels(*x)
   y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   if bias is not None:
-    y = y + bias
+    y = add_bias(y, bias)
   return nn.relu(y) if relu else y
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y [..., C] + bias [C], whose bias gradient is summed in float32 whatever the dtype.
+
+  Autodiff's sum of a bfloat16 gradient may accumulate in bfloat16 on XLA:CPU, which stops
+  growing at 256 for a sum of ones: a bias gradient over B x H x W pixels came out wrong.
+  """
+  return y + bias
+
+
+def _add_bias_fwd(y, bias):
+  return y + bias, jnp.zeros((0,), bias.dtype)  # An empty array: bias's dtype, for its gradient.
+
+
+def _add_bias_bwd(bias_dtype, dy):
+  db = jnp.sum(dy.astype(jnp.float32), axis=tuple(range(dy.ndim - 1)))
+  return dy.astype(dy.dtype), db.astype(bias_dtype.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def _onednn_layer() -> LayerFunction | None:
@@ -245,15 +271,17 @@ class Conv(nn.Module):
   layer: LayerFunction = xla_layer
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, H, W, C] -> [B, H, W, features]."""
-    kernel = self.param('kernel', kernel_init, (*self.kernel_size, x.shape[-1], self.features),
+  def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
+    """x: [B, H, W, C] -> [B, H, W, features]; with skip [B, H, W, Cs], the convolution of
+    their concatenation [x, skip] along channels (the kernel has C + Cs input channels)."""
+    channels = x.shape[-1] + (0 if skip is None else skip.shape[-1])
+    kernel = self.param('kernel', kernel_init, (*self.kernel_size, channels, self.features),
                         self.param_dtype)
     bias = (self.param('bias', bias_init, (self.features,), self.param_dtype) if self.use_bias
             else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    padding = jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size, (1, 1), 'SAME')
-    return self.layer(x, kernel, bias, tuple(padding), self.relu)
+    x, skip, kernel, bias = nn.dtypes.promote_dtype(x, skip, kernel, bias, dtype=self.dtype)
+    padding = tuple(jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size, (1, 1), 'SAME'))
+    return self.layer(x if skip is None else (x, skip), kernel, bias, padding, self.relu)
 
 
 class ConvBlock(nn.Module):
@@ -270,11 +298,12 @@ class ConvBlock(nn.Module):
   normalization: str = 'none'
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, skip=None):
+    """x: [B, H, W, C] (and a skip [B, H, W, Cs], concatenated after x) -> [B, H, W, features]."""
     normalize = self.normalization == 'group'
     for i in range(2):
       x = Conv(self.features, (3, 3), use_bias=not normalize, relu=not normalize,
-               dtype=self.dtype, layer=self.layer, name=f'Conv_{i}')(x)
+               dtype=self.dtype, layer=self.layer, name=f'Conv_{i}')(x, skip if i == 0 else None)
       if normalize:
         x = nn.GroupNorm(num_groups=num_groups(self.features), dtype=self.dtype,
                          name=f'GroupNorm_{i}')(x)
@@ -329,8 +358,7 @@ class UNet(nn.Module):
         x = nn.ConvTranspose(width, (3, 3), strides=(2, 2), padding='SAME',
                              kernel_init=kernel_init, bias_init=bias_init,
                              dtype=self.dtype, name=f'upsample_{i}')(x)
-      x = concatenate_channels(x, skip)
-      x = block(width, name=f'up_{i}')(x)
+      x = block(width, name=f'up_{i}')(x, skip)  # The block's first conv sees [x, skip].
     x = Conv(self.num_classes, (1, 1), dtype=self.dtype, layer=self.layer, name='logits')(x)
     return x.astype(jnp.float32)
 

@@ -17,6 +17,9 @@
 //   unet_onednn_conv_bias_fwd(x[N,H,W,C], w[KH,KW,C,O], b[O]) -> y[N,OH,OW,O]  (attr relu: 0/1)
 //   unet_onednn_conv_bwd_weights_bias(x[N,H,W,C], dy[N,OH,OW,O]) -> dw[KH,KW,C,O], db[O]
 //                                                                     (both float32)
+//   unet_onednn_conv_bias_sum_fwd(x, w, b, acc[N,OH,OW,O]) -> y = relu?(conv(x, w) + b + acc),
+//                                 y aliasing acc: a convolution of two channel-concatenated
+//                                 inputs as two calls, without the concatenation
 //
 // The ReLU is a oneDNN post-op applied to the float32 accumulator before the one rounding to
 // the output dtype; its gradient (dy where y > 0) is left to XLA, which fuses it with the ops
@@ -64,8 +67,11 @@ struct Shape {
 };
 
 // What a pass computes besides the convolution: a bias (forward: added; backward-weights: its
-// gradient) and a ReLU post-op (forward only).
-enum Fusion { kNone = 0, kBias = 1, kBiasRelu = 3 };
+// gradient), the sum with what the output buffer holds and a ReLU (forward only, post-ops in
+// that order).
+enum Fusion {
+  kNone = 0, kBias = 1, kRelu = 2, kBiasRelu = 3, kSum = 4, kBiasSum = 5, kBiasSumRelu = 7
+};
 
 // (pass, dtype, fusion, shape)
 using Key = std::tuple<int, int, int, std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t,
@@ -108,9 +114,10 @@ std::shared_ptr<Entry> Build(Pass pass, dt type, Fusion fusion, const Shape& sh)
   const bool bias = fusion & kBias;
   dnnl::memory::desc b_md = bias ? dnnl::memory::desc({o}, type, tag::a) : dnnl::memory::desc();
   dnnl::primitive_attr attr = UserScratchpad();
-  if (pass == Pass::kFwd && fusion == kBiasRelu) {
+  if (pass == Pass::kFwd && (fusion & (kSum | kRelu))) {
     dnnl::post_ops ops;
-    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    if (fusion & kSum) ops.append_sum(1.f);
+    if (fusion & kRelu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
     attr.set_post_ops(ops);
   }
   auto algo = dnnl::algorithm::convolution_direct;
@@ -318,6 +325,17 @@ ffi::Error BiasFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer b,
   if (relu != 0 && relu != 1) return ffi::Error::InvalidArgument("unet_onednn: relu is 0 or 1");
   return Run(Pass::kFwd, relu ? kBiasRelu : kBias, {x, w, &b, &y}, pt, pb, pl, pr);
 }
+// y = relu?(conv(x, w) + b + y): y arrives holding the other half's convolution (the FFI call
+// aliases it to the output), for a convolution of two inputs concatenated along channels.
+ffi::Error BiasSumFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer b, ffi::AnyBuffer acc,
+                      ffi::Result<ffi::AnyBuffer> y, int64_t pt, int64_t pb, int64_t pl,
+                      int64_t pr, int64_t relu) {
+  if (relu != 0 && relu != 1) return ffi::Error::InvalidArgument("unet_onednn: relu is 0 or 1");
+  if (acc.untyped_data() != y->untyped_data()) {
+    return ffi::Error::InvalidArgument("unet_onednn: the sum's operand must alias the output");
+  }
+  return Run(Pass::kFwd, relu ? kBiasSumRelu : kBiasSum, {x, w, &b, &y}, pt, pb, pl, pr);
+}
 ffi::Error BwdWeightsBias(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
                           ffi::Result<ffi::AnyBuffer> db, int64_t pt, int64_t pb, int64_t pl,
                           int64_t pr) {
@@ -344,6 +362,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdData, BwdData, UNET_ONEDNN_BINDIN
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeights, BwdWeights, UNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBiasFwd, BiasFwd,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  UNET_ONEDNN_PADDING
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBiasSumFwd, BiasSumFwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

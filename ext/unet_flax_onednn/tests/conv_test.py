@@ -231,3 +231,43 @@ def test_concurrent_calls_give_each_its_own_result():
     for got, want in zip(fn([ops[:3] for ops in operands]), refs):
       _close(got[0], want[0], 1e-5)
       _close(got[1], want[1], 1e-5)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('relu', [False, True])
+@pytest.mark.parametrize('batch', [1, 2])
+def test_conv_pair_bias_is_conv_bias_of_the_concatenation(dtype, relu, batch):
+  """The decoder's first convolution of [upsampled, skip]: two calls, the second summing into
+  the first's output in place; values and the gradients of both inputs, kernel and bias."""
+  dtype = jnp.dtype(dtype)
+  keys = jax.random.split(jax.random.key(batch), 5)
+  a = jax.random.normal(keys[0], (batch, 6, 5, 3)).astype(dtype)
+  b = jax.random.normal(keys[1], (batch, 6, 5, 4)).astype(dtype)
+  w = jax.random.normal(keys[2], (3, 3, 7, 8)).astype(dtype)
+  bias = jax.random.normal(keys[3], (8,)).astype(dtype)
+  dy = jax.random.normal(keys[4], (batch, 6, 5, 8)).astype(dtype)
+
+  def reference(a, b, w, bias):
+    return _reference_layer(jnp.concatenate([a, b], axis=-1), w, bias, 'SAME', relu)
+  y_ref, vjp_ref = jax.vjp(reference, *(v.astype(jnp.float32) for v in (a, b, w, bias)))
+  grads_ref = vjp_ref(dy.astype(jnp.float32))
+
+  def f(a, b, w, bias, dy):
+    y, vjp = jax.vjp(functools.partial(onednn.conv_pair_bias, padding='SAME', relu=relu),
+                     a, b, w, bias)
+    return (y, *vjp(dy))
+  assert _ffi_calls(f, a, b, w, bias, dy) == 6  # Per input: forward, backward-data, -weights.
+  y, *grads = jax.jit(f)(a, b, w, bias, dy)
+  rtol = 1e-5 if dtype == jnp.float32 else 1e-2
+  _close(y, y_ref, rtol)
+  for got, want in zip(grads, grads_ref):
+    assert got.dtype == dtype
+    _close(got, want, rtol)
+  # The layer function takes the pair the same way.
+  _close(onednn.layer((a, b), w, bias, ((1, 1), (1, 1)), relu), y_ref, rtol)
+
+
+def test_conv_pair_bias_rejects_inputs_that_do_not_fit_the_kernel():
+  a, b = jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 4))
+  with pytest.raises(ValueError, match='concatenate'):
+    onednn.conv_pair_bias(a, b, jnp.zeros((3, 3, 8, 2)), jnp.zeros(2))

@@ -23,8 +23,10 @@ from unet_flax import metrics  # noqa: E402
 from unet_flax import models  # noqa: E402
 from unet_flax import steps  # noqa: E402
 
-# Per U-Net of widths (4, 8): 5 ConvBlocks x 2 3x3 convolutions, 2 upsamplings x 4 phases, logits.
-FORWARD_CONVS = 5 * 2 + 2 * 4 + 1
+# Per U-Net of widths (4, 8): 5 ConvBlocks x 2 3x3 convolutions, 2 upsamplings x 4 phases, logits;
+# the first convolution of each of the 2 decoder blocks runs as two, one per input (upsampled,
+# skip), without their concatenation.
+FORWARD_CONVS = 5 * 2 + 2 * 4 + 1 + 2
 
 
 def _config(backend, dtype='float32'):

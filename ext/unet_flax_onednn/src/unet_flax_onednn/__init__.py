@@ -32,6 +32,7 @@ _TARGETS = {
     'unet_onednn_conv_bwd_weights': 'UnetOnednnConvBwdWeights',
     'unet_onednn_conv_bias_fwd': 'UnetOnednnConvBiasFwd',
     'unet_onednn_conv_bwd_weights_bias': 'UnetOnednnConvBwdWeightsBias',
+    'unet_onednn_conv_bias_sum_fwd': 'UnetOnednnConvBiasSumFwd',
 }
 for _name, _symbol in _TARGETS.items():
   jax.ffi.register_ffi_target(_name, jax.ffi.pycapsule(getattr(_LIB, _symbol)), platform='cpu')
@@ -201,11 +202,80 @@ def _conv_bias_bwd_rule(padding, relu, residuals, dy):
 _conv_bias.defvjp(_conv_bias_fwd_rule, _conv_bias_bwd_rule)
 
 
-def layer(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, padding,
+def conv_pair_bias(a: jax.Array, b: jax.Array, w: jax.Array, bias: jax.Array, padding='SAME',
+                   relu: bool = False) -> jax.Array:
+  """relu?(conv(concatenate([a, b], -1), w) + bias), without the concatenation.
+
+  Two oneDNN calls: conv(a, w[:, :, :Ca]), then conv(b, w[:, :, Ca:]) with the bias, the first's
+  result summed in (in place) and the ReLU, all on the accumulator. The gradients are those of
+  `conv_bias` on the concatenation, computed per input.
+
+  Args:
+    a: [N, H, W, Ca] float32 or bfloat16.
+    b: [N, H, W, Cb] of a's dtype.
+    w: [KH, KW, Ca + Cb, O] of a's dtype.
+    bias: [O].
+    padding: 'SAME', 'VALID' or ((top, bottom), (left, right)), each >= 0.
+    relu: apply max(0, .) to the result.
+
+  Returns:
+    [N, OH, OW, O] of a's dtype.
+  """
+  _check(a, w)
+  _check(b, w)
+  if a.shape[:3] != b.shape[:3] or a.shape[3] + b.shape[3] != w.shape[2]:
+    raise ValueError(f'unet_flax_onednn: inputs {a.shape} and {b.shape} do not concatenate to '
+                     f'the kernel\'s {w.shape[2]} input channels')
+  padding = _pads(padding, a.shape[1:3], w.shape[:2])
+  return _conv_pair_bias(a, b, w, bias.astype(a.dtype), padding, bool(relu))
+
+
+def _conv_pair_bias_call(a, b, w, bias, padding, relu):
+  partial = conv_fwd(a, w[:, :, :a.shape[3]], padding)
+  out = jax.ShapeDtypeStruct(partial.shape, partial.dtype)
+  return jax.ffi.ffi_call('unet_onednn_conv_bias_sum_fwd', out, input_output_aliases={3: 0})(
+      b, w[:, :, a.shape[3]:], bias, partial, **_attrs(padding), relu=np.int64(relu))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _conv_pair_bias(a, b, w, bias, padding, relu):
+  return _conv_pair_bias_call(a, b, w, bias, padding, relu)
+
+
+def _conv_pair_bias_fwd_rule(a, b, w, bias, padding, relu):
+  y = _conv_pair_bias_call(a, b, w, bias, padding, relu)
+  return y, (a, b, w, y if relu else None)
+
+
+def _conv_pair_bias_bwd_rule(padding, relu, residuals, dy):
+  a, b, w, y = residuals
+  dy = dy.astype(a.dtype)
+  if relu:
+    dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+  w_a, w_b = w[:, :, :a.shape[3]], w[:, :, a.shape[3]:]
+  da = conv_bwd_data(dy, w_a, padding)
+  db = conv_bwd_data(dy, w_b, padding)
+  dw_a = conv_bwd_weights(a, dy, w.shape[:2], padding)
+  dw_b, dbias = conv_bwd_weights_bias(b, dy, w.shape[:2], padding)
+  dw = jnp.concatenate([dw_a, dw_b], axis=2)
+  return da, db, dw.astype(w.dtype), dbias.astype(a.dtype)  # bias was cast to a's dtype.
+
+
+_conv_pair_bias.defvjp(_conv_pair_bias_fwd_rule, _conv_pair_bias_bwd_rule)
+
+
+def layer(x, kernel: jax.Array, bias: jax.Array | None, padding,
           relu: bool = False) -> jax.Array:
-  """unet-flax's layer function (models.LayerFunction): `conv_bias` where oneDNN covers the
-  operands (float32 or bfloat16 of one dtype), else XLA's convolution, bias and ReLU."""
-  if x.dtype == kernel.dtype and x.dtype in _DTYPES and x.ndim == 4 and kernel.ndim == 4:
+  """unet-flax's layer function (models.LayerFunction): `conv_bias` (or `conv_pair_bias` for a
+  pair of inputs to concatenate along channels) where oneDNN covers the operands (float32 or
+  bfloat16 of one dtype), else XLA's concatenation, convolution, bias and ReLU."""
+  inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+  covered = all(v.dtype == kernel.dtype and v.ndim == 4 for v in inputs) and (
+      kernel.dtype in _DTYPES and kernel.ndim == 4)
+  if covered and len(inputs) == 2 and bias is not None:
+    return conv_pair_bias(*inputs, kernel, bias, padding, relu)
+  x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs, axis=-1)
+  if covered:
     return conv_bias(x, kernel, bias, padding, relu)
   y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
