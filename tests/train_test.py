@@ -149,3 +149,17 @@ def test_records_after_the_restored_step_are_dropped_on_resume(tmp_path, tiny_co
   records = [json.loads(l) for l in metrics_file.read_text().splitlines()]
   assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
   assert metrics_file.read_text().endswith('\n')
+
+
+def test_onednn_without_the_extension_is_refused_before_anything_is_written(tmp_path,
+                                                                            tiny_config):
+  try:
+    import unet_flax_onednn  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    pytest.skip('the oneDNN extension is installed here')
+  except ImportError:
+    pass
+  tiny_config.conv_backend = 'onednn'
+  workdir = tmp_path / 'run'
+  with pytest.raises(errors.UserError, match="conv_backend='onednn' needs the extension"):
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert not workdir.exists()

@@ -111,8 +111,9 @@ def conv_backend(config: ml_collections.ConfigDict) -> str:
     raise errors.UserError(f"config.conv_backend='onednn' runs on CPUs only, and jax's backend "
                            f"here is {platform}; use 'auto' or 'xla'")
   if _onednn_layer() is None:
-    raise errors.UserError("config.conv_backend='onednn' needs the extension: pip install "
-                           "./ext/unet_flax_onednn (README, Speed), or use 'auto' or 'xla'")
+    raise errors.UserError("config.conv_backend='onednn' needs the extension "
+                           "ext/unet_flax_onednn, which is not installed: build it as the README "
+                           "says (Speed, oneDNN convolutions on CPUs), or use 'auto' or 'xla'")
   return 'onednn'
 
 

@@ -60,6 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
   """
   config = config_lib.validate(config)
   devices = Devices(config.batch_size)
+  models.conv_backend(config)  # The convolutions asked for exist here, before anything is read.
   workdir = workdir_lib.check(workdir)
   try:
     # Until the workdir is written, a signal stops the run at once: nothing is lost.
