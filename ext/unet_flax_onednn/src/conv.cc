@@ -342,47 +342,30 @@ ffi::Error BwdWeightsBias(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::
   return Run(Pass::kBwdWeights, kBias, {x, dy, nullptr, &dw, &db}, pt, pb, pl, pr);
 }
 
-#define UNET_ONEDNN_PADDING                  \
-      .Attr<int64_t>("pad_top")              \
-      .Attr<int64_t>("pad_bottom")           \
-      .Attr<int64_t>("pad_left")             \
+#define UNET_ONEDNN_BUFFER .Arg<ffi::AnyBuffer>()
+#define UNET_ONEDNN_PADDING                                                                 \
+  .Attr<int64_t>("pad_top").Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left")          \
       .Attr<int64_t>("pad_right")
-
-#define UNET_ONEDNN_BINDING                  \
-  ffi::Ffi::Bind()                           \
-      .Arg<ffi::AnyBuffer>()                 \
-      .Arg<ffi::AnyBuffer>()                 \
-      .Ret<ffi::AnyBuffer>()                 \
-      UNET_ONEDNN_PADDING
+// Two operands, one result, the padding.
+#define UNET_ONEDNN_BINDING \
+  ffi::Ffi::Bind() UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER.Ret<ffi::AnyBuffer>() UNET_ONEDNN_PADDING
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvFwd, Fwd, UNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdData, BwdData, UNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeights, BwdWeights, UNET_ONEDNN_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBiasFwd, BiasFwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  UNET_ONEDNN_PADDING
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBiasFwd, BiasFwd,  // x, w, b -> y
+                              ffi::Ffi::Bind() UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER
+                                  UNET_ONEDNN_BUFFER.Ret<ffi::AnyBuffer>() UNET_ONEDNN_PADDING
                                   .Attr<int64_t>("relu"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBiasSumFwd, BiasSumFwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  UNET_ONEDNN_PADDING
-                                  .Attr<int64_t>("relu"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeightsBias, BwdWeightsBias,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBiasSumFwd, BiasSumFwd,  // x, w, b, acc -> y
+                              ffi::Ffi::Bind() UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER
+                                  UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER.Ret<ffi::AnyBuffer>()
+                                  UNET_ONEDNN_PADDING.Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeightsBias, BwdWeightsBias,  // x, dy -> dw, db
+                              ffi::Ffi::Bind() UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER
+                                  .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
                                   UNET_ONEDNN_PADDING);
 
 // Which oneDNN implementation a pass would use at a shape ("fwd"/"bwd_data"/"bwd_weights"),
