@@ -186,3 +186,17 @@ def test_concatenate_channels_equals_jnp_concatenate(dtype):
   for got, want in zip(grads, grads_ref):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+
+
+def test_add_bias_gradient_is_summed_in_float32():
+  """A bfloat16 bias gradient over 2 x 32 x 32 pixels: autodiff's sum of ones on XLA:CPU stops at
+  256 (it accumulates in bfloat16); add_bias's is the float32 sum, then rounded once."""
+  y = jnp.zeros((2, 32, 32, 3), jnp.bfloat16)
+  weights = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, y.shape), jnp.bfloat16)
+  grad = jax.jit(jax.grad(
+      lambda b: (models.add_bias(y, b) * weights).astype(jnp.float32).sum()))(
+          jnp.zeros(3, jnp.bfloat16))
+  assert grad.dtype == jnp.bfloat16
+  want = np.asarray(weights, np.float64).sum(axis=(0, 1, 2))  # About 2048 each.
+  np.testing.assert_allclose(np.asarray(grad, np.float64), want, rtol=2 ** -8)
+  np.testing.assert_array_equal(models.add_bias(y, jnp.ones(3, jnp.bfloat16)), y + 1)

@@ -77,7 +77,7 @@ def _add_bias_fwd(y, bias):
 
 def _add_bias_bwd(bias_dtype, dy):
   db = jnp.sum(dy.astype(jnp.float32), axis=tuple(range(dy.ndim - 1)))
-  return dy.astype(dy.dtype), db.astype(bias_dtype.dtype)
+  return dy, db.astype(bias_dtype.dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
