@@ -263,8 +263,12 @@ def test_conv_pair_bias_is_conv_bias_of_the_concatenation(dtype, relu, batch):
   for got, want in zip(grads, grads_ref):
     assert got.dtype == dtype
     _close(got, want, rtol)
-  # The layer function takes the pair the same way.
+  # The layer function takes the pair the same way, also without a bias (group norm's blocks):
+  # oneDNN's two calls, no concatenation.
   _close(onednn.layer((a, b), w, bias, ((1, 1), (1, 1)), relu), y_ref, rtol)
+  no_bias = functools.partial(onednn.layer, bias=None, padding=((1, 1), (1, 1)), relu=relu)
+  assert _ffi_calls(lambda a, b, w: no_bias((a, b), w), a, b, w) == 2
+  _close(no_bias((a, b), w), reference(a, b, w, jnp.zeros_like(bias)), rtol)
 
 
 def test_conv_pair_bias_rejects_inputs_that_do_not_fit_the_kernel():

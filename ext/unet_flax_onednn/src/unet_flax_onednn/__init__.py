@@ -189,11 +189,16 @@ def _conv_bias_fwd_rule(x, w, b, padding, relu):
   return y, (x, w, y if relu else None)
 
 
+def _through_relu(dy, y, dtype):
+  """The cotangent of the pre-ReLU sum, in the operands' dtype: dy where y > 0 (y None: no
+  ReLU)."""
+  dy = dy.astype(dtype)
+  return dy if y is None else jnp.where(y > 0, dy, jnp.zeros_like(dy))
+
+
 def _conv_bias_bwd_rule(padding, relu, residuals, dy):
   x, w, y = residuals
-  dy = dy.astype(x.dtype)
-  if relu:
-    dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+  dy = _through_relu(dy, y, x.dtype)
   dx = conv_bwd_data(dy, w, padding)
   dw, db = conv_bwd_weights_bias(x, dy, w.shape[:2], padding)
   return dx, dw.astype(w.dtype), db.astype(x.dtype)  # b was cast to x's dtype.
@@ -249,9 +254,7 @@ def _conv_pair_bias_fwd_rule(a, b, w, bias, padding, relu):
 
 def _conv_pair_bias_bwd_rule(padding, relu, residuals, dy):
   a, b, w, y = residuals
-  dy = dy.astype(a.dtype)
-  if relu:
-    dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+  dy = _through_relu(dy, y, a.dtype)
   w_a, w_b = w[:, :, :a.shape[3]], w[:, :, a.shape[3]:]
   da = conv_bwd_data(dy, w_a, padding)
   db = conv_bwd_data(dy, w_b, padding)
@@ -267,12 +270,15 @@ _conv_pair_bias.defvjp(_conv_pair_bias_fwd_rule, _conv_pair_bias_bwd_rule)
 def layer(x, kernel: jax.Array, bias: jax.Array | None, padding,
           relu: bool = False) -> jax.Array:
   """unet-flax's layer function (models.LayerFunction): `conv_bias` (or `conv_pair_bias` for a
-  pair of inputs to concatenate along channels) where oneDNN covers the operands (float32 or
-  bfloat16 of one dtype), else XLA's concatenation, convolution, bias and ReLU."""
+  pair of inputs to concatenate along channels, with a zero bias where there is none) where
+  oneDNN covers the operands (float32 or bfloat16 of one dtype), else XLA's concatenation,
+  convolution, bias and ReLU."""
   inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
   covered = all(v.dtype == kernel.dtype and v.ndim == 4 for v in inputs) and (
       kernel.dtype in _DTYPES and kernel.ndim == 4)
-  if covered and len(inputs) == 2 and bias is not None:
+  if covered and len(inputs) == 2:
+    if bias is None:  # Group norm's blocks: the fused call needs one; adding 0 changes nothing.
+      bias = jnp.zeros(kernel.shape[3], kernel.dtype)
     return conv_pair_bias(*inputs, kernel, bias, padding, relu)
   x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs, axis=-1)
   if covered:
