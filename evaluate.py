@@ -7,7 +7,7 @@ numbers equal its metrics.jsonl); --original_resolution scores each image at its
 --flip_tta averages each image's and its mirror's probabilities (written to *_flip_tta.json).
 A run that kept a moving average of its weights (config.ema_decay) is scored with that average;
 --noema scores its trained weights (written to *_no_ema.json).
-A crop-mode run (config.input_mode=crop) always scores at each image's own size, with the
+A crop-mode run (config.input_mode=crop) scores each image whole at its own size, with the
 sliding window of overlapping tiles (unet_flax/tiles.py).
 """
 
@@ -27,8 +27,8 @@ flags.DEFINE_string('dataset', None,
                     "and masks, laid out as for training); default: the run's.")
 flags.DEFINE_string('data_dir', None, "tfds data_dir; default: the run's.")
 flags.DEFINE_bool('original_resolution', False,
-                  "Score at each image's original size (logits upsampled bilinearly) instead "
-                  "of at the network's image_size.")
+                  "Score each image at its original size, classified as predict.py classifies "
+                  "it, instead of as the trainer scores the split.")
 flags.DEFINE_bool('flip_tta', False,
                   'Flip test-time augmentation: score the average of the softmax probabilities '
                   'of each image and its left-right mirror (twice the compute).')
@@ -49,7 +49,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   from unet_flax import evaluation  # pylint: disable=g-import-not-at-top  (fast --help)
-  evaluation.evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, dataset=FLAGS.dataset,
+  evaluation.evaluate_workdir(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, dataset=FLAGS.dataset,
                       data_dir=FLAGS.data_dir, original_resolution=FLAGS.original_resolution,
                       flip_tta=FLAGS.flip_tta, ema=FLAGS.ema, worst_k=FLAGS.worst_k,
                       out=FLAGS.out, batch_size=FLAGS.batch_size)

@@ -4,9 +4,9 @@ Writes <out>/<stem>_mask.png (a palette PNG: the pixel values are the classes 0.
 the class colours, at the image's own resolution) and <out>/<stem>_overlay.png (the photo tinted
 by class, with a legend) for every image, of any size and mode. The model is rebuilt from the
 workdir alone: its config.json and its latest checkpoint (or --step). A file that cannot be read
-is named on stderr and skipped; the exit code is then 1. A crop-mode run (config.input_mode=crop)
-predicts each image whole with overlapping tiles (unet_flax/tiles.py); --batch_size is then the
-number of windows per forward pass.
+is named on stderr and skipped; the exit code is then 1. Photos are read and classified as the
+run's input mode says (unet_flax/modes.py); a crop-mode run predicts each image whole with
+overlapping tiles (unet_flax/tiles.py), and --batch_size is then the number of windows per pass.
 """
 
 import sys

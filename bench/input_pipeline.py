@@ -40,8 +40,8 @@ _worker_decode = None
 
 def _start_worker(dataset, split, data_dir, image_size, num_classes):
   global _worker_decode
-  _, _worker_decode = input_pipeline._reader(  # pylint: disable=protected-access
-      dataset, split, data_dir, image_size, num_classes)
+  source = input_pipeline.open_source(dataset, data_dir, num_classes)
+  _, _worker_decode = source.reader(split, image_size)
 
 
 def _decode_chunk(indices):
@@ -51,7 +51,7 @@ def _decode_chunk(indices):
 
 def first_pass_processes(args, workers: int) -> float:
   """Seconds for the split through a spawned process pool, start-up included."""
-  total = input_pipeline.num_examples(args.dataset, args.split, args.data_dir)
+  total = input_pipeline.open_source(args.dataset, args.data_dir, 3).num_examples(args.split)
   chunks = [range(i, min(i + 64, total)) for i in range(0, total, 64)]
   started = time.perf_counter()
   with concurrent.futures.ProcessPoolExecutor(
@@ -64,8 +64,8 @@ def first_pass_processes(args, workers: int) -> float:
 def first_pass_threads(args, threads: int):
   """(seconds, CPU seconds / wall seconds, the split) for load_split with `threads` threads."""
   started, cpu = time.perf_counter(), time.process_time()
-  split = input_pipeline.load_split(args.dataset, args.split, data_dir=args.data_dir,
-                                    image_size=args.image_size, num_classes=3,
+  source = input_pipeline.open_source(args.dataset, args.data_dir, 3)
+  split = input_pipeline.load_split(source, args.split, image_size=args.image_size,
                                     num_threads=threads)
   wall = time.perf_counter() - started
   return wall, (time.process_time() - cpu) / wall, split
@@ -143,7 +143,7 @@ def main():
   cores = os.cpu_count() or 1
   print(f'{args.dataset} {args.split} at {args.image_size}x{args.image_size}, batch '
         f'{args.batch_size}, {cores} cores, load average {os.getloadavg()[0]:.1f}')
-  input_pipeline.get_builder(args.dataset, args.data_dir)  # Prepares it, untimed.
+  input_pipeline.open_source(args.dataset, args.data_dir, 3)  # Prepares it, untimed.
 
   first = [first_pass_threads(args, cores) for _ in range(args.repeats)]
   split = first[-1][2]

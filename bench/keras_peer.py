@@ -6,7 +6,7 @@
 Contenders, at batch 8 (default), 128x128, the default config's U-Net, per precision (float32;
 bfloat16 = the project's config.dtype 'bfloat16' and Keras's mixed_bfloat16 policy):
 
-  unet-flax xla     the trainer's step (steps.compile_steps), config.conv_backend = 'xla'
+  unet-flax xla     the trainer's step (steps.compile_steps), --conv_backend=xla
   unet-flax onednn  the same with 'onednn' (when ext/unet_flax_onednn is installed)
   keras             keras_unet.unet_model(3), Adam, train_on_batch, in its own process
                     (bench/keras_worker.py under --keras_python: TensorFlow is never a
@@ -17,7 +17,7 @@ round), so all of them see the same machine load; the table gives medians over r
 ratios to Keras and to the project's XLA step of the same precision, and the fraction of this
 machine's matmul limit for that precision: the best n x n x n matmul of jax, numpy (float32) and
 TensorFlow (oneDNN), timed in the same rounds (medians). FLOPs are the model's
-(bench.model_flops: the chapter's formulation), the same for every contender.
+(speed.model_flops: the chapter's formulation), the same for every contender.
 """
 
 import argparse
@@ -39,7 +39,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from unet_flax import bench  # noqa: E402
+import speed as bench  # noqa: E402  (bench/speed.py, beside this file)
+from unet_flax import layers  # noqa: E402
 from unet_flax import models  # noqa: E402
 from unet_flax import steps  # noqa: E402
 from unet_flax.devices import Devices  # noqa: E402
@@ -101,7 +102,7 @@ class Keras:
       self.proc.wait(timeout=60)
 
 
-def project_step(config, batch_size: int):
+def project_step(config, batch_size: int, backend: str):
   """A function running `calls` train steps of config's model, and the model's FLOPs per step."""
   devices = Devices(batch_size)
   rng = np.random.default_rng(0)
@@ -111,7 +112,8 @@ def project_step(config, batch_size: int):
   state = jax.jit(functools.partial(steps.create_train_state, config),
                   out_shardings=devices.replicated)(jax.random.key(0))
   flops = bench.model_flops(config, state, batch)
-  step, _ = steps.compile_steps(config, devices)
+  forward = models.forward(config, layers.layer_function(backend))
+  step, _ = steps.compile_steps(config, devices, forward)
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
   holder = [compiled(state, batch, jax.random.key(0))[0]]  # Warm-up.
   jax.block_until_ready(holder[0])
@@ -149,9 +151,9 @@ def main():
       config = default_config()
       config.batch_size = args.batch
       config.dtype = dtype
-      config.conv_backend = backend
-      models.conv_backend(config)  # Fails here, plainly, where oneDNN is asked for but missing.
-      runners[f'unet-flax {backend}', dtype], flops[dtype] = project_step(config, args.batch)
+      layers.resolve_backend(backend)  # Fails here, plainly, where oneDNN is asked but missing.
+      runners[f'unet-flax {backend}', dtype], flops[dtype] = project_step(config, args.batch,
+                                                                          backend)
     runners['keras', dtype] = functools.partial(
         lambda policy, calls: keras.ask('step', policy, calls), KERAS_POLICY[dtype])
   print(f'keras worker: {keras.ready()}', flush=True)

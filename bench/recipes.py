@@ -105,7 +105,7 @@ def scores(run: pathlib.Path, ema: bool) -> dict:
   for case, (split, original, flip, use_ema) in cases.items():
     path = run / 'eval' / f'recipes_{case}.json'
     if not path.exists():
-      report = evaluation.evaluate(run, split=split, original_resolution=original,
+      report = evaluation.evaluate_workdir(run, split=split, original_resolution=original,
                                    flip_tta=flip, ema=use_ema, worst_k=0, out=str(path),
                                    log=lambda _: None)
     else:

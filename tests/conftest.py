@@ -90,7 +90,7 @@ def fixed_state(config):
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(s.dtype), shapes.params)
   # numpy leaves: jax.device_put places them on any mesh, of one process or several.
-  return jax.device_get(steps.TrainState.create(apply_fn=shapes.apply_fn, params=params,
+  return jax.device_get(steps.TrainState.create(apply_fn=None, params=params,
                                                 tx=shapes.tx))
 
 

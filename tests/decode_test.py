@@ -126,19 +126,19 @@ def test_broken_files_are_refused_naming_the_file(name):
   assert '\n' not in str(raised.value)
 
 
-def test_read_image_names_a_missing_or_unreadable_file(tmp_path):
+def test_read_bytes_and_picture_size_name_a_missing_or_unreadable_file(tmp_path):
   with pytest.raises(errors.UserError) as raised:
-    decode.read_image(tmp_path / 'gone.jpg', decode.to_rgb)
+    decode.read_bytes(tmp_path / 'gone.jpg')
   assert str(raised.value) == f'{tmp_path / "gone.jpg"}: cannot read (No such file or directory)'
-  (tmp_path / 'text.jpg').write_bytes(b'not an image')
   with pytest.raises(errors.UserError) as raised:
-    decode.read_image(tmp_path / 'text.jpg', decode.to_rgb)
-  assert str(raised.value) == (f'{tmp_path / "text.jpg"}: cannot read (not an image, or a format '
-                               'PIL does not read)')
+    decode.picture_size(b'not an image', 'text.jpg')
+  assert str(raised.value) == ('text.jpg: cannot decode (not an image, or a format PIL does not '
+                               'read); remove or replace the file')
   Image.fromarray(gradient_picture(6, 7)).save(tmp_path / 'good.png')
-  np.testing.assert_array_equal(
-      decode.read_image(tmp_path / 'good.png', lambda image: np.asarray(decode.to_rgb(image))),
-      gradient_picture(6, 7))
+  data = decode.read_bytes(tmp_path / 'good.png')
+  assert decode.picture_size(data, 'good.png') == (6, 7)
+  np.testing.assert_array_equal(decode.decode(data, None, 'picture', 'good.png'),
+                                gradient_picture(6, 7))
 
 
 def test_to_rgb_handles_16_bit_alpha_and_exif_rotation(tmp_path):
@@ -155,14 +155,3 @@ def test_to_rgb_handles_16_bit_alpha_and_exif_rotation(tmp_path):
     assert decode.upright_size(turned) == (9, 5)
     np.testing.assert_array_equal(np.asarray(decode.to_rgb(turned)),
                                   np.rot90(gradient_picture(5, 9), k=-1))
-
-
-@pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
-def test_a_photo_for_predict_is_resized_as_the_trainer_resizes_its_data(fmt):
-  # 70x90: JPEG drafting decodes it at 1/2 scale (35x45 >= 16), then resizes; both paths must.
-  data = _encode(Image.fromarray(gradient_picture(70, 90)), fmt)
-  with Image.open(io.BytesIO(data)) as photo:
-    for_predict = decode.network_input(photo, 16)
-  for_training = decode.decode(data, 16, 'picture', NAME)
-  assert for_predict.shape == (16, 16, 3)
-  np.testing.assert_array_equal(for_predict, for_training)

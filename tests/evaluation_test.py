@@ -22,7 +22,9 @@ from unet_flax import inference
 from unet_flax import input_pipeline
 from unet_flax import metrics
 from unet_flax import models
+from unet_flax import modes
 from unet_flax import plots
+from unet_flax import synthetic
 from unet_flax import train
 
 def _assert_pictures(report, stem):
@@ -48,12 +50,12 @@ def test_per_image_confusions_and_mean_iou_equal_metrics_iou_of_each_image():
   labels = rng.integers(0, 3, (4, 5, 6)).astype(np.uint8)
   predictions = rng.integers(0, 3, (4, 5, 6)).astype(np.uint8)
   labels[1] = predictions[1] = np.where(labels[1] == 2, 0, labels[1])  # Class 2 absent: no IoU.
-  per_image = evaluation.confusions(labels, predictions, 3)
+  per_image = metrics.host_confusion_matrices(labels, predictions, 3)
   for i in range(4):
     expected = np.zeros((3, 3), np.int64)
     np.add.at(expected, (labels[i].ravel(), predictions[i].ravel()), 1)
     np.testing.assert_array_equal(per_image[i], expected)
-  expected_iou = [float(jax.device_get(metrics.iou(c))['mean_iou']) for c in per_image]
+  expected_iou = [float(jax.device_get(metrics.scores(c))['mean_iou']) for c in per_image]
   np.testing.assert_allclose(evaluation.image_mean_iou(per_image), expected_iou, rtol=1e-6)
   assert evaluation.image_mean_iou(per_image)[1] == 1.0
 
@@ -62,7 +64,7 @@ def test_evaluate_equals_the_trainers_eval_and_draws_pictures(trained_workdir, t
   lines = [json.loads(l) for l in (trained_workdir / 'metrics.jsonl').read_text().splitlines()]
   trainer = [l for l in lines if l['split'] == 'eval'][-1]
   printed = []
-  report = evaluation.evaluate(trained_workdir, out=tmp_path, worst_k=2, log=printed.append)
+  report = evaluation.evaluate_workdir(trained_workdir, out=tmp_path, worst_k=2, log=printed.append)
   assert report['step'] == trainer['step'] == 6
   assert report['confusion_matrix'] == trainer['confusion_matrix']
   assert report['mean_iou'] == trainer['mean_iou']
@@ -77,9 +79,9 @@ def test_evaluate_equals_the_trainers_eval_and_draws_pictures(trained_workdir, t
 def test_evaluate_at_original_resolution_counts_every_original_pixel(trained_workdir, tfds_dir,
                                                                      tmp_path):
   printed = []
-  report = evaluation.evaluate(trained_workdir, out=tmp_path / 'original.json', worst_k=1,
+  report = evaluation.evaluate_workdir(trained_workdir, out=tmp_path / 'original.json', worst_k=1,
                                original_resolution=True, log=printed.append)
-  source = input_pipeline.get_builder('synthetic_pets/tiny', tfds_dir).as_data_source(
+  source = synthetic.builder('tiny', tfds_dir).as_data_source(
       split='test', decoders={'image': tfds.decode.SkipDecoding()})
   pixels = sum(int(np.prod(source[i]['segmentation_mask'].shape)) for i in range(len(source)))
   assert pixels != 12 * 16 * 16
@@ -96,35 +98,33 @@ def test_evaluate_with_flip_tta_scores_the_mean_softmax_of_image_and_mirror(tmp_
   workdir = tmp_path / 'run'
   train.train_and_evaluate(tiny_config, str(workdir))
   model = inference.load_model(workdir)
-  forward = functools.partial(jax.jit(functools.partial(models.logits, model.module)),
-                              model.params)
-  dataset, data_dir = tiny_config.dataset, tiny_config.data_dir
-  data = input_pipeline.load_split(dataset, 'test', data_dir=data_dir, image_size=16,
-                                   num_classes=3)
-  originals = input_pipeline.originals(dataset, 'test', data_dir, 3)
+  forward = functools.partial(jax.jit(models.forward(tiny_config)), model.params)
+  source = input_pipeline.source_of(tiny_config)
+  data = input_pipeline.load_split(source, 'test', image_size=16)
+  originals = input_pipeline.originals(source, 'test')
   logits = reference_flip_tta_logits(forward, data.images).astype(np.float32)
 
   printed = []
-  network = evaluation.evaluate(workdir, out=tmp_path, worst_k=2, flip_tta=True,
+  network = evaluation.evaluate_workdir(workdir, out=tmp_path, worst_k=2, flip_tta=True,
                                 log=printed.append)
   assert network['flip_tta'] is True and network['resolution'] == 'network'
   assert "at the network's 16x16 resolution (as the trainer evaluates), with flip TTA" in printed[0]
-  expected = evaluation.confusions(data.labels, logits.argmax(-1), 3).sum(axis=0)
+  expected = metrics.host_confusion_matrices(data.labels, logits.argmax(-1), 3).sum(axis=0)
   np.testing.assert_array_equal(network['confusion_matrix'], expected)
   # Its files are beside the plain evaluation's, not over them.
   assert json.loads((tmp_path / 'step_1_flip_tta.json').read_text()) == network
   _assert_pictures(network, tmp_path / 'step_1_flip_tta')
-  plain = evaluation.evaluate(workdir, out=tmp_path, worst_k=0, log=printed.append)
+  plain = evaluation.evaluate_workdir(workdir, out=tmp_path, worst_k=0, log=printed.append)
   assert plain['flip_tta'] is False and 'flip TTA' not in printed[2]
   assert (tmp_path / 'step_1.json').exists() and (tmp_path / 'step_1_flip_tta.json').exists()
   assert plain['confusion_matrix'] != network['confusion_matrix']
 
-  original = evaluation.evaluate(workdir, out=tmp_path, worst_k=1, flip_tta=True,
+  original = evaluation.evaluate_workdir(workdir, out=tmp_path, worst_k=1, flip_tta=True,
                                  original_resolution=True, log=printed.append)
   assert original['flip_tta'] is True and original['resolution'] == 'original'
 
   def upsampled_counts(all_logits):
-    return sum(evaluation.confusions(labels[None], inference.upsample_classes(
+    return sum(metrics.host_confusion_matrices(labels[None], modes.upsample_classes(
         image_logits, *labels.shape)[None], 3)[0]
                for image_logits, (_, _, labels) in zip(all_logits, originals))
   expected = upsampled_counts(logits)
@@ -144,18 +144,17 @@ def test_a_run_with_ema_is_scored_with_the_average_as_the_trainer_did_or_its_wei
   train.train_and_evaluate(tiny_config, str(workdir))
   trainer = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()
              if json.loads(l)['split'] == 'eval'][-1]
-  data = input_pipeline.load_split(tiny_config.dataset, 'test', data_dir=tiny_config.data_dir,
-                                   image_size=16, num_classes=3)
-  module = models.create(tiny_config)
+  data = input_pipeline.load_split(input_pipeline.source_of(tiny_config), 'test', image_size=16)
+  forward = jax.jit(models.forward(tiny_config))
   printed = []
   matrices = []
   for ema in (True, False):
     _, params = checkpoints.restore_params(workdir, tiny_config, ema=ema)
-    predicted = np.asarray(models.logits(module, params, data.images)).argmax(-1)
-    report = evaluation.evaluate(workdir, out=tmp_path, worst_k=0, ema=ema, log=printed.append)
+    predicted = np.asarray(forward(params, data.images)).argmax(-1)
+    report = evaluation.evaluate_workdir(workdir, out=tmp_path, worst_k=0, ema=ema, log=printed.append)
     assert report['ema'] is ema
     np.testing.assert_array_equal(report['confusion_matrix'],
-                                  evaluation.confusions(data.labels, predicted, 3).sum(axis=0))
+                                  metrics.host_confusion_matrices(data.labels, predicted, 3).sum(axis=0))
     matrices.append(report['confusion_matrix'])
   assert trainer['mean_iou'] == pytest.approx(
       json.loads((tmp_path / 'step_2.json').read_text())['mean_iou'])
@@ -176,14 +175,14 @@ def test_evaluate_a_folder_data_set_at_both_resolutions(tmp_path, tiny_config):
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   trainer = [l for l in lines if l['split'] == 'eval'][-1]
 
-  network = evaluation.evaluate(workdir, out=tmp_path / 'network.json', worst_k=1,
+  network = evaluation.evaluate_workdir(workdir, out=tmp_path / 'network.json', worst_k=1,
                                 log=lambda _: None)
   assert network['step'] == trainer['step'] == 1  # 8 train images // batch 8.
   assert network['confusion_matrix'] == trainer['confusion_matrix']
   assert network['mean_iou'] == trainer['mean_iou']
   assert network['pixel_accuracy'] == trainer['pixel_accuracy']
 
-  original = evaluation.evaluate(workdir, out=tmp_path / 'original.json', worst_k=2,
+  original = evaluation.evaluate_workdir(workdir, out=tmp_path / 'original.json', worst_k=2,
                                  original_resolution=True, log=lambda _: None)
   masks = [np.asarray(Image.open(data / 'masks' / f'{s}.png')) for s in test_stems]
   truth = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=FOLDER_CLASSES)

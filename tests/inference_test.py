@@ -1,8 +1,5 @@
 """Restoring read-only, reading photos of any mode, and predict.py, on tiny data."""
 
-import dataclasses
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from tests.conftest import snapshot
 from unet_flax import errors
 from unet_flax import inference
 from unet_flax import models
+from unet_flax import modes
 
 
 def test_load_model_reads_latest_or_given_step_and_writes_nothing(trained_workdir):
@@ -41,7 +39,7 @@ def test_upsample_classes_is_bilinear_resize_of_the_logits():
   logits = np.random.default_rng(0).standard_normal((16, 16, 3)).astype(np.float32)
   for height, width in [(37, 100), (9, 20)]:  # One compiled bucket (128) serves both.
     expected = np.argmax(jax.image.resize(logits, (height, width, 3), 'bilinear'), axis=-1)
-    np.testing.assert_array_equal(inference.upsample_classes(logits, height, width), expected)
+    np.testing.assert_array_equal(modes.upsample_classes(logits, height, width), expected)
 
 
 def test_predict_cli_writes_masks_at_original_sizes_and_skips_unreadable(trained_workdir,
@@ -64,8 +62,8 @@ def test_predict_cli_writes_masks_at_original_sizes_and_skips_unreadable(trained
                       *sorted(photos.iterdir()), cache=tmp_path / 'cache')
   assert result.returncode == 1, result.stderr
   errors_lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
-  assert errors_lines[0] == f'error: {photos / "broken.jpg"}: cannot read (not an image, or a ' \
-                            'format PIL does not read); skipped'
+  assert errors_lines[0] == f'error: {photos / "broken.jpg"}: cannot decode (not an image, or a ' \
+                            'format PIL does not read); remove or replace the file; skipped'
   assert errors_lines[1] == 'error: 1 of 6 images could not be read (named above)'
   assert 'Traceback' not in result.stderr
   assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -113,18 +111,17 @@ def test_flip_tta_is_every_forward_pass_of_the_model_and_of_predict(tiny_config,
   """Freshly initialised parameters: not mirror-symmetric, so the augmentation changes the
   classes of many pixels and a path that skipped it would show."""
   params = models.init_params(tiny_config, jax.random.key(0))
-  plain = inference.Model(tiny_config, 0, params)
-  tta = dataclasses.replace(plain, flip_tta=True)
+  plain = inference.make_model(tiny_config, 0, params)
+  tta = inference.make_model(tiny_config, 0, params, flip_tta=True)
   photo = gradient_picture(16, 16)
-  forward = functools.partial(jax.jit(functools.partial(models.logits, plain.module)), params)
-  # Off: the jitted network's logits, bit for bit, as before flip TTA existed.
-  np.testing.assert_array_equal(plain.logits_fn()(params, photo[None]), forward(photo[None]))
+  module = models.create(tiny_config)
+  forward = jax.jit(lambda x: module.apply({'params': params}, x / 255.0, train=False))
+  # Off: the module's logits, as before flip TTA existed.
+  np.testing.assert_allclose(jax.jit(plain.forward)(params, photo[None]), forward(photo[None]),
+                             atol=1e-6)
   expected = reference_flip_tta_logits(forward, photo[None])
-  logits = np.asarray(tta.logits_fn()(params, photo[None]))
+  logits = np.asarray(jax.jit(tta.forward)(params, photo[None]))
   np.testing.assert_allclose(logits, expected, atol=1e-5)
-  # The trainer's eval step calls apply_fn on images in [0, 1].
-  applied = tta.apply_fn()({'params': params}, models.normalize(photo[None]), train=False)
-  np.testing.assert_allclose(applied, expected, atol=1e-5)
 
   Image.fromarray(photo).save(tmp_path / 'photo.png')
   masks = {}

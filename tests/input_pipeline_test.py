@@ -135,9 +135,9 @@ def test_eval_batches_pad_and_mask_every_example_exactly_once(num_examples, proc
 
 
 def test_load_split_shards_are_disjoint_and_cover_the_split(tiny_config):
-  read = lambda p, n: input_pipeline.load_split(
-      tiny_config.dataset, 'test', data_dir=tiny_config.data_dir, image_size=16, num_classes=3,
-      process_index=p, process_count=n)
+  source = input_pipeline.source_of(tiny_config)
+  read = lambda p, n: input_pipeline.load_split(source, 'test', image_size=16, process_index=p,
+                                                process_count=n)
   whole = read(0, 1)
   shards = [read(p, 2) for p in range(2)]
   assert whole.num_examples == shards[0].num_examples == 12
@@ -145,18 +145,18 @@ def test_load_split_shards_are_disjoint_and_cover_the_split(tiny_config):
   np.testing.assert_array_equal(shards[1].images, whole.images[1::2])
   np.testing.assert_array_equal(shards[0].labels, whole.labels[0::2])
   assert set(np.unique(whole.labels)) <= {0, 1, 2}
-  assert input_pipeline.num_examples(tiny_config.dataset, 'test', tiny_config.data_dir) == 12
+  assert source.num_examples('test') == 12
 
 
 def test_a_damaged_prepared_data_set_is_one_line_saying_how_to_rebuild_it(tmp_path, tfds_dir):
-  input_pipeline.get_builder('synthetic_pets/tiny', tfds_dir)  # Prepared, then copied.
+  input_pipeline.open_source('synthetic_pets/tiny', tfds_dir, 3)  # Prepared, then copied.
   data_dir = tmp_path / 'tfds'
   shutil.copytree(tfds_dir, data_dir)
   [record] = sorted(data_dir.glob('synthetic_pets/tiny/*/*test.array_record*'))[:1]
   record.write_bytes(record.read_bytes()[:100])  # Cut short, as by a full disk or a bad copy.
   with pytest.raises(errors.UserError) as raised:
-    input_pipeline.load_split('synthetic_pets/tiny', 'test', data_dir=str(data_dir),
-                              image_size=16, num_classes=3)
+    input_pipeline.load_split(input_pipeline.open_source('synthetic_pets/tiny', str(data_dir), 3),
+                              'test', image_size=16)
   message = str(raised.value)
   assert '\n' not in message
   assert f'of the prepared data set in {record.parent} cannot be read' in message
@@ -167,4 +167,4 @@ def test_a_split_the_data_set_lacks_is_one_line_naming_those_it_has(tiny_config)
   tiny_config.train_split = 'validation'
   with pytest.raises(errors.UserError, match=r"^split 'validation' is not a split of "
                                              r'synthetic_pets/tiny; use one of test, train'):
-    input_pipeline.check_data(tiny_config)
+    input_pipeline.check_data(tiny_config, input_pipeline.source_of(tiny_config))

@@ -70,7 +70,7 @@ def test_per_example_confusion_matrices_match_numpy_and_sum_to_the_batchs(batch)
 
 def test_iou_matches_set_counting_and_skips_absent_class(batch):
   labels, predictions, num_classes, mask = batch
-  results = metrics.iou(metrics.confusion_matrix(labels, predictions, num_classes, mask))
+  results = metrics.scores(metrics.confusion_matrix(labels, predictions, num_classes, mask))
   expected, accuracy = numpy_iou(*batch)
   np.testing.assert_allclose(results['per_class_iou'], expected, rtol=1e-6)
   assert np.isnan(results['per_class_iou'][3])
@@ -83,14 +83,14 @@ def test_iou_sums_over_batches_before_dividing(batch):
   labels, predictions, num_classes, mask = batch
   halves = [metrics.confusion_matrix(labels[s], predictions[s], num_classes, mask[s])
             for s in (slice(0, 2), slice(2, 5))]
-  summed = metrics.iou(halves[0] + halves[1])
+  summed = metrics.scores(halves[0] + halves[1])
   expected, _ = numpy_iou(*batch)
   np.testing.assert_allclose(summed['per_class_iou'], expected, rtol=1e-6)
 
 
 def test_dice_matches_numpy(batch):
   labels, predictions, num_classes, mask = batch
-  results = metrics.iou(metrics.confusion_matrix(labels, predictions, num_classes, mask))
+  results = metrics.scores(metrics.confusion_matrix(labels, predictions, num_classes, mask))
   t, p = labels[mask], predictions[mask]
   for k in range(3):
     expected = 2 * np.sum((t == k) & (p == k)) / (np.sum(t == k) + np.sum(p == k))

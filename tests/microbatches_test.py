@@ -12,6 +12,7 @@ from tests.conftest import labelled_batch
 from unet_flax import config as config_lib
 from unet_flax import errors
 from unet_flax import microbatches
+from unet_flax import models
 from unet_flax import steps
 from unet_flax.devices import Devices
 
@@ -68,7 +69,8 @@ def test_microbatched_step_has_the_whole_batchs_loss_and_gradient(tiny_config, c
   tiny_config.dropout_rate = 0.0  # Microbatches draw their own dropout masks.
   batch = labelled_batch(tiny_config, 8)
   batch['label'][:4] = 2  # Parts of unequal class weight: shares, not a plain mean of the parts.
-  step = jax.jit(steps.train_step, static_argnames=('class_weights', 'num_microbatches'))
+  step = jax.jit(functools.partial(steps.train_step, models.forward(tiny_config)),
+                 static_argnames=('class_weights', 'num_microbatches'))
   results = [step(fixed_state(tiny_config), batch, jax.random.key(1), class_weights=class_weights,
                   num_microbatches=count) for count in (1, 4)]
   (whole, whole_metrics), (parts, parts_metrics) = results
@@ -85,5 +87,6 @@ def test_microbatches_and_a_dice_term_are_refused(tiny_config):
                      r'config.dice_weight=0.5'):
     config_lib.validate(tiny_config)
   with pytest.raises(ValueError, match='dice_weight == 0'):
-    jax.eval_shape(functools.partial(steps.train_step, dice_weight=0.5, num_microbatches=2),
+    jax.eval_shape(functools.partial(steps.train_step, models.forward(tiny_config),
+                                     dice_weight=0.5, num_microbatches=2),
                    fixed_state(tiny_config), labelled_batch(tiny_config, 4), jax.random.key(1))

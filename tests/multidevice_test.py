@@ -3,6 +3,7 @@
 Device counts are fixed when JAX starts, so the many-device sides run in subprocesses.
 """
 
+import functools
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from tests.conftest import script_env
 from tests.conftest import start_script
 from unet_flax import checkpoints
 from unet_flax import input_pipeline
+from unet_flax import models
 from unet_flax import train
 from unet_flax import steps
 
@@ -25,14 +27,14 @@ from unet_flax import steps
 STEP = textwrap.dedent('''
     import sys, jax, numpy as np
     from tests.conftest import make_tiny_config
-    from unet_flax import steps
+    from unet_flax import models, steps
     from unet_flax.devices import Devices
     config = make_tiny_config(None)
     config.num_microbatches = int(sys.argv[2])
     if config.num_microbatches:  # Not auto: compared across microbatch counts.
       config.dropout_rate = 0.0  # Microbatches draw their own dropout masks.
     devices = Devices(config.batch_size)
-    step, _ = steps.compile_steps(config, devices)
+    step, _ = steps.compile_steps(config, devices, models.forward(config))
     state = jax.jit(lambda k: steps.create_train_state(config, k),
                     out_shardings=devices.replicated)(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -80,13 +82,14 @@ def test_four_devices_give_the_same_step_as_one(tmp_path):
 
 def _reference_run(config):
   """One process, one device, fed the global batches the 2 processes assemble between them."""
-  read = lambda split, p: input_pipeline.load_split(
-      config.dataset, split, data_dir=config.data_dir, image_size=config.image_size,
-      num_classes=config.num_classes, process_index=p, process_count=2)
+  source = input_pipeline.source_of(config)
+  read = lambda split, p: input_pipeline.load_split(source, split, image_size=config.image_size,
+                                                    process_index=p, process_count=2)
   shards = [read(config.train_split, p) for p in range(2)]
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state = steps.create_train_state(config, init_rng)
-  step = jax.jit(steps.train_step)
+  forward = models.forward(config)
+  step = jax.jit(functools.partial(steps.train_step, forward))
   per_epoch = train.steps_per_epoch(config, shards[0].num_examples)
   for epoch in range(config.num_epochs):
     local = [input_pipeline.train_batches(s, config.batch_size // 2, seed=config.seed,
@@ -97,7 +100,8 @@ def _reference_run(config):
       state, _ = step(state, batch, dropout_rng)
   eval_shards = [read(config.eval_split, p) for p in range(2)]
   confusion = sum(
-      np.asarray(steps.eval_step(state, batch, config.num_classes))
+      np.asarray(steps.eval_step(forward, state.params, batch, config.num_classes)['confusion'])
+      .sum(0)
       for s in eval_shards for batch in input_pipeline.eval_batches(s, 4, process_count=2))
   return state, confusion
 
@@ -105,7 +109,7 @@ def _reference_run(config):
 def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, tfds_dir):
   config = make_tiny_config(tfds_dir)
   config.num_epochs = 1
-  input_pipeline.get_builder(config.dataset, tfds_dir)  # Prepared once, before both start.
+  input_pipeline.source_of(config)  # Prepared once, before both start.
   port = free_port()
   workdir = tmp_path / 'run'
   overrides = [f'--config.{k}={v}' for k, v in

@@ -107,11 +107,11 @@ def test_notebook_runs_end_to_end_with_tiny_settings(tfds_dir, tmp_path):
       (workdir / 'notebook_predictions.png').read_bytes()]
 
   # The IoU table printed is that of the confusion matrix evaluate wrote, and the trainer's last.
-  eval_cell = _cell_calling(notebook, 'evaluation.evaluate(')
+  eval_cell = _cell_calling(notebook, 'evaluation.evaluate_workdir(')
   [report_path] = (workdir / 'eval').glob('step_*.json')
   report = json.loads(report_path.read_text())
   assert _pngs(eval_cell) == [pathlib.Path(report['files']['confusion_matrix']).read_bytes()]
-  table = reporting.iou_table(jax.device_get(metrics.iou(np.asarray(report['confusion_matrix']))),
+  table = reporting.iou_table(jax.device_get(metrics.scores(np.asarray(report['confusion_matrix']))),
                               ('pet', 'background', 'border'))
   assert table in _text(eval_cell)
   assert table in _text(_cell_calling(notebook, 'train.train_and_evaluate('))

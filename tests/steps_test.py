@@ -12,22 +12,26 @@ from tests.conftest import fixed_state
 from tests.conftest import labelled_batch
 from tests.conftest import reference_cross_entropy
 from tests.conftest import reference_soft_dice
+from unet_flax import layers
 from unet_flax import metrics
+from unet_flax import models
 from unet_flax import steps
 from unet_flax.devices import Devices
 
 
-@jax.jit
-def _logits(state, images):
-  """The model's logits in eval mode: images [B, H, W, 3] uint8 -> [B, H, W, K]."""
-  return state.apply_fn({'params': state.params}, images / 255.0, train=False)
+def _logits(config, params, images):
+  """The model's logits in eval mode, from the module itself: images [B, H, W, 3] uint8 ->
+  [B, H, W, K]."""
+  return jax.jit(models.create(config).apply, static_argnames='train')(
+      {'params': params}, images / 255.0, train=False)
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
   tiny_config.dropout_rate = 0.0
   tiny_config.learning_rate = 1e-2
   state = jax.jit(functools.partial(steps.create_train_state, tiny_config))(jax.random.key(0))
-  step = jax.jit(steps.train_step, donate_argnums=0)
+  step = jax.jit(functools.partial(steps.train_step, models.forward(tiny_config)),
+                 donate_argnums=0)
   batch = labelled_batch(tiny_config, 4)
   losses = []
   for _ in range(20):
@@ -41,14 +45,15 @@ def test_train_step_loss_is_the_cross_entropy_of_the_model_and_its_update_is_ada
   tiny_config.dropout_rate = 0.0
   state = fixed_state(tiny_config)
   batch = labelled_batch(tiny_config, 2)
-  logits = np.asarray(_logits(state, batch['image']))
+  logits = np.asarray(_logits(tiny_config, state.params, batch['image']))
   expected = reference_cross_entropy(logits, batch['label'], np.ones(2, bool))
-  new_state, step_metrics = jax.jit(steps.train_step)(state, batch, jax.random.key(1))
+  new_state, step_metrics = jax.jit(functools.partial(steps.train_step, models.forward(
+      tiny_config)))(state, batch, jax.random.key(1))
   np.testing.assert_allclose(step_metrics['loss'], expected, rtol=1e-5)
   # Adam's first step moves each parameter by lr * g / (|g| + eps): about lr, against the
   # gradient's sign.
   grads = jax.jit(jax.grad(lambda p: metrics.cross_entropy(
-      state.apply_fn({'params': p}, batch['image'] / 255.0, train=False), batch['label'],
+      models.forward(tiny_config)(p, batch['image']), batch['label'],
       np.ones(2, bool))))(state.params)
   lr, eps = tiny_config.learning_rate, tiny_config.adam_eps
   for new, old, g in zip(*(jax.tree.leaves(t) for t in (new_state.params, state.params, grads))):
@@ -64,11 +69,13 @@ def test_train_step_loss_is_the_configured_segmentation_loss(tiny_config):
   state = fixed_state(tiny_config)
   batch = labelled_batch(tiny_config, 2)
   valid = np.ones(2, bool)
-  logits = np.asarray(_logits(state, batch['image']))
-  _, plain = jax.jit(steps.train_step)(state, batch, jax.random.key(1))  # Plain cross-entropy.
+  logits = np.asarray(_logits(tiny_config, state.params, batch['image']))
+  forward = models.forward(tiny_config)
+  # Plain cross-entropy.
+  _, plain = jax.jit(functools.partial(steps.train_step, forward))(state, batch, jax.random.key(1))
   np.testing.assert_allclose(plain['loss'], reference_cross_entropy(logits, batch['label'], valid),
                              rtol=1e-4)
-  step, _ = steps.compile_steps(tiny_config, Devices(tiny_config.batch_size))
+  step, _ = steps.compile_steps(tiny_config, Devices(tiny_config.batch_size), forward)
   _, step_metrics = step(state, batch, jax.random.key(1))
   want = (reference_cross_entropy(logits, batch['label'], valid, (1.0, 2.0, 5.0)) +
           0.5 * reference_soft_dice(logits, batch['label'], valid))
@@ -81,15 +88,15 @@ def test_eval_step_counts_only_valid_examples(tiny_config):
   batch = labelled_batch(tiny_config, 3)
   batch['mask'] = np.array([True, False, True])
   k = tiny_config.num_classes
-  confusion = np.asarray(jax.jit(steps.eval_step, static_argnums=2)(state, batch, k))
-  predictions = np.argmax(np.asarray(_logits(state, batch['image'])), axis=-1)
-  np.testing.assert_array_equal(predictions, jax.jit(steps.predict)(state, batch['image']))
+  forward = models.forward(tiny_config)
+  per_example = jax.jit(steps.eval_step, static_argnums=(0, 3))(forward, state.params, batch, k)
+  predictions = np.argmax(np.asarray(_logits(tiny_config, state.params, batch['image'])), axis=-1)
+  np.testing.assert_array_equal(
+      predictions, jax.jit(steps.predict, static_argnums=0)(forward, state.params, batch['image']))
   expected = np.zeros((3, 3), np.int64)
   np.add.at(expected, (batch['label'][[0, 2]].ravel(), predictions[[0, 2]].ravel()), 1)
-  np.testing.assert_array_equal(confusion, expected)
+  np.testing.assert_array_equal(np.asarray(per_example['confusion']).sum(0), expected)
   assert np.count_nonzero(expected.sum(axis=0)) >= 2  # The predictions vary: the check has teeth.
-  per_example = jax.jit(steps.eval_step_per_example, static_argnums=2)(state, batch, k)
-  np.testing.assert_array_equal(per_example['confusion'].sum(0), confusion)
   assert not np.asarray(per_example['confusion'][1]).any()
   np.testing.assert_array_equal(per_example['prediction'], predictions)
 
@@ -113,9 +120,10 @@ def test_every_convolution_computes_in_the_configured_dtype_with_float32_params_
     tiny_config.dtype = dtype
     state = fixed_state(tiny_config)
     batch = labelled_batch(tiny_config, 2)
-    forward = list(_convolutions(jax.make_jaxpr(functools.partial(state.apply_fn, train=False))(
-        {'params': state.params}, batch['image'] / 255.0).jaxpr))
-    jaxpr = jax.make_jaxpr(steps.train_step)(state, batch, jax.random.key(1))
+    forward_fn = models.forward(tiny_config, layers.xla_layer)
+    forward = list(_convolutions(jax.make_jaxpr(forward_fn)(state.params, batch['image']).jaxpr))
+    jaxpr = jax.make_jaxpr(functools.partial(steps.train_step, forward_fn))(
+        state, batch, jax.random.key(1))
     step = list(_convolutions(jaxpr.jaxpr))
     # Each forward convolution, and its kernel's and input's gradients (none for the first's
     # input: the images are not differentiated).
@@ -166,7 +174,7 @@ def test_skip_nonfinite_updates_skips_them_in_the_step_and_counts_them(tiny_conf
   tiny_config.learning_rate = 1e30
   tiny_config.skip_nonfinite_updates = True
   devices = Devices(2)
-  step, _ = steps.compile_steps(tiny_config, devices)
+  step, _ = steps.compile_steps(tiny_config, devices, models.forward(tiny_config))
   state = fixed_state(tiny_config)
   rng = np.random.default_rng(0)
   batch = devices.put({'image': rng.integers(0, 256, (2, 16, 16, 3)).astype(np.uint8),
@@ -187,7 +195,7 @@ def test_skip_nonfinite_updates_skips_them_in_the_step_and_counts_them(tiny_conf
 
 def test_without_skipping_a_nonfinite_update_is_applied_and_counted(tiny_config):
   tiny_config.learning_rate = 1e30
-  step, _ = steps.compile_steps(tiny_config, Devices(2))
+  step, _ = steps.compile_steps(tiny_config, Devices(2), models.forward(tiny_config))
   state = fixed_state(tiny_config)
   batch = labelled_batch(tiny_config, 2)
   for _ in range(2):
@@ -200,7 +208,8 @@ def test_without_skipping_a_nonfinite_update_is_applied_and_counted(tiny_config)
 def test_ema_params_follow_the_moving_average_of_the_trained_params(tiny_config):
   tiny_config.ema_decay = 0.75
   state = jax.jit(functools.partial(steps.create_train_state, tiny_config))(jax.random.key(0))
-  step = jax.jit(functools.partial(steps.train_step, ema_decay=tiny_config.ema_decay))
+  forward = models.forward(tiny_config)
+  step = jax.jit(functools.partial(steps.train_step, forward, ema_decay=tiny_config.ema_decay))
   batch = labelled_batch(tiny_config, 2)
   ema = [np.asarray(p, np.float64) for p in jax.tree.leaves(state.params)]
   for _ in range(3):
@@ -212,9 +221,9 @@ def test_ema_params_follow_the_moving_average_of_the_trained_params(tiny_config)
   assert not all(np.allclose(e, p) for e, p in zip(ema, jax.tree.leaves(state.params)))
   # Evaluation predicts with the average.
   images = batch['image']
-  expected = np.argmax(state.apply_fn({'params': state.ema_params}, images / 255.0,
-                                      train=False), axis=-1)
-  np.testing.assert_array_equal(jax.jit(steps.predict)(state, images), expected)
+  expected = np.argmax(_logits(tiny_config, state.ema_params, images), axis=-1)
+  np.testing.assert_array_equal(jax.jit(steps.predict, static_argnums=0)(
+      forward, steps.inference_params(state), images), expected)
 
 
 def test_without_ema_decay_the_state_keeps_no_average(tiny_config):

@@ -1,6 +1,5 @@
 """Crop mode: the sliding window against whole-image forward passes, random crops, end to end."""
 
-import dataclasses
 import functools
 import json
 
@@ -18,7 +17,9 @@ from unet_flax import errors
 from unet_flax import evaluation
 from unet_flax import inference
 from unet_flax import input_pipeline
+from unet_flax import metrics
 from unet_flax import models
+from unet_flax import modes
 from unet_flax import tiles
 from unet_flax import train
 
@@ -31,7 +32,8 @@ def model():
   """A tiny U-Net (2 levels: sides divisible by 4), its parameters and the jitted window pass."""
   module = models.UNet(num_classes=K, widths=(4, 8), dropout_rate=0.0)
   params = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']
-  return module, params, tiles.logits_fn(module)
+  forward = jax.jit(lambda p, x: module.apply({'params': p}, models.normalize(x), train=False))
+  return module, params, forward
 
 
 def _image(h, w, seed=0):
@@ -61,7 +63,7 @@ def test_an_image_of_one_window_gives_the_direct_forward_pass(model):
   module, params, forward = model
   image = _image(32, 32)
   tiled = tiles.sliding_window_logits(forward, params, image, crop_size=32)
-  direct = np.asarray(models.logits(module, params, image[None]))[0]
+  direct = np.asarray(forward(params, image[None]))[0]
   np.testing.assert_allclose(tiled, direct, atol=1e-5)
 
 
@@ -73,7 +75,7 @@ def test_tiled_logits_match_the_whole_image_away_from_the_border(model):
   image = _image(40, 56, seed=1)
   tiled = tiles.sliding_window_logits(forward, params, image, crop_size=32, overlap=0.5,
                                       window_batch=4)
-  whole = np.asarray(models.logits(module, params, image[None]))[0]
+  whole = np.asarray(forward(params, image[None]))[0]
   inner = (slice(8, -8), slice(8, -8))
   # Measured: 0.009 inside, 0.10 at the border, where the mean |logit| is 0.094.
   assert np.abs(tiled - whole)[inner].max() < 0.03
@@ -89,18 +91,22 @@ def test_an_image_smaller_than_a_window_is_padded_then_cropped_back(model):
   classes = tiles.sliding_window_classes(forward, params, image, crop_size=32, window_batch=2)
   padded = np.zeros((32, 32, 3), np.uint8)
   padded[:20, :12] = image
-  direct = np.asarray(models.logits(module, params, padded[None]))[0, :20, :12]
+  direct = np.asarray(forward(params, padded[None]))[0, :20, :12]
   assert classes.shape == (20, 12)
   np.testing.assert_array_equal(classes, direct.argmax(-1))
 
 
-def test_the_window_forward_pass_is_the_configs_model_group_norm_included(tiny_config):
+def test_crop_modes_window_pass_is_the_configs_model_group_norm_included(tiny_config):
   tiny_config.normalization = 'group'
+  tiny_config.input_mode, tiny_config.ignore_label, tiny_config.crop_size = 'crop', 255, 16
   params = models.init_params(tiny_config, jax.random.key(0))
-  images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
-  np.testing.assert_array_equal(
-      tiles.forward_of(tiny_config)(params, images),
-      jax.jit(functools.partial(models.logits, models.create(tiny_config)))(params, images))
+  image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)
+  module = models.create(tiny_config)
+  direct = module.apply({'params': params}, image[None] / 255.0, train=False)[0]
+  mode = modes.get(tiny_config)
+  picture = modes.Picture(image, 16, 16)
+  [classes] = mode.classes(models.forward(tiny_config), params, [picture], batch_size=2)
+  np.testing.assert_array_equal(classes, np.argmax(direct, axis=-1))
 
 
 def test_crop_mode_needs_an_ignore_label_and_a_crop_the_widths_divide():
@@ -197,8 +203,13 @@ def test_crop_mode_trains_evaluates_and_predicts_at_the_images_own_sizes(tmp_pat
   assert confusion.sum() in sizes.values()
   assert (workdir / 'predictions' / 'step_2.png').exists()
 
-  report = evaluation.evaluate(workdir, split='train', worst_k=1, log=lambda _: None)
+  report = evaluation.evaluate_workdir(workdir, split='train', worst_k=1, log=lambda _: None,
+                                       original_resolution=True)
   assert report['resolution'] == 'original'
+  # At scale 1 the trainer's native resolution is the original one: the same counts.
+  network = evaluation.evaluate_workdir(workdir, split='train', worst_k=0, log=lambda _: None)
+  assert network['resolution'] == 'network'
+  np.testing.assert_array_equal(network['confusion_matrix'], report['confusion_matrix'])
   assert np.array(report['confusion_matrix']).sum() == sum(sizes.values()) - confusion.sum()
 
   model = inference.load_model(workdir)
@@ -209,28 +220,31 @@ def test_crop_mode_trains_evaluates_and_predicts_at_the_images_own_sizes(tmp_pat
     assert mask.shape == (h, w) and mask.max() < 2
 
   # Flip TTA: each window's logits are the log of the mean softmax of it and its mirror.
-  tta = evaluation.evaluate(workdir, split='train', worst_k=1, flip_tta=True, log=lambda _: None)
+  tta = evaluation.evaluate_workdir(workdir, split='train', worst_k=1, flip_tta=True,
+                                    original_resolution=True, log=lambda _: None)
   assert tta['flip_tta'] is True
   assert tta['files']['json'].endswith('/step_2_train_original_flip_tta.json')
-  tta_model = dataclasses.replace(model, flip_tta=True)
+  tta_model = inference.make_model(model.config, model.step, model.params, flip_tta=True)
   assert inference.predict_files(tta_model, paths, tmp_path / 'tta', batch_size=3) == []
-  network = jax.jit(functools.partial(models.logits, model.module))
+  network = jax.jit(models.forward(model.config))
 
   def reference_forward(params, windows):
     return reference_flip_tta_logits(functools.partial(network, params), windows)
 
   def reference_classes(image):
-    return tiles.predict_classes(reference_forward, model.params, image, model.config)
+    classes = tiles.sliding_window_classes(reference_forward, model.params, image,
+                                           crop_size=config.crop_size,
+                                           overlap=config.tile_overlap)
+    return decode.resize_mask(classes, *image.shape[:2])  # Scale 1: the same size.
 
-  originals = input_pipeline.originals(config.dataset, 'train', None, 2,
-                                       decode.Options.from_config(config))
-  expected = sum(evaluation.confusions(labels[None], reference_classes(image)[None], 2,
+  originals = input_pipeline.originals(input_pipeline.source_of(config), 'train')
+  expected = sum(metrics.host_confusion_matrices(labels[None], reference_classes(image)[None], 2,
                                        IGNORE)[0] for _, image, labels in originals)
   # A pixel on a near-tie may part from the float64 reference; without TTA hundreds do.
   assert np.abs(np.subtract(tta['confusion_matrix'], expected)).sum() <= 4
   assert np.abs(np.subtract(report['confusion_matrix'], expected)).sum() > 100
   for path, stem in zip(paths, _FOLDER):
-    reference = reference_classes(inference.read_photo(path))
+    reference = reference_classes(inference.read_photo(config, decode.read_bytes(path), path))
     mask, plain = (np.asarray(Image.open(tmp_path / out / f'{stem}_mask.png'))
                    for out in ('tta', 'out'))
     assert (mask != reference).sum() <= 2 and (plain != reference).sum() > 50, stem
@@ -245,7 +259,8 @@ params = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)[
 image = np.random.default_rng(0).integers(0, 256, (20000, 500, 3), np.uint8)
 started = time.perf_counter()
 # Overlap 0: half the windows of 0.25, the same memory; 45 s on a loaded 2-core machine.
-classes = tiles.sliding_window_classes(tiles.logits_fn(module), params, image, crop_size=256,
+forward = jax.jit(lambda p, x: module.apply({'params': p}, x / 255.0, train=False))
+classes = tiles.sliding_window_classes(forward, params, image, crop_size=256,
                                        window_batch=8, overlap=0.0)
 assert classes.shape == (20000, 500) and classes.dtype == np.uint8
 print(f'{time.perf_counter() - started:.1f}s')

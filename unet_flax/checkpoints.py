@@ -15,12 +15,10 @@ written stay as they are.
 
 import contextlib
 import dataclasses
-import errno
 import functools
 import logging
 import re
 import sys
-import warnings
 from typing import Any
 
 import jax
@@ -30,24 +28,12 @@ from etils import epath
 
 from unet_flax import config as config_lib
 from unet_flax import errors
+from unet_flax import paths
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax writes <step><suffix>, then renames it to <step>.
-# Write failures that the user fixes on the disk, not in the code: errno -> (what, what to do).
-_DISK_ERRNOS = {
-    errno.ENOSPC: ('no space left on the device', 'free some space'),
-    errno.EDQUOT: ('disk quota exceeded', 'free some space'),
-    errno.EROFS: ('read-only file system', 'make it writable'),
-    errno.EACCES: ('permission denied', 'make it writable'),
-    errno.EPERM: ('operation not permitted', 'make it writable'),
-    errno.EIO: ('input/output error', 'check the disk'),
-}
-# Errors that only a write can cause, whatever code raised them.
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 _INTACT = '; the earlier checkpoints are intact'
-# Tensorstore (orbax's array writer) reports them as ValueError("... [os_error_code='28']").
-_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
 # Its status and what failed, without the paths and specs: 'DATA_LOSS: Error reading "params.x"'.
 _TENSORSTORE_STATUS = re.compile(r'^([A-Z_]{5,}: [^\n]*?)(?: in OCDBT| at local| \[tensorstore|$)',
                                  re.MULTILINE)
@@ -65,40 +51,6 @@ def _comparable(value):
 def _warn(line: str) -> None:
   if jax.process_index() == 0:
     print(f'warning: {line}', file=sys.stderr, flush=True)
-
-
-def disk_error_reason(e: BaseException, errnos=tuple(_DISK_ERRNOS)) -> tuple[str, str] | None:
-  """(what went wrong, what to do) if `e` is a failed write the user can fix, else None."""
-  code = e.errno if isinstance(e, OSError) else None
-  if isinstance(e, ValueError):
-    match = _TENSORSTORE_ERRNO.search(str(e))
-    code = int(match.group(1)) if match else None
-  return _DISK_ERRNOS[code] if code in errnos else None
-
-
-@contextlib.contextmanager
-def disk_errors(what: str | None, note: str = '', errnos=tuple(_DISK_ERRNOS),
-                flag: str = '--workdir'):
-  """Turns a failed write (full or read-only disk...) into one UserError line naming `what`.
-
-  Args:
-    what: what was being written, for the message; None: the file the error names.
-    note: said after what to do, e.g. that nothing else was lost.
-    errnos: the errors converted; others propagate unchanged.
-    flag: the flag that chooses another place.
-  """
-  try:
-    yield
-  except (OSError, ValueError) as e:
-    reason = disk_error_reason(e, errnos)
-    if reason is None:
-      raise
-    # Orbax's abandoned writes also warn at exit; the line below has said it.
-    warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
-    filename = e.filename if isinstance(e, OSError) and e.filename else None
-    what = (what or filename or 'a file') + (f' ({filename})' if what and filename else '')
-    raise errors.UserError(f'cannot write {what}: {reason[0]}; {reason[1]} or choose another '
-                           f'{flag}{note}') from None
 
 
 @dataclasses.dataclass
@@ -128,15 +80,15 @@ class Manager:
   """Saves and restores the train state; knows the run's config."""
 
   def __init__(self, workdir, config: ml_collections.ConfigDict):
-    self.workdir = errors.absolute(workdir)  # Orbax takes absolute paths only.
+    self.workdir = paths.absolute(workdir)  # Orbax takes absolute paths only.
     self.directory = self.workdir / CHECKPOINT_DIR
-    errors.make_output_dir(self.workdir, '--workdir')
+    paths.make_output_dir(self.workdir, '--workdir')
     self._names = _SkippingNameFormat()
     _silence_orbax_echoes()
     self._check_config(config)  # Before orbax creates anything.
     options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep,
                                            create=True, step_name_format=self._names)
-    with disk_errors(str(self.directory)):
+    with errors.disk_errors(str(self.directory)):
       self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def _stored_steps(self) -> list[int]:
@@ -157,7 +109,7 @@ class Manager:
             f'the checkpoints in {self.workdir} do not fit this config ({"; ".join(differ)}); '
             'use another --workdir or the same model fields')
     if jax.process_index() == 0:
-      with disk_errors(str(path)):
+      with errors.disk_errors(str(path)):
         path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
   @property
@@ -224,13 +176,13 @@ class Manager:
     if self._manager.latest_step() == step:
       return
     self.wait()  # A failure of the previous one shows here.
-    with disk_errors(f'checkpoint {self.path(step)}', _INTACT):
+    with errors.disk_errors(f'checkpoint {self.path(step)}', _INTACT):
       self._clear_way(step)
       self._manager.save(step, args=ocp.args.StandardSave(_saved(state)))
 
   def wait(self) -> None:
     """Blocks until the checkpoints started are whole on disk."""
-    with disk_errors(f'a checkpoint in {self.directory}', _INTACT):
+    with errors.disk_errors(f'a checkpoint in {self.directory}', _INTACT):
       self._manager.wait_until_finished()
 
   def close(self):
@@ -241,7 +193,7 @@ class Manager:
       with contextlib.suppress(Exception):  # It re-raises the error just reported.
         self._manager.close()
       raise
-    with disk_errors(f'a checkpoint in {self.directory}', _INTACT):  # A failure after wait().
+    with errors.disk_errors(f'a checkpoint in {self.directory}', _INTACT):  # A failure after wait().
       self._manager.close()
 
 
@@ -278,7 +230,7 @@ def _restore_newest(steps: list[int], restore, skip, no_restore, passthrough=())
 
 def restorable_steps(workdir) -> list[int]:
   """The steps of the checkpoints of a training run's workdir, oldest first."""
-  return _steps(errors.absolute(workdir) / CHECKPOINT_DIR)
+  return _steps(paths.absolute(workdir) / CHECKPOINT_DIR)
 
 
 def restore_params(workdir, config: ml_collections.ConfigDict, step: int | None = None,
@@ -304,7 +256,7 @@ def restore_params(workdir, config: ml_collections.ConfigDict, step: int | None 
     UserError: if there is no such checkpoint, or none restores into the config's model.
   """
   from unet_flax import models  # pylint: disable=g-import-not-at-top  (flax only when restoring)
-  workdir = errors.absolute(workdir)
+  workdir = paths.absolute(workdir)
   directory = workdir / CHECKPOINT_DIR
   steps = restorable_steps(workdir)
   if not steps:

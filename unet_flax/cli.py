@@ -2,7 +2,8 @@
 
 `cli.run(main)` parses the flags (a mistake is one line, not a traceback), quiets the libraries'
 INFO logs, sets up the process as the trainer does (runtime.setup: XLA:CPU flags, the compile
-cache, several processes), runs `main(argv)` and turns a `UserError` into one line on stderr.
+cache, several processes), decides its convolutions once (--conv_backend, layers.select_backend),
+runs `main(argv)` and turns a `UserError` into one line on stderr.
 
 Exit codes: 0 done (also after a SIGTERM/Ctrl-C save), 1 a UserError or bad flags (what to do is
 on stderr), 130 a second Ctrl-C (stopped without saving). `main` may return another code.
@@ -20,6 +21,10 @@ from absl import flags
 from absl import logging
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum('conv_backend', 'auto', ['auto', 'xla', 'onednn'],
+                  "Convolutions of this process: 'auto' takes oneDNN on a one-device CPU where "
+                  "the extension ext/unet_flax_onednn is installed, else XLA; 'xla'; 'onednn'. "
+                  'A speed choice: checkpoints fit either.')
 
 
 def define_process_flags() -> None:
@@ -47,6 +52,9 @@ def _repeated_overrides(argv: list[str]) -> list[str]:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with each mistake reported in one line instead of a traceback."""
+  if any(a.startswith('--config.conv_backend') for a in argv[1:]):
+    sys.exit('error: config.conv_backend is no longer a config field: the convolutions are a '
+             'setting of the process; pass --conv_backend=VALUE instead')
   repeated = _repeated_overrides(argv)
   if repeated:
     sys.exit(f'error: {repeated[0]} is given more than once; give each config field once')
@@ -103,6 +111,8 @@ def run(main: Callable[[list[str]], int | None], *,
         runtime.setup(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
       else:
         runtime.setup()
+      from unet_flax import layers  # pylint: disable=g-import-not-at-top  (jax: after setup)
+      layers.select_backend(FLAGS.conv_backend)  # Before anything is read or written.
       return main(argv)
     except errors.UserError as e:
       sys.exit(f'error: {e}')

@@ -13,6 +13,7 @@ import ml_collections
 from etils import epath
 
 from unet_flax import errors
+from unet_flax import paths
 
 FOLDER_PREFIX = 'folder:'  # config.dataset = 'folder:/path/to/data': your own images and masks.
 # Fields that decide the shapes and meaning of the parameters: a checkpoint only fits their values.
@@ -25,7 +26,9 @@ MASK_MODES = ('values', 'binary', 'colour')
 INPUT_MODES = ('resize', 'crop')
 # Oxford-IIIT Pet's trimap classes, in the model's order (trimap values 1, 2, 3).
 PET_CLASS_NAMES = ('pet', 'background', 'border')
-CONV_BACKENDS = ('auto', 'xla', 'onednn')
+# Fields older versions stored that are no longer a run's: dropped when a config.json is read.
+# conv_backend is now a setting of the process, each tool's --conv_backend flag.
+_RETIRED_FIELDS = ('conv_backend',)
 NORMALIZATIONS = ('none', 'group')  # models.ConvBlock's normalization.
 
 
@@ -79,10 +82,6 @@ def defaults() -> ml_collections.ConfigDict:
   # After each 3x3 convolution of the blocks: 'none' (the chapter's), or 'group' (group norm).
   config.normalization = 'none'
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
-  # Convolutions: 'auto': oneDNN on a one-device CPU where ext/unet_flax_onednn is installed,
-  # else XLA; 'xla'; 'onednn' (CPU only, needs the extension). Not a model field: checkpoints
-  # fit either.
-  config.conv_backend = 'auto'
 
   # Optimisation: Keras's Adam defaults.
   config.batch_size = 64  # Global batch, split over all devices of all hosts.
@@ -181,7 +180,6 @@ _CHECKS = {
     'normalization': (lambda v: v in NORMALIZATIONS,
                       f'must be one of {", ".join(NORMALIZATIONS)}'),
     'dtype': (lambda v: v in DTYPES, f'must be one of {", ".join(DTYPES)}'),
-    'conv_backend': (lambda v: v in CONV_BACKENDS, f'must be one of {", ".join(CONV_BACKENDS)}'),
     'batch_size': _int_at_least(1),
     'num_microbatches': _int_at_least(0),
     'learning_rate': _in_range(0, None, low_open=True),
@@ -330,6 +328,10 @@ def validate(config: ml_collections.ConfigDict, where: str = '') -> ml_collectio
   known = defaults()
   values = config.to_dict()
   for name in values:
+    if name in _RETIRED_FIELDS:
+      raise errors.UserError(f'config.{name}{where} is no longer a config field: the convolutions '
+                             f'are a setting of the process; pass --{name}=VALUE to the tool '
+                             'instead')
     if name not in known:
       raise errors.UserError(f'config.{name}{where} is not a config field; see '
                              'unet_flax/config.py for the fields')
@@ -341,12 +343,12 @@ def validate(config: ml_collections.ConfigDict, where: str = '') -> ml_collectio
   config = ml_collections.ConfigDict(values)
   _check_relations(config, where)
   if config.data_dir is not None:
-    config.data_dir = str(errors.absolute(config.data_dir))
+    config.data_dir = str(paths.absolute(config.data_dir))
   folder = folder_path(config.dataset)
   if folder is not None:
     if not folder:
       raise _fail('dataset', config.dataset, 'names no folder; use folder:/path/to/data', where)
-    config.dataset = FOLDER_PREFIX + str(errors.absolute(folder))
+    config.dataset = FOLDER_PREFIX + str(paths.absolute(folder))
   return config
 
 
@@ -376,6 +378,8 @@ def load(path) -> ml_collections.ConfigDict:
                              'restore the file from a copy, or use another --workdir')
   values = defaults().to_dict()
   for name, value in stored.items():
+    if name in _RETIRED_FIELDS:
+      continue
     if name not in values:
       raise errors.UserError(f'config.{name} in {path} is not a config field; remove it')
     if isinstance(value, list):

@@ -63,17 +63,16 @@ def _scaled(example, scale: float) -> tuple[np.ndarray, np.ndarray]:
   return decode.rescale(image, scale, 'picture'), decode.rescale(labels, scale, 'mask')
 
 
-def load_native_split(dataset: str, split: str, *, data_dir: str | None, num_classes: int,
-                      scale: float = 1.0, cache_bytes: int = 2 * 1024 ** 3,
-                      process_index: int = 0, process_count: int = 1, num_threads: int = 0,
-                      options: decode.Options = decode.Options()) -> NativeSplit:
+def load_native_split(source: input_pipeline.Source, split: str, *, scale: float = 1.0,
+                      cache_bytes: int = 2 * 1024 ** 3, process_index: int = 0,
+                      process_count: int = 1, num_threads: int = 0) -> NativeSplit:
   """Decodes this process's shard of `split` at native resolution, in parallel, into memory
   until `cache_bytes` are held; later examples are left to be decoded when drawn.
 
   Raises:
     UserError: naming the file, for an example that cannot be read (those decoded here).
   """
-  originals = input_pipeline.originals(dataset, split, data_dir, num_classes, options)
+  originals = input_pipeline.originals(source, split)
   indices = range(process_index, originals.num_examples, process_count)
   cached = [None] * len(indices)
   threads = num_threads or os.cpu_count() or 1

@@ -88,19 +88,6 @@ def reason(e: BaseException) -> str:
   return message.splitlines()[0][:160] if message else type(e).__name__
 
 
-def read_image(path, decode):
-  """decode(the opened PIL image) of the file at `path`.
-
-  Raises:
-    UserError: naming the file, if it is missing, not an image, corrupt or cut short.
-  """
-  try:
-    with Image.open(path) as image:
-      return decode(image)
-  except DECODE_ERRORS as e:  # Corrupt or cut-short data shows only when the pixels are decoded.
-    raise errors.UserError(f'{path}: cannot read ({reason(e)})') from None
-
-
 def upright_size(image: Image.Image) -> tuple[int, int]:
   """(height, width) of an opened image as shown, i.e. after its EXIF rotation."""
   width, height = image.size
@@ -207,14 +194,30 @@ def decode(data, size: int | None, kind: str, what: str,
         f'{what}: cannot decode ({reason(e)}); remove or replace the file') from None
 
 
-def network_input(image: Image.Image, size: int) -> np.ndarray:
-  """An opened photo -> [size, size, 3] uint8, resized exactly as the trainer resizes its data.
+def read_bytes(path) -> bytes:
+  """The bytes of the file at `path`, for `decode`.
 
-  Call before anything loads the pixels: like the trainer, a JPEG is decoded at the smallest
-  scale (1/2 .. 1/8) still >= size.
+  Raises:
+    UserError: naming the file, if it is missing or cannot be read.
   """
-  image.draft('RGB', (size, size))
-  return np.asarray(to_rgb(image).resize((size, size), Image.Resampling.BILINEAR))
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    raise errors.UserError(f'{path}: cannot read ({reason(e)})') from None
+
+
+def picture_size(data: bytes, what: str) -> tuple[int, int]:
+  """(height, width) of an encoded picture as shown (after its EXIF rotation), from its header.
+
+  Raises:
+    UserError: naming `what`, if the data is not an image.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return upright_size(image)
+  except DECODE_ERRORS as e:
+    raise errors.UserError(f'{what}: cannot decode ({reason(e)}); remove or replace the file') from None
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:

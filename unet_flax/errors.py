@@ -1,66 +1,64 @@
-"""The exception a user sees as one line, and the paths a user gives.
+"""The exception a user sees as one line, and the translators of other errors into it.
 
 A `UserError` is bad input the user can fix (a missing file, a bad config value, a mismatched
 checkpoint): the command-line tools print its message as one line and exit 1 (unet_flax/cli.py).
 It is not a ValueError, so that no `except ValueError` meant for a library's errors catches it.
 """
 
-import os
-
-from etils import epath
+import contextlib
+import errno
+import re
+import warnings
 
 
 class UserError(Exception):
   """Bad input the user can fix: the message names the thing and says what to do."""
 
 
-def absolute(path) -> epath.Path:
-  """A path the user gave -> absolute: `~` expanded, relative to the current directory, symlinks
-  resolved. URLs (gs://bucket/...) are returned as they are.
+# Write failures that the user fixes on the disk, not in the code: errno -> (what, what to do).
+DISK_ERRNOS = {
+    errno.ENOSPC: ('no space left on the device', 'free some space'),
+    errno.EDQUOT: ('disk quota exceeded', 'free some space'),
+    errno.EROFS: ('read-only file system', 'make it writable'),
+    errno.EACCES: ('permission denied', 'make it writable'),
+    errno.EPERM: ('operation not permitted', 'make it writable'),
+    errno.EIO: ('input/output error', 'check the disk'),
+}
+# Errors that only a write can cause, whatever code raised them.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# Tensorstore (orbax's array writer) reports them as ValueError("... [os_error_code='28']").
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
 
-  Every tool takes paths relative to where the user runs it; resolving them once, where they enter
-  the library, keeps later changes of directory and libraries that need absolute paths (orbax's
-  checkpoints) from seeing anything else.
+
+def disk_error_reason(e: BaseException, errnos=tuple(DISK_ERRNOS)) -> tuple[str, str] | None:
+  """(what went wrong, what to do) if `e` is a failed write the user can fix, else None."""
+  code = e.errno if isinstance(e, OSError) else None
+  if isinstance(e, ValueError):
+    match = _TENSORSTORE_ERRNO.search(str(e))
+    code = int(match.group(1)) if match else None
+  return DISK_ERRNOS[code] if code in errnos else None
+
+
+@contextlib.contextmanager
+def disk_errors(what: str | None, note: str = '', errnos=tuple(DISK_ERRNOS),
+                flag: str = '--workdir'):
+  """Turns a failed write (full or read-only disk...) into one UserError line naming `what`.
+
+  Args:
+    what: what was being written, for the message; None: the file the error names.
+    note: said after what to do, e.g. that nothing else was lost.
+    errnos: the errors converted; others propagate unchanged.
+    flag: the flag that chooses another place.
   """
-  text = os.fspath(path)
-  if '://' in text:
-    return epath.Path(text)
-  return epath.Path(os.path.realpath(os.path.expanduser(text)))
-
-
-def make_output_dir(path, flag: str) -> epath.Path:
-  """Creates the directory `path` that `flag` names, or raises a UserError saying why not.
-
-  Returns:
-    The directory, absolute (see `absolute`).
-  """
-  path = absolute(path)
-  if path.exists() and not path.is_dir():
-    raise UserError(f'{flag} {path} is a file, not a directory; choose another path')
   try:
-    path.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'{flag} {path} cannot be created ({e.strerror}); '
-                    'choose a writable path') from None
-  # Root passes permission bits but not a read-only file system: access() checks both.
-  if not os.access(path, os.W_OK):
-    raise UserError(f'{flag} {path} is not writable; choose a writable path')
-  return path
-
-
-def write_atomically(path, write) -> None:
-  """Calls write(temporary path), then renames it to `path`: a failed write leaves no partial
-  file, and an existing `path` stays as it was.
-
-  Raises:
-    UserError: naming `path`, if the disk is full or read-only (OSError).
-  """
-  path = epath.Path(path)
-  temporary = path.parent / f'.{path.name}.partial'
-  try:
-    write(temporary)
-    temporary.replace(path)
-  except OSError as e:
-    temporary.unlink(missing_ok=True)
-    raise UserError(f'cannot write {path} ({e.strerror or e}); free some space or choose a '
-                    'writable place') from None
+    yield
+  except (OSError, ValueError) as e:
+    reason = disk_error_reason(e, errnos)
+    if reason is None:
+      raise
+    # Orbax's abandoned writes also warn at exit; the line below has said it.
+    warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
+    filename = e.filename if isinstance(e, OSError) and e.filename else None
+    what = (what or filename or 'a file') + (f' ({filename})' if what and filename else '')
+    raise UserError(f'cannot write {what}: {reason[0]}; {reason[1]} or choose another '
+                           f'{flag}{note}') from None

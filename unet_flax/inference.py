@@ -2,23 +2,18 @@
 
 `load_model(workdir)` rebuilds the model from <workdir>/config.json and a checkpoint without
 writing anything there, so it is safe while a training run is still going. Photos are read as
-the trainer reads its data (decode.py: upright, JPEG drafted, bilinear resize to
-config.image_size); the logits are then upsampled bilinearly to each photo's own size before the
-argmax, so that masks follow the outlines at full resolution instead of the network's pixel grid.
-
-A crop-mode run (config.input_mode == 'crop') predicts each photo whole at its own resolution
-with the sliding window instead (tiles.py): no resize.
+the trainer reads its data (decode.decode, with the run's image_max_value) and classified at
+their own size by the run's input mode (modes.py): resize mode upsamples the logits bilinearly
+to each photo's size before the argmax, crop mode runs the sliding window at native resolution.
 
 Scoring a workdir on a split (evaluate.py) is evaluation.py's job; it builds on this module.
 """
 
 import dataclasses
-import functools
 import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -28,50 +23,38 @@ from unet_flax import checkpoints
 from unet_flax import config as config_lib
 from unet_flax import decode
 from unet_flax import errors
+from unet_flax import paths as paths_lib
 from unet_flax import models
+from unet_flax import modes
 from unet_flax import reporting
-from unet_flax import tiles
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A trained U-Net: the run's config, the checkpoint's step and its parameters.
+  """A trained U-Net: the run's config, the checkpoint's step, its parameters, and its one
+  forward pass.
 
-  With flip_tta, every forward pass below (predict, evaluate at either resolution, crop mode's
-  windows) gives models.flip_tta_logits of the network's: the image and its mirror, twice the
-  compute. Off, they are the network's logits themselves.
+  Attributes:
+    forward: (params, images [B, h, w, 3] uint8) -> logits [B, h, w, K] float32: models.forward
+      on the process's convolutions, or with flip TTA its models.flip_tta wrapper (the image and
+      its mirror, twice the compute).
+    mode: the run's input mode (modes.get(config)).
   """
   config: ml_collections.ConfigDict
   step: int
   params: Any
+  forward: models.Forward
+  mode: modes.Mode
   flip_tta: bool = False
 
-  @property
-  def module(self) -> models.UNet:
-    return models.create(self.config)
 
-  def logits_fn(self):
-    """The jitted forward pass: (params, uint8 images [B, S, S, 3]) -> logits [B, S, S, K]
-    float32 (with flip_tta, models.flip_tta_logits of the network's)."""
-    module = self.module
-    if not self.flip_tta:
-      return jax.jit(functools.partial(models.logits, module))
-
-    def flip_tta_logits(params, images):
-      return models.flip_tta_logits(functools.partial(models.logits, module, params), images)
-    return jax.jit(flip_tta_logits)
-
-  def apply_fn(self):
-    """The forward pass as a TrainState's apply_fn, for the trainer's eval step:
-    (variables, float images [B, S, S, 3] in [0, 1], *, train) -> logits [B, S, S, K]."""
-    module = self.module
-    if not self.flip_tta:
-      return module.apply
-
-    def flip_tta_apply(variables, images, *, train: bool):
-      return models.flip_tta_logits(functools.partial(module.apply, variables, train=train),
-                                    images)
-    return flip_tta_apply
+def make_model(config: ml_collections.ConfigDict, step: int, params, *,
+               flip_tta: bool = False) -> Model:
+  """The Model of a config and its parameters: the forward pass built once, here."""
+  forward = models.forward(config)
+  if flip_tta:
+    forward = models.flip_tta(forward)
+  return Model(config, step, params, forward, modes.get(config), flip_tta)
 
 
 def load_model(workdir, step: int | None = None,
@@ -91,7 +74,7 @@ def load_model(workdir, step: int | None = None,
   Raises:
     UserError: if the workdir is no training run's, or its checkpoint does not fit its config.
   """
-  workdir = errors.absolute(workdir)
+  workdir = paths_lib.absolute(workdir)
   if not workdir.is_dir():
     raise errors.UserError(f'--workdir {workdir} is not a directory; pass the --workdir of a '
                            'training run (python train.py --workdir ...)')
@@ -100,57 +83,8 @@ def load_model(workdir, step: int | None = None,
                            f'first (python train.py --workdir {workdir} ...) or pass another '
                            '--workdir')
   config = checkpoints.load_config(workdir)
-  # The trainer's convolutions were a speed choice for its machine; the parameters fit any.
-  config.conv_backend = 'auto'
   step, params = checkpoints.restore_params(workdir, config, step, sharding, ema=ema)
-  return Model(config, step, params, flip_tta)
-
-
-# Logits -> classes at any resolution.
-
-
-def _bucket(n: int) -> int:
-  """The next of 128, 192, 256, 384, 512, 768, ...: few shapes to compile, < 50% padding."""
-  size = 128
-  while True:
-    for bucket in (size, size * 3 // 2):
-      if bucket >= n:
-        return bucket
-    size *= 2
-
-
-@functools.partial(jax.jit, static_argnames='buckets')
-def _upsampled_classes(logits: jax.Array, size: jax.Array,
-                       buckets: tuple[int, int]) -> jax.Array:
-  """[S, S, K] logits -> [bucket_h, bucket_w] uint8 classes, of which [:H, :W] are the photo's.
-
-  jax.image.resize(logits, (H, W, K), 'bilinear') is scale_and_translate with scale (H/S, W/S)
-  and no translation; output pixels past H or W only get zero weights. So the scale is traced and
-  each side is bucketed: one compile serves every photo whose sides fit the buckets, and memory
-  follows the photo's own sides (a long strip is not padded to a square).
-  """
-  scale = size.astype(jnp.float32) / jnp.array(logits.shape[:2], jnp.float32)
-  resized = jax.image.scale_and_translate(logits, (*buckets, logits.shape[-1]), (0, 1),
-                                          scale, jnp.zeros(2, jnp.float32), 'linear')
-  return jnp.argmax(resized, axis=-1).astype(jnp.uint8)
-
-
-def upsample_classes(logits, height: int, width: int) -> np.ndarray:
-  """logits [S, S, K] -> classes [height, width] uint8: bilinear on the logits, then argmax.
-
-  Upsampling the logits rather than the argmax puts the outline between the network's pixels,
-  where the classes' scores cross, instead of drawing the network's pixel grid.
-  """
-  classes = _upsampled_classes(logits, jnp.array([height, width]),
-                               buckets=(_bucket(height), _bucket(width)))
-  return np.asarray(classes)[:height, :width]
-
-
-def padded_batch(images: list[np.ndarray], batch_size: int) -> np.ndarray:
-  """Stacks up to batch_size images and pads with zeros: every batch has the one compiled shape."""
-  batch = np.zeros((batch_size,) + images[0].shape, images[0].dtype)
-  batch[:len(images)] = images
-  return batch
+  return make_model(config, step, params, flip_tta=flip_tta)
 
 
 def _output_paths(paths: list[str], out: epath.Path,
@@ -161,7 +95,7 @@ def _output_paths(paths: list[str], out: epath.Path,
     UserError: if two inputs would write the same file, an output is one of the inputs, or an
       output exists and `overwrite` is off.
   """
-  seen, inputs = {}, {errors.absolute(p): p for p in paths}
+  seen, inputs = {}, {paths_lib.absolute(p): p for p in paths}
   outputs = []
   for path in paths:
     stem = epath.Path(path).stem
@@ -185,7 +119,7 @@ def _output_paths(paths: list[str], out: epath.Path,
 
 
 def _save_png(picture: Image.Image, path: epath.Path) -> None:
-  errors.write_atomically(path, lambda temporary: picture.save(temporary, format='PNG'))
+  paths_lib.write_atomically(path, lambda temporary: picture.save(temporary, format='PNG'))
 
 
 def _write_outputs(photo: np.ndarray, classes: np.ndarray, targets, names) -> int:
@@ -198,6 +132,34 @@ def _write_outputs(photo: np.ndarray, classes: np.ndarray, targets, names) -> in
     replaced += target.exists()
     _save_png(picture, target)
   return replaced
+
+
+def read_picture(mode: modes.Mode, path) -> tuple[modes.Picture, bytes]:
+  """(the photo at `path` as the network takes it, the file's bytes).
+
+  Raises:
+    UserError: naming the file, if it cannot be read or decoded.
+  """
+  data = decode.read_bytes(path)
+  return mode.picture(data, str(path)), data
+
+
+def read_photo(config: ml_collections.ConfigDict, data: bytes, what: str) -> np.ndarray:
+  """An encoded photo as the trainer decodes its pictures, at its own size: [H, W, 3] uint8
+  (decode.decode with the config's image_max_value)."""
+  return decode.decode(data, None, 'picture', what, config.image_max_value)
+
+
+def _classes(model: Model, batch: list, batch_size: int) -> list[np.ndarray | None]:
+  """The classes of a batch of (path, picture, data); None for a photo too large for the host
+  or device memory (each is then tried alone)."""
+  pictures = [picture for _, picture, _ in batch]
+  try:
+    return model.mode.classes(model.forward, model.params, pictures, batch_size)
+  except (MemoryError, jax.errors.JaxRuntimeError):
+    if len(pictures) == 1:
+      return [None]
+    return [_classes(model, [item], batch_size)[0] for item in batch]
 
 
 def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
@@ -213,9 +175,8 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
     out: the output directory (created).
     overwrite: replace masks and overlays that exist in `out`; without it they are refused
       before anything is written.
-    batch_size: images per jit call; every call has this shape, so the model compiles once. In
-      crop mode (config.input_mode == 'crop'), windows per call: each image is predicted whole,
-      at its own resolution, with the sliding window (tiles.py).
+    batch_size: pictures (resize mode) or windows (crop mode) per forward pass; every pass has
+      this shape, so the model compiles once.
     stderr: where failures and progress go.
 
   Returns:
@@ -223,80 +184,30 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
   """
   stderr = stderr or sys.stderr
   config = model.config
-  outputs = dict(zip(paths, _output_paths(paths, errors.absolute(out), overwrite)))
-  out = errors.make_output_dir(out, '--out')
+  outputs = dict(zip(paths, _output_paths(paths, paths_lib.absolute(out), overwrite)))
+  out = paths_lib.make_output_dir(out, '--out')
   failed = []
-
-  def failure(path, error):
-    print(f'error: {error}; skipped', file=stderr, flush=True)
-    failed.append(path)
-
-  if config.input_mode == 'crop':
-    replaced = _predict_tiled(model, paths, outputs, batch_size, failure, stderr)
-    if replaced:
-      print(f'note: replaced {replaced} existing files in {out}', file=stderr)
-    return failed
   batch_size = max(1, min(batch_size, len(paths)))
-  predict = model.logits_fn()
   progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > batch_size else None
+  names = config_lib.class_names(config)
   replaced = 0
-
-  def read_input(image):
-    return decode.upright_size(image), decode.network_input(image, config.image_size)
-
   for start in range(0, len(paths), batch_size):
     batch = []
     for path in paths[start:start + batch_size]:
       try:
-        batch.append((path, *decode.read_image(path, read_input)))
+        batch.append((path, *read_picture(model.mode, path)))
       except errors.UserError as e:
-        failure(path, e)
-    if batch:
-      logits = np.asarray(predict(model.params,
-                                  padded_batch([x for _, _, x in batch], batch_size)))
-      for (path, size, _), image_logits in zip(batch, logits):
-        try:
-          photo = decode.read_image(path, lambda image: np.asarray(decode.to_rgb(image)))
-          classes = upsample_classes(image_logits, *size)
-        except errors.UserError as e:
-          failure(path, e)
-          continue
-        except (MemoryError, jax.errors.JaxRuntimeError):  # Out of host or device memory.
-          failure(path, f'{path}: too large to process here ({size[1]}x{size[0]} pixels)')
-          continue
-        replaced += _write_outputs(photo, classes, outputs[path],
-                                   config_lib.class_names(config))
+        print(f'error: {e}; skipped', file=stderr, flush=True)
+        failed.append(path)
+    for (path, picture, data), mask in zip(batch, _classes(model, batch, batch_size)):
+      if mask is None:
+        print(f'error: {path}: too large to process here ({picture.width}x{picture.height} '
+              'pixels); skipped', file=stderr, flush=True)
+        failed.append(path)
+        continue
+      replaced += _write_outputs(read_photo(config, data, path), mask, outputs[path], names)
     if progress:
       progress.update(min(start + batch_size, len(paths)))
   if replaced:
     print(f'note: replaced {replaced} existing files in {out}', file=stderr)
   return failed
-
-
-def read_photo(path) -> np.ndarray:
-  """An image file of any format and mode -> [H, W, 3] uint8, upright RGB (decode.to_rgb).
-
-  Raises:
-    UserError: naming the file, if it cannot be read.
-  """
-  return decode.read_image(path, lambda image: np.asarray(decode.to_rgb(image)))
-
-
-def _predict_tiled(model: Model, paths: list[str], outputs: dict, window_batch: int, failure,
-                   stderr) -> int:
-  """Crop mode's predict: each image whole through the sliding window; -> files replaced."""
-  config = model.config
-  forward = model.logits_fn()
-  progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > 1 else None
-  replaced = 0
-  for done, path in enumerate(paths, 1):
-    try:
-      photo = read_photo(path)
-    except errors.UserError as e:
-      failure(path, e)
-      continue
-    classes = tiles.predict_classes(forward, model.params, photo, config, window_batch)
-    replaced += _write_outputs(photo, classes, outputs[path], config_lib.class_names(config))
-    if progress:
-      progress.update(done)
-  return replaced

@@ -10,7 +10,8 @@ TPU pod host never touches the others' data.
 Sources: a tfds name, or `folder:/path` (your own images and masks; see folder.py), decoded by
 the same resize path. Train batches may be augmented on the host (augment.py).
 bench/input_pipeline.py measures the first pass (decode + resize) and the cached pass.
-Crop mode (config.input_mode == 'crop') keeps images at native resolution instead: crops.py.
+`open_source` opens a data set once per run (`Source`); crop mode reads the same sources at
+native resolution (crops.py).
 """
 
 import concurrent.futures
@@ -29,6 +30,7 @@ from unet_flax import config as config_lib
 from unet_flax import decode
 from unet_flax import errors
 from unet_flax import folder
+from unet_flax.config import FOLDER_PREFIX
 
 # Oxford trimaps: 1 pet, 2 background, 3 border; the model's classes are 0, 1, 2.
 TRIMAP_OFFSET = 1
@@ -50,6 +52,10 @@ class Split:
   def __len__(self):
     return len(self.images)
 
+  def __getitem__(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image [S, S, 3] uint8, labels [S, S] uint8) of a row."""
+    return self.images[row], self.labels[row]
+
 
 @contextlib.contextmanager
 def _tfds_warnings_off():
@@ -67,14 +73,8 @@ def _tfds_warnings_off():
     logger.removeFilter(keep)
 
 
-def get_builder(dataset: str, data_dir: str | None, mask_pattern: str = '{stem}'):
-  """The tfds builder of `dataset`, prepared to array_record files if it is not yet.
-
-  For 'folder:/path', the `folder.Folder` instead, listed and checked (data_dir is not used;
-  mask_pattern names its masks).
-  """
-  if config_lib.folder_path(dataset) is not None:
-    return folder.Folder(config_lib.folder_path(dataset), mask_pattern)
+def _builder(dataset: str, data_dir: str | None):
+  """The tfds builder of `dataset`, prepared to array_record files if it is not yet."""
   if dataset.split('/')[0] == 'synthetic_pets':
     from unet_flax import synthetic  # pylint: disable=g-import-not-at-top  (registers it)
     builder = synthetic.builder(dataset.partition('/')[2] or None, data_dir)
@@ -91,9 +91,8 @@ def get_builder(dataset: str, data_dir: str | None, mask_pattern: str = '{stem}'
   with _tfds_warnings_off():
     prepared = builder.is_prepared()
   if not prepared:
-    from unet_flax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax: only here)
-    with checkpoints.disk_errors(f'the data set {dataset} in {builder.data_dir_root}',
-                                 flag='--config.data_dir'):
+    with errors.disk_errors(f'the data set {dataset} in {builder.data_dir_root}',
+                            flag='--config.data_dir'):
       builder.download_and_prepare()
   return builder
 
@@ -101,6 +100,21 @@ def get_builder(dataset: str, data_dir: str | None, mask_pattern: str = '{stem}'
 def _file_name(example: dict, default: str) -> str:
   name = example.get('file_name', default)
   return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def trimap_labels(trimap: np.ndarray, num_classes: int, what: str) -> np.ndarray:
+  """An Oxford trimap [H, W] (values 1..K) -> classes [H, W] uint8 (0..K-1).
+
+  Raises:
+    UserError: naming `what`, if a value is not a class (TRIMAP_OFFSET..num_classes).
+  """
+  labels = trimap.astype(np.int64) - TRIMAP_OFFSET
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise errors.UserError(
+        f'{what}: trimap values {sorted(set(np.unique(trimap).tolist()))} are outside '
+        f'{TRIMAP_OFFSET}..{num_classes} (classes 0..{num_classes - 1} after the shift); '
+        'fix the mask')
+  return labels.astype(np.uint8)
 
 
 def decode_example(example: dict, size: int | None, num_classes: int,
@@ -118,44 +132,158 @@ def decode_example(example: dict, size: int | None, num_classes: int,
   name = _file_name(example, '?')
   image = decode.decode(example['image'], size, 'picture', name, options.image_max_value)
   trimap = decode.decode(example['segmentation_mask'], size, 'mask', f'{name} (mask)')
-  labels = trimap.astype(np.int64) - TRIMAP_OFFSET
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise errors.UserError(
-        f'{name} (mask): trimap values {sorted(set(np.unique(trimap).tolist()))} are outside '
-        f'{TRIMAP_OFFSET}..{num_classes} (classes 0..{num_classes - 1} after the shift); '
-        'fix the mask')
-  return image, labels.astype(np.uint8)
+  return image, trimap_labels(trimap, num_classes, f'{name} (mask)')
 
 
-def _reader(dataset: str, split: str, data_dir: str | None, image_size: int | None,
-            num_classes: int, options: decode.Options):
-  """(examples in `split`, index -> (file name, image, labels)) for a tfds or a folder data set.
+# A split's examples as (file name, encoded picture, labels [H, W] uint8 at the stored size).
+Encoded = tuple[str, bytes, np.ndarray]
 
-  image_size None: images and labels at their stored size.
+
+class Source:
+  """A data set, opened once per run: its splits' sizes, readers of a split, its class names.
+
+  `open_source` returns the kind that fits the data set's name (a tfds data set, or a folder of
+  your own); both give the same methods, so no caller tells them apart.
+
+  Attributes:
+    name: config.dataset.
+    num_classes: K; labels are 0..K-1 (or the options' ignore_label).
+    options: how files are read (decode.Options).
+    class_names: the data set's own names of its classes (a folder's classes.json), or None.
   """
-  builder = get_builder(dataset, data_dir, options.mask_pattern)
-  if isinstance(builder, folder.Folder):
-    examples = builder.examples(split)
-    colours = builder.classes and builder.classes['colours']
-    return len(examples), lambda i: (examples[i].image.name, *folder.decode_example(
-        examples[i], image_size, num_classes, options, colours))
-  # Images and masks arrive encoded: decoding with PIL ourselves lets JPEG decode at reduced scale.
-  skip = tfds.decode.SkipDecoding()
-  try:
-    source = builder.as_data_source(split=split,
-                                    decoders={'image': skip, 'segmentation_mask': skip})
-  except Exception as e:  # pylint: disable=broad-except  (a missing or damaged file: any type)
-    raise _damaged(builder, split, None, e) from None
+  name: str
+  num_classes: int
+  options: decode.Options
+  class_names: tuple[str, ...] | None = None
 
-  def read(i):
+  def num_examples(self, split: str) -> int:
+    """Examples in the whole `split`, without decoding any.
+
+    Raises:
+      UserError: if the data set has no such split, saying which it has.
+    """
+    raise NotImplementedError
+
+  def reader(self, split: str, image_size: int | None
+             ) -> tuple[int, Callable[[int], tuple[str, np.ndarray, np.ndarray]]]:
+    """(examples in `split`, index -> (file name, image [S, S, 3] uint8, labels [S, S] uint8)):
+    pictures bilinear and labels nearest at image_size x image_size, or (None) both at their
+    stored size."""
+    raise NotImplementedError
+
+  def encoded(self, split: str) -> tuple[int, Callable[[int], Encoded]]:
+    """(examples in `split`, index -> (file name, the picture's encoded bytes, labels [H, W]
+    uint8 at the stored size)): what predict would be given, and its truth."""
+    raise NotImplementedError
+
+
+class _TfdsSource(Source):
+  """A tfds data set, read through its numpy path (as_data_source over array_record files)."""
+
+  def __init__(self, dataset: str, data_dir: str | None, num_classes: int,
+               options: decode.Options):
+    self.name, self.num_classes, self.options = dataset, num_classes, options
+    self._builder = _builder(dataset, data_dir)
+
+  def num_examples(self, split: str) -> int:
     try:
-      example = source[i]
-    except Exception as e:  # pylint: disable=broad-except  (array_record/Riegeli: any type)
-      raise _damaged(builder, split, i, e) from None
-    return (_file_name(example, f'#{i}'),
-            *decode_example(example, image_size, num_classes, options))
+      return self._builder.info.splits[split].num_examples
+    except (KeyError, ValueError):  # tfds: an unknown split, or a slice it cannot parse.
+      names = sorted(self._builder.info.splits.keys())
+      raise errors.UserError(
+          f'split {split!r} is not a split of {self.name}; use one of {", ".join(names)}, or a '
+          f'slice such as {names[0]}[:80%]') from None
 
-  return len(source), read
+  def _examples(self, split: str) -> tuple[int, Callable[[int], dict]]:
+    # Images and masks arrive encoded: decoding with PIL ourselves lets JPEG decode at reduced
+    # scale.
+    skip = tfds.decode.SkipDecoding()
+    builder = self._builder
+    try:
+      source = builder.as_data_source(split=split,
+                                      decoders={'image': skip, 'segmentation_mask': skip})
+    except Exception as e:  # pylint: disable=broad-except  (a missing or damaged file: any type)
+      raise _damaged(builder, split, None, e) from None
+
+    def example(i):
+      try:
+        return source[i]
+      except Exception as e:  # pylint: disable=broad-except  (array_record/Riegeli: any type)
+        raise _damaged(builder, split, i, e) from None
+    return len(source), example
+
+  def reader(self, split, image_size):
+    count, example = self._examples(split)
+
+    def read(i):
+      e = example(i)
+      return (_file_name(e, f'#{i}'),
+              *decode_example(e, image_size, self.num_classes, self.options))
+    return count, read
+
+  def encoded(self, split):
+    count, example = self._examples(split)
+
+    def read(i):
+      e = example(i)
+      name = _file_name(e, f'#{i}')
+      trimap = decode.decode(e['segmentation_mask'], None, 'mask', f'{name} (mask)')
+      return name, e['image'], trimap_labels(trimap, self.num_classes, f'{name} (mask)')
+    return count, read
+
+
+class _FolderSource(Source):
+  """`folder:/path`: your own images and masks (folder.py), listed and checked once."""
+
+  def __init__(self, path: str, num_classes: int, options: decode.Options):
+    self.name, self.num_classes, self.options = FOLDER_PREFIX + path, num_classes, options
+    self._folder = folder.Folder(path, options.mask_pattern)
+    classes = self._folder.classes
+    self.class_names = classes and classes['names']
+    self._colours = classes and classes['colours']
+
+  def num_examples(self, split):
+    return len(self._folder.stems(split))
+
+  def stems(self, split: str) -> list[str]:
+    return self._folder.stems(split)
+
+  def _decode(self, example: folder.Example, size: int | None):
+    return folder.decode_example(example, size, self.num_classes, self.options, self._colours)
+
+  def reader(self, split, image_size):
+    examples = self._folder.examples(split)
+    return len(examples), lambda i: (examples[i].image.name,
+                                     *self._decode(examples[i], image_size))
+
+  def encoded(self, split):
+    examples = self._folder.examples(split)
+
+    def read(i):
+      _, labels = self._decode(examples[i], None)
+      return examples[i].image.name, decode.read_bytes(examples[i].image), labels
+    return len(examples), read
+
+
+def open_source(dataset: str, data_dir: str | None, num_classes: int,
+                options: decode.Options = decode.Options()) -> Source:
+  """The data set `dataset` (a tfds name, prepared if it is not yet; or folder:/path, listed and
+  checked), opened once: make one per run and pass it down.
+
+  Raises:
+    UserError: an unknown tfds name, a folder that is not laid out as folder.py says, or a disk
+      that cannot hold the prepared data set.
+  """
+  path = config_lib.folder_path(dataset)
+  if path is not None:
+    return _FolderSource(path, num_classes, options)
+  return _TfdsSource(dataset, data_dir, num_classes, options)
+
+
+def source_of(config) -> Source:
+  """The data set of a run's config (`open_source`)."""
+  return open_source(config.dataset, config.data_dir, config.num_classes,
+                     decode.Options.from_config(config))
 
 
 def _damaged(builder, split: str, index: int | None, e: Exception) -> errors.UserError:
@@ -182,65 +310,46 @@ class Originals(Sequence):
   def __len__(self):
     return self.num_examples
 
-  def __getitem__(self, row: int) -> tuple[str, np.ndarray, np.ndarray]:
+  def __getitem__(self, row: int):
     return self.read(range(self.num_examples)[row])  # range: IndexError past the end.
 
 
-def originals(dataset: str, split: str, data_dir: str | None, num_classes: int,
-              options: decode.Options = decode.Options()) -> Originals:
-  """The examples of the whole `split` at their original size, for scoring at full resolution."""
-  return Originals(*_reader(dataset, split, data_dir, None, num_classes, options))
+def originals(source: Source, split: str) -> Originals:
+  """The examples of the whole `split` at their original size, decoded."""
+  return Originals(*source.reader(split, None))
 
 
-def num_examples(dataset: str, split: str, data_dir: str | None,
-                 mask_pattern: str = '{stem}') -> int:
-  """Examples in the whole `split`, without decoding any.
-
-  Raises:
-    UserError: if the data set has no such split, saying which it has.
-  """
-  builder = get_builder(dataset, data_dir, mask_pattern)
-  if isinstance(builder, folder.Folder):
-    return len(builder.stems(split))
-  try:
-    return builder.info.splits[split].num_examples
-  except (KeyError, ValueError):  # tfds: an unknown split, or a slice it cannot parse.
-    raise errors.UserError(
-        f'split {split!r} is not a split of {dataset}; use one of '
-        f'{", ".join(sorted(builder.info.splits.keys()))}, or a slice such as '
-        f'{sorted(builder.info.splits.keys())[0]}[:80%]') from None
+def encoded_originals(source: Source, split: str) -> Originals:
+  """The examples of the whole `split` as (file name, encoded picture, labels at their original
+  size): what predict is given, and its truth."""
+  return Originals(*source.encoded(split))
 
 
-def class_names(config) -> tuple[str, ...]:
+def class_names(config, source: Source) -> tuple[str, ...]:
   """config.class_names, else the data set's own: a folder's classes.json names, Pet's three.
 
   Raises:
     UserError: if classes.json names another number of classes than config.num_classes.
   """
-  path = config_lib.folder_path(config.dataset)
-  if config.class_names or path is None:
+  if config.class_names or source.class_names is None:
     return config_lib.class_names(config)
-  classes = get_builder(config.dataset, config.data_dir, config.mask_pattern).classes
-  if classes is None:
-    return config_lib.class_names(config)
-  if len(classes['names']) != config.num_classes:
+  if len(source.class_names) != config.num_classes:
     raise errors.UserError(
-        f'{path}/{folder.CLASSES_FILE} names {len(classes["names"])} classes but '
-        f'config.num_classes={config.num_classes}; set config.num_classes='
-        f'{len(classes["names"])}')
-  return classes['names']
+        f'{config_lib.folder_path(config.dataset)}/{folder.CLASSES_FILE} names '
+        f'{len(source.class_names)} classes but config.num_classes={config.num_classes}; set '
+        f'config.num_classes={len(source.class_names)}')
+  return tuple(source.class_names)
 
 
-def check_data(config) -> int:
-  """Prepares the config's data set if needed and checks both splits; -> train examples.
+def check_data(config, source: Source) -> int:
+  """Checks that both splits of the config exist and hold examples; -> train examples.
 
   Raises:
     UserError: naming the config field, if a split does not exist or holds no example.
   """
   counts = {}
   for field in ('train_split', 'eval_split'):
-    counts[field] = num_examples(config.dataset, config[field], config.data_dir,
-                                 config.mask_pattern)
+    counts[field] = source.num_examples(config[field])
     if not counts[field]:
       raise errors.UserError(
           f'config.{field}={config[field]!r} of {config.dataset} holds no examples; choose '
@@ -248,16 +357,15 @@ def check_data(config) -> int:
   return counts['train_split']
 
 
-def load_split(dataset: str, split: str, *, data_dir: str | None, image_size: int,
-               num_classes: int, process_index: int = 0, process_count: int = 1,
-               num_threads: int = 0, options: decode.Options = decode.Options()) -> Split:
+def load_split(source: Source, split: str, *, image_size: int, process_index: int = 0,
+               process_count: int = 1, num_threads: int = 0) -> Split:
   """Decodes and resizes this process's shard of `split` into memory, in parallel.
 
   Threads, not processes: most of a decode is in Pillow's C decoders and resize, which release
   the GIL, and worker processes would each import tfds first (bench/input_pipeline.py times both;
   the README has figures).
   """
-  total, read = _reader(dataset, split, data_dir, image_size, num_classes, options)
+  total, read = source.reader(split, image_size)
   indices = range(process_index, total, process_count)
   images = np.empty((len(indices), image_size, image_size, 3), np.uint8)
   labels = np.empty((len(indices), image_size, image_size), np.uint8)

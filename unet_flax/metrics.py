@@ -1,13 +1,16 @@
-"""Pure jnp metrics: the loss, confusion matrices and the IoU computed from them.
+"""The loss, confusion matrices and the scores computed from them: pure jnp, and one numpy twin.
 
 Every function takes a per-example validity `mask` so that the padded examples of a last partial
 batch count nothing, and an optional `ignore_label`: pixels whose label it is (a data set's "don't
-care", e.g. Pascal VOC's 255 along outlines) count in no loss and no confusion matrix. Confusion matrices are sums: add them over a whole split, then call `iou`
-once, so that every pixel of the split weighs the same.
+care", e.g. Pascal VOC's 255 along outlines) count in no loss and no confusion matrix. Confusion
+matrices are sums: add them over a whole split, then call `scores` once (IoU, Dice and pixel
+accuracy), so that every pixel of the split weighs the same. `host_confusion_matrices` counts
+images of any size on the host with the same rule.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _pixel_weights(mask: jax.Array, labels: jax.Array, ignore_label=None) -> jax.Array:
@@ -77,11 +80,35 @@ def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int
   return jnp.sum(confusion_matrices(labels, predictions, num_classes, mask, ignore_label), axis=0)
 
 
-def iou(confusion: jax.Array) -> dict[str, jax.Array]:
-  """Per-class IoU, mean IoU, pixel accuracy and Dice from a [K, K] confusion matrix.
+def host_confusion_matrices(labels: np.ndarray, predictions: np.ndarray, num_classes: int,
+                            ignore_label: int | None = None) -> np.ndarray:
+  """`confusion_matrices` in numpy, for images of any size scored on the host: [N, H, W] labels
+  and predictions -> [N, K, K] int64 counts (rows: truth). The same rule: pixels labelled
+  ignore_label count nothing (a label that is neither a class nor ignore_label is an error).
 
-  A class absent from both truth and prediction has no IoU (NaN) and is left out of the mean,
-  as Keras's MeanIoU does.
+  Raises:
+    ValueError: for a label outside 0..K-1 that is not ignore_label.
+  """
+  n, k = len(labels), num_classes
+  labels = np.asarray(labels).reshape(n, -1).astype(np.int64)
+  keep = labels != (-1 if ignore_label is None else ignore_label)
+  if ((labels[keep] < 0) | (labels[keep] >= k)).any():
+    raise ValueError(f'labels outside 0..{k - 1} that are not the ignore label {ignore_label}')
+  index = labels * k + np.asarray(predictions).reshape(n, -1)
+  index += np.arange(n)[:, None] * k * k  # Each image counts into its own K x K block.
+  return np.bincount(index[keep].ravel(), minlength=n * k * k).reshape(n, k, k)
+
+
+def scores(confusion: jax.Array) -> dict[str, jax.Array]:
+  """Per-class and mean IoU, pixel accuracy, per-class and mean Dice of a [K, K] confusion matrix.
+
+  IoU_k = TP / (TP + FP + FN) (Jaccard), Dice_k = 2 TP / (2 TP + FP + FN) (Sorensen-Dice),
+  pixel accuracy = trace / total. A class absent from both truth and prediction has no IoU
+  (NaN) and is left out of the means, as Keras's MeanIoU does.
+
+  Returns:
+    {'per_class_iou': [K], 'mean_iou': scalar, 'pixel_accuracy': scalar, 'per_class_dice': [K],
+    'mean_dice': scalar}, float32.
   """
   confusion = confusion.astype(jnp.float32)
   true_positives = jnp.diag(confusion)

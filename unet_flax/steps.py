@@ -1,8 +1,10 @@
 """The pure steps: TrainState, the optimizer, train_step and eval_step, jitted with shardings.
 
 Each step is a function of its arguments alone (no I/O, no globals), so a test can call it on a
-2x16x16 batch; `compile_steps` jits them for the run's devices with the state donated. The loop
-that drives them is train.py's; evaluation.py and the benchmark use them too.
+2x16x16 batch: the forward pass (models.forward) is its first argument, and the eval step takes
+(forward, params, batch), never the optimizer. `compile_steps` jits them for the run's devices
+with the state donated. The loop that drives them is train.py's; modes.py and the benchmark use
+them too.
 """
 
 import functools
@@ -11,11 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax.training import train_state
 
-from unet_flax import input_pipeline
 from unet_flax import metrics
 from unet_flax import microbatches
 from unet_flax import models
@@ -26,9 +26,10 @@ _NEVER_GIVE_UP = 2**31 - 1
 
 
 class TrainState(train_state.TrainState):
-  """flax's TrainState: step, params, opt_state (apply_fn and tx are static), and ema_params.
+  """flax's TrainState: step, params, opt_state (tx is static), and ema_params.
 
-  ema_params: an exponential moving average of params (config.ema_decay), or None.
+  apply_fn is None: the forward pass is an argument of the steps (models.forward), not part of
+  the state. ema_params: an exponential moving average of params (config.ema_decay), or None.
   """
   ema_params: Any = None
 
@@ -69,16 +70,17 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
   average, which starts as a copy of them (see create_optimizer for the arguments)."""
   params = models.init_params(config, rng)
   ema_params = jax.tree.map(jnp.copy, params) if config.ema_decay else None
-  return TrainState.create(apply_fn=models.create(config).apply, params=params,
+  return TrainState.create(apply_fn=None, params=params,
                            tx=create_optimizer(config, steps_per_epoch), ema_params=ema_params)
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=None,
-               dice_weight: float = 0.0, ignore_label=None, num_microbatches: int = 1,
-               ema_decay: float = 0.0) -> tuple[TrainState, dict]:
+def train_step(forward: models.Forward, state: TrainState, batch: dict, rng: jax.Array, *,
+               class_weights=None, dice_weight: float = 0.0, ignore_label=None,
+               num_microbatches: int = 1, ema_decay: float = 0.0) -> tuple[TrainState, dict]:
   """One Adam step on the segmentation loss: softmax cross-entropy, by default unweighted.
 
   Args:
+    forward: the model's forward pass (models.forward), static under jit.
     state: the train state (donated by the caller's jit).
     batch: {'image': [B, H, W, 3] uint8, 'label': [B, H, W] int}.
     rng: the run's dropout key; each step folds in its own step number, so a resumed run draws
@@ -99,8 +101,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=
   labels = batch['label'].astype(jnp.int32)
 
   def loss_fn(params, images, labels, dropout_rng):
-    logits = state.apply_fn({'params': params}, models.normalize(images), train=True,
-                            rngs={'dropout': dropout_rng})
+    logits = forward(params, images, dropout_rng)
     mask = jnp.ones(labels.shape[0], jnp.bool_)
     return metrics.segmentation_loss(logits, labels, mask, class_weights=class_weights,
                                      dice_weight=dice_weight, ignore_label=ignore_label)
@@ -120,31 +121,26 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, class_weights=
   return new_state, {'loss': loss}
 
 
-def predict(state: TrainState, images: jax.Array) -> jax.Array:
-  """images: [B, H, W, 3] uint8 -> predicted classes [B, H, W] int32 (inference_params)."""
-  logits = state.apply_fn({'params': inference_params(state)}, models.normalize(images),
-                          train=False)
-  return jnp.argmax(logits, axis=-1)
+def predict(forward: models.Forward, params, images: jax.Array) -> jax.Array:
+  """images: [B, H, W, 3] uint8 -> predicted classes [B, H, W] int32 (inference: no dropout)."""
+  return jnp.argmax(forward(params, images), axis=-1)
 
 
-def eval_step(state: TrainState, batch: dict, num_classes: int,
-              ignore_label=None) -> jax.Array:
-  """The [K, K] confusion matrix of one batch; examples with batch['mask'] == 0 and pixels
-  labelled ignore_label count nothing."""
-  labels = batch['label'].astype(jnp.int32)
-  return metrics.confusion_matrix(labels, predict(state, batch['image']), num_classes,
-                                  batch['mask'], ignore_label)
+def eval_step(forward: models.Forward, params, batch: dict, num_classes: int,
+              ignore_label=None) -> dict:
+  """Each example's confusion matrix and prediction, from the forward pass alone.
 
+  Args:
+    forward: the model's forward pass (models.forward, or a flip-TTA wrapper of it).
+    params: the weights to score (TrainState.inference_params, or a restored model's).
+    batch: {'image': [B, H, W, 3] uint8, 'label': [B, H, W] int, 'mask': [B] bool}; examples
+      with mask 0 (padding) and pixels labelled ignore_label count nothing.
 
-def eval_step_per_example(state: TrainState, batch: dict, num_classes: int,
-                          ignore_label=None) -> dict:
-  """eval_step, per example: {'confusion': [B, K, K] int32, 'prediction': [B, H, W] uint8}.
-
-  The same predictions and counts as eval_step (whose matrix is the sum over the examples), for
-  scores and pictures of single images (evaluation.py) in the same pass.
+  Returns:
+    {'confusion': [B, K, K] int32 (rows: truth), 'prediction': [B, H, W] uint8}.
   """
   labels = batch['label'].astype(jnp.int32)
-  predictions = predict(state, batch['image'])
+  predictions = predict(forward, params, batch['image'])
   return {'confusion': metrics.confusion_matrices(labels, predictions, num_classes,
                                                   batch['mask'], ignore_label),
           'prediction': predictions.astype(jnp.uint8)}
@@ -164,32 +160,27 @@ def num_microbatches(config: ml_collections.ConfigDict, devices: Devices) -> int
   return microbatches.count(config, devices.per_device_batch_size, devices.platform)
 
 
-def compile_steps(config: ml_collections.ConfigDict, devices: Devices):
-  """The jitted train and eval steps, with explicit shardings and the state donated."""
+def compile_steps(config: ml_collections.ConfigDict, devices: Devices,
+                  forward: models.Forward):
+  """The jitted train step, (state, batch, rng) -> (state, metrics) with the state donated, and
+  eval step, (params, batch) -> per-example `eval_step`, with the run's shardings."""
   repl, data = devices.replicated, devices.data
   class_weights = config.class_weights
   if class_weights is not None:
     class_weights = tuple(float(w) for w in class_weights)
-  step = functools.partial(train_step, class_weights=class_weights,
+  step = functools.partial(train_step, forward, class_weights=class_weights,
                            dice_weight=float(config.dice_weight),
                            ignore_label=config.ignore_label,
                            num_microbatches=num_microbatches(config, devices),
                            ema_decay=float(config.ema_decay))
   train = jax.jit(_counting_nonfinite(step), in_shardings=(repl, data, repl),
                   out_shardings=(repl, repl), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, num_classes=config.num_classes,
-                                       ignore_label=config.ignore_label),
-                     in_shardings=(repl, data), out_shardings=repl)
-  return train, evaluate
+  return train, compile_eval_step(config, devices, forward)
 
 
-def evaluate(eval_fn, state, split: input_pipeline.Split, devices: Devices) -> dict[str, Any]:
-  """Metrics of the whole split: confusion matrices summed on device, then one fetch."""
-  batches = input_pipeline.eval_batches(split, devices.local_batch_size, jax.process_count())
-  confusion = None
-  for batch in devices.prefetch(batches):
-    c = eval_fn(state, batch)
-    confusion = c if confusion is None else confusion + c
-  results = jax.device_get(metrics.iou(confusion))
-  results['confusion_matrix'] = np.asarray(jax.device_get(confusion))
-  return results
+def compile_eval_step(config: ml_collections.ConfigDict, devices: Devices,
+                      forward: models.Forward):
+  """`eval_step` jitted: (params, batch) -> {'confusion', 'prediction'}, sharded by example."""
+  return jax.jit(functools.partial(eval_step, forward, num_classes=config.num_classes,
+                                   ignore_label=config.ignore_label),
+                 in_shardings=(devices.replicated, devices.data), out_shardings=devices.data)

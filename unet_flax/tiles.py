@@ -2,7 +2,7 @@
 
 An image [H, W, 3] of any size is covered by crop_size x crop_size windows that overlap by
 `overlap` (config.tile_overlap) of a window; the windows go through ONE jitted forward pass
-(models.logits) in batches of a fixed shape [window_batch, crop, crop, 3] (the last batch
+(models.forward, jitted) in batches of a fixed shape [window_batch, crop, crop, 3] (the last batch
 padded), so it compiles once whatever the image. Each window's logits are weighted by a Gaussian
 that falls off towards its edges (sigma = 0.125 x crop_size, MONAI's sliding_window_inference
 default), where a convolutional network sees the least context, and summed into one [H, W, K]
@@ -10,19 +10,11 @@ float32 accumulator; the classes are its argmax. Images smaller than a window ar
 zeros and the result cropped back. Nothing is resized, so memory is the window batch plus the
 accumulator: a 20000 x 500 strip with 2 classes needs 80 MB.
 
-With config.scale != 1 (`predict_classes`), the image is rescaled first, as the trainer rescales
-its data, and the classes are brought back to the image's own size nearest-neighbour.
+Crop mode (modes.Crop) rescales an image by config.scale first, as the trainer rescales its data,
+and brings the classes back to the image's own size nearest-neighbour.
 """
 
-import functools
-
-import jax
-import ml_collections
 import numpy as np
-
-from unet_flax import decode
-from unet_flax import metrics
-from unet_flax import models
 
 SIGMA_SCALE = 0.125  # Of the window's side: MONAI's default.
 MIN_WEIGHT = 1e-3  # MONAI's floor: window corners still count a little, and no pixel gets 0.
@@ -49,11 +41,6 @@ def window_starts(length: int, crop_size: int, overlap: float) -> list[int]:
   stride = max(1, int(crop_size * (1 - overlap)))
   count = -(-(length - crop_size) // stride) + 1
   return sorted({min(i * stride, length - crop_size) for i in range(count)})
-
-
-def logits_fn(module: models.UNet):
-  """The jitted forward pass: (params, images [B, S, S, 3] uint8) -> logits [B, S, S, K]."""
-  return jax.jit(functools.partial(models.logits, module))
 
 
 def _accumulate(forward, params, image: np.ndarray, crop_size: int, overlap: float,
@@ -104,7 +91,7 @@ def sliding_window_logits(forward, params, image: np.ndarray, *, crop_size: int,
 
   Args:
     forward: (params, [window_batch, crop, crop, 3] uint8) -> [window_batch, crop, crop, K]
-      float32, e.g. `logits_fn(module)`.
+      float32, e.g. jax.jit(models.forward(config)).
     params: the model's parameters.
     image: [H, W, 3] uint8, any H, W >= 1.
     crop_size: the window's side, divisible by 2**len(widths).
@@ -137,69 +124,3 @@ def sliding_window_classes(forward, params, image: np.ndarray, *, crop_size: int
   for top in range(0, h, rows):
     classes[top:top + rows] = total[top:top + rows].argmax(axis=-1)
   return classes
-
-
-def predict_classes(forward, params, image: np.ndarray, config: ml_collections.ConfigDict,
-                    window_batch: int = WINDOW_BATCH) -> np.ndarray:
-  """A photo's classes in crop mode: [H, W, 3] uint8 -> [H, W] uint8 at its own resolution.
-
-  The image is rescaled by config.scale (as the trainer's data), tiled with config.crop_size and
-  config.tile_overlap, and the classes brought back to [H, W] nearest-neighbour.
-  """
-  h, w = image.shape[:2]
-  scaled = decode.rescale(image, config.scale, 'picture')
-  classes = sliding_window_classes(forward, params, scaled, crop_size=config.crop_size,
-                                   overlap=config.tile_overlap, window_batch=window_batch)
-  return decode.resize_mask(classes, h, w)
-
-
-@functools.cache
-def _forward_of(num_classes: int, widths: tuple, dropout_rate: float, dtype: str,
-                normalization: str):
-  return logits_fn(models.UNet(num_classes=num_classes, widths=widths, dropout_rate=dropout_rate,
-                               dtype=jax.numpy.dtype(dtype), normalization=normalization))
-
-
-def forward_of(config: ml_collections.ConfigDict):
-  """The jitted window forward pass of the config's model (models.create), one per model."""
-  return _forward_of(config.num_classes, tuple(config.widths), config.dropout_rate,
-                     config.dtype, config.normalization)
-
-
-def evaluate(config: ml_collections.ConfigDict, params, split) -> dict:
-  """The trainer's metrics of a crop-mode eval split (metrics.iou of `confusion`), with
-  'confusion_matrix' [K, K] int64."""
-  total = confusion(forward_of(config), params, split, config)
-  results = jax.device_get(metrics.iou(total))
-  results['confusion_matrix'] = total
-  return results
-
-
-def confusion(forward, params, split, config: ml_collections.ConfigDict,
-              window_batch: int = WINDOW_BATCH) -> np.ndarray:
-  """[K, K] int64: the summed confusion matrix of every example of a crop-mode split, each
-  predicted with the sliding window at its (scaled) native resolution; pixels labelled
-  config.ignore_label count nothing.
-
-  Args:
-    split: a sequence of (image [H, W, 3] uint8, labels [H, W] uint8) (crops.NativeSplit).
-  """
-  k = config.num_classes
-  total = np.zeros((k, k), np.int64)
-  for image, labels in split:
-    predicted = sliding_window_classes(forward, params, image, crop_size=config.crop_size,
-                                       overlap=config.tile_overlap, window_batch=window_batch)
-    total += confusion_counts(labels, predicted, k)
-  return total
-
-
-def confusion_counts(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
-  """[H, W] labels and predictions -> [K, K] int64 counts (rows: truth).
-
-  Labels >= num_classes (config.ignore_label, which validate keeps >= num_classes) count nothing.
-  """
-  labels = labels.reshape(-1).astype(np.int64)
-  predicted = predicted.reshape(-1).astype(np.int64)
-  keep = labels < num_classes
-  return np.bincount(labels[keep] * num_classes + predicted[keep],
-                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)

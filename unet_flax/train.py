@@ -1,9 +1,10 @@
 """The training loop: train_and_evaluate(config, workdir).
 
 Data, model, steps, checkpoints and reports each have their own module; this one drives them:
-decode the splits, restore or initialise the state, run the jitted train step, evaluate after
-epochs, save checkpoints, stop cleanly on SIGTERM/SIGINT. Only train.py (the entry point) and the
-tests import it.
+open the data set once, read its splits as the input mode says (modes.py), restore or initialise
+the state, run the jitted train step, evaluate after epochs, save checkpoints, stop cleanly on
+SIGTERM/SIGINT. The forward pass is built once (models.forward) and handed to the steps and the
+mode. Only train.py (the entry point) and the tests import it.
 """
 
 import functools
@@ -13,18 +14,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from unet_flax import augment
 from unet_flax import checkpoints
 from unet_flax import config as config_lib
-from unet_flax import crops
-from unet_flax import decode
 from unet_flax import errors
 from unet_flax import input_pipeline
+from unet_flax import layers
+from unet_flax import metrics
 from unet_flax import models
+from unet_flax import modes
 from unet_flax import preemption
 from unet_flax import reporting
 from unet_flax import steps
-from unet_flax import tiles
 from unet_flax import workdir as workdir_lib
 from unet_flax.devices import Devices
 
@@ -60,17 +60,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
   """
   config = config_lib.validate(config)
   devices = Devices(config.batch_size)
-  models.conv_backend(config)  # The convolutions asked for exist here, before anything is read.
   workdir = workdir_lib.check(workdir)
+  mode = modes.get(config)
   try:
     # Until the workdir is written, a signal stops the run at once: nothing is lost.
     with preemption.Notice(at_once=True) as notice:
       # A bad data set or split, too few examples for a batch, or a file that cannot be read
       # fails before anything is written.
-      per_epoch = steps_per_epoch(config, input_pipeline.check_data(config))
+      source = input_pipeline.source_of(config)
+      per_epoch = steps_per_epoch(config, input_pipeline.check_data(config, source))
       notice.check()
-      config.class_names = input_pipeline.class_names(config)  # Stored: predict needs no data.
-      train_data, eval_data = _read_data(config)
+      # Stored: predict needs no data.
+      config.class_names = input_pipeline.class_names(config, source)
+      train_data, eval_data, described = mode.read_splits(source)
+      if jax.process_index() == 0:
+        print(f'data: {described}', flush=True)
       notice.check()
   except preemption.Stopped as e:
     print(f'stopped by {e} while preparing the data, before training; nothing was written to '
@@ -81,69 +85,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
     report = reporting.Reporter(workdir, config, is_lead=jax.process_index() == 0)
     try:
       # A full or read-only disk under metrics, pictures or data is one line naming the file.
-      with (checkpoints.disk_errors(None, errnos=checkpoints.WRITE_ERRNOS),
+      with (errors.disk_errors(None, errnos=errors.WRITE_ERRNOS),
             preemption.Notice() as notice):
-        return _train(config, per_epoch, train_data, eval_data, devices, manager, report,
+        return _train(config, mode, per_epoch, train_data, eval_data, devices, manager, report,
                       notice)
     finally:
       manager.close()  # Waits for the last checkpoint, also when stopping on an error.
       report.close()
 
 
-def _read_data(config) -> tuple[input_pipeline.Split, input_pipeline.Split]:
-  """This process's shards of the train and eval splits, decoded and resized into memory."""
-  if config.input_mode == 'crop':
-    return _read_native_data(config)
-  read = functools.partial(
-      input_pipeline.load_split, config.dataset, data_dir=config.data_dir,
-      image_size=config.image_size, num_classes=config.num_classes,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.input_threads, options=decode.Options.from_config(config))
-  started = time.perf_counter()
-  train_data, eval_data = read(config.train_split), read(config.eval_split)
-  if jax.process_index() == 0:
-    print(f'data: {train_data.num_examples} train and {eval_data.num_examples} eval examples at '
-          f'{config.image_size}x{config.image_size}, decoded in '
-          f'{time.perf_counter() - started:.1f}s', flush=True)
-  return train_data, eval_data
-
-
-def _read_native_data(config) -> tuple[crops.NativeSplit, crops.NativeSplit]:
-  """Crop mode: the train shard and the whole eval split at native resolution (after
-  config.scale), in memory up to config.cache_bytes together (train first).
-
-  Every process evaluates the whole eval split (tiles.confusion runs on its own host).
-  """
-  read = functools.partial(
-      crops.load_native_split, config.dataset, data_dir=config.data_dir,
-      num_classes=config.num_classes, scale=config.scale, num_threads=config.input_threads,
-      options=decode.Options.from_config(config))
-  started = time.perf_counter()
-  train_data = read(config.train_split, cache_bytes=config.cache_bytes,
-                    process_index=jax.process_index(), process_count=jax.process_count())
-  eval_data = read(config.eval_split, cache_bytes=config.cache_bytes - train_data.cached_bytes)
-  if jax.process_index() == 0:
-    held = train_data.cached_bytes + eval_data.cached_bytes
-    uncached = sum(x is None for x in train_data.cached) + sum(x is None for x in eval_data.cached)
-    print(f'data: {train_data.num_examples} train and {eval_data.num_examples} eval examples at '
-          f'native resolution (scale {config.scale:g}), {config.crop_size}x{config.crop_size} '
-          f'crops; {held / 2**20:.1f} MiB in memory'
-          + (f', {uncached} decoded on the fly (config.cache_bytes)' if uncached else '')
-          + f', read in {time.perf_counter() - started:.1f}s', flush=True)
-  return train_data, eval_data
-
-
-def _evaluate(eval_fn, state, eval_data, devices: Devices, config) -> dict:
-  """The metrics of the eval split: the trainer's eval step, or in crop mode the sliding window
-  over each image at native resolution (per-image confusion matrices summed)."""
-  if config.input_mode != 'crop':
-    return steps.evaluate(eval_fn, state, eval_data, devices)
-  return tiles.evaluate(config, steps.inference_params(state), eval_data)
-
-
-def _train(config, per_epoch: int, train_data: input_pipeline.Split,
-           eval_data: input_pipeline.Split, devices: Devices, manager: checkpoints.Manager,
-           report: reporting.Reporter, notice: preemption.Notice) -> steps.TrainState:
+def _train(config, mode: modes.Mode, per_epoch: int, train_data, eval_data, devices: Devices,
+           manager: checkpoints.Manager, report: reporting.Reporter,
+           notice: preemption.Notice) -> steps.TrainState:
+  forward = models.forward(config)  # The process's convolutions (layers.backend()).
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   state = jax.jit(functools.partial(steps.create_train_state, config,
@@ -152,7 +106,7 @@ def _train(config, per_epoch: int, train_data: input_pipeline.Split,
   microbatches = steps.num_microbatches(config, devices)
   report.text(f'model: {models.param_count(state.params):,} parameters, '
               f'{jax.device_count()} {devices.platform} device(s), '
-              f'{jax.process_count()} process(es), {models.conv_backend(config)} convolutions'
+              f'{jax.process_count()} process(es), {layers.backend()} convolutions'
               + (f', gradients summed over {microbatches} microbatches a step'
                  if microbatches > 1 else ''))
   state = manager.restore_or(state)
@@ -169,25 +123,23 @@ def _train(config, per_epoch: int, train_data: input_pipeline.Split,
   if step:
     report.text(f'resumed from step {step} of {total_steps}')
 
-  train_fn, eval_fn = steps.compile_steps(config, devices)
+  train_fn, _ = steps.compile_steps(config, devices, forward)
+  evaluate = functools.partial(_score_eval_split, forward, mode, eval_data, devices, config)
   if owes_eval:
     report.text(f'evaluating step {step}, which the interrupted run saved but did not evaluate')
-    results = _evaluate(eval_fn, state, eval_data, devices, config)
-    report.eval(step, step // per_epoch, results,
-                sample=_prediction_sample(state, eval_data, config))
+    report.eval(step, step // per_epoch, *evaluate(state))
     if step >= total_steps:
       report.done(evaluated=True)
       return state
   report.text('compiling the train step...')
   started = time.perf_counter()
-  train_fn = train_fn.lower(state, _batch_shapes(train_data, devices, config),
-                            dropout_rng).compile()
+  train_fn = train_fn.lower(state, _batch_shapes(mode, devices), dropout_rng).compile()
   report.text(f'compiled in {time.perf_counter() - started:.1f}s; training')
   report.start(step, total_steps)
   nonfinite = NonFiniteCheck(config.skip_nonfinite_updates,
                              int(jax.device_get(state.opt_state.total_notfinite)))
   history = []
-  for batch in devices.prefetch(_batches_from(step, train_data, config, devices, per_epoch,
+  for batch in devices.prefetch(_batches_from(step, mode, train_data, devices, per_epoch,
                                               total_steps)):
     state, step_metrics = train_fn(state, batch, dropout_rng)
     history.append(step_metrics)
@@ -210,9 +162,7 @@ def _train(config, per_epoch: int, train_data: input_pipeline.Split,
                   'rerun the same command to resume')
       break
     if _evaluates_at(step, config, per_epoch, total_steps):
-      results = _evaluate(eval_fn, state, eval_data, devices, config)
-      report.eval(step, step // per_epoch, results,
-                  sample=_prediction_sample(state, eval_data, config))
+      report.eval(step, step // per_epoch, *evaluate(state))
     if save:
       manager.save(step, state)
   else:
@@ -227,40 +177,36 @@ def _evaluates_at(step: int, config, per_epoch: int, total_steps: int) -> bool:
   return within == 0 and (epoch % config.eval_every_epochs == 0 or step == total_steps)
 
 
-def _batch_shapes(split: input_pipeline.Split, devices: Devices, config) -> dict:
+def _batch_shapes(mode: modes.Mode, devices: Devices) -> dict:
   """The shapes, dtypes and shardings of a global train batch, to compile the step ahead."""
-  batch_size = devices.local_batch_size * jax.process_count()
-  if config.input_mode == 'crop':
-    crop = config.crop_size
-    return {'image': jax.ShapeDtypeStruct((batch_size, crop, crop, 3), np.uint8,
-                                          sharding=devices.data),
-            'label': jax.ShapeDtypeStruct((batch_size, crop, crop), np.uint8,
-                                          sharding=devices.data)}
-  return {'image': jax.ShapeDtypeStruct((batch_size, *split.images.shape[1:]), split.images.dtype,
-                                        sharding=devices.data),
-          'label': jax.ShapeDtypeStruct((batch_size, *split.labels.shape[1:]), split.labels.dtype,
-                                        sharding=devices.data)}
+  shape = (devices.local_batch_size * jax.process_count(), *mode.batch_shape())
+  return {'image': jax.ShapeDtypeStruct((*shape, 3), np.uint8, sharding=devices.data),
+          'label': jax.ShapeDtypeStruct(shape, np.uint8, sharding=devices.data)}
 
 
-def _batches_from(step: int, split: input_pipeline.Split, config, devices: Devices,
-                  per_epoch: int, total_steps: int):
+def _batches_from(step: int, mode: modes.Mode, split, devices: Devices, per_epoch: int,
+                  total_steps: int):
   """This process's batches of steps step+1 .. total_steps, those of an uninterrupted run."""
-  augmentation = augment.Options.from_config(config)
   while step < total_steps:
     epoch, first = divmod(step, per_epoch)
-    if config.input_mode == 'crop':
-      yield from crops.crop_batches(
-          split, devices.local_batch_size, crop_size=config.crop_size,
-          ignore_label=config.ignore_label, seed=config.seed, epoch=epoch,
-          process_index=jax.process_index(), first_step=first, num_steps=per_epoch,
-          augmentation=augmentation, num_threads=config.input_threads)
-      step += per_epoch - first
-      continue
-    yield from input_pipeline.train_batches(
-        split, devices.local_batch_size, seed=config.seed, epoch=epoch,
-        process_index=jax.process_index(), first_step=first, num_steps=per_epoch,
-        augmentation=augmentation)
+    yield from mode.train_batches(split, devices.local_batch_size, epoch=epoch,
+                                  process_index=jax.process_index(), first_step=first,
+                                  num_steps=per_epoch)
     step += per_epoch - first
+
+
+def _score_eval_split(forward, mode: modes.Mode, split, devices: Devices, config,
+              state: steps.TrainState) -> tuple[dict, dict | None]:
+  """(the eval split's metrics, a few examples with their predictions for the picture), scored
+  with the weights evaluation uses (steps.inference_params) by the mode."""
+  params = steps.inference_params(state)
+  confusion = mode.score(forward, params, split, devices)
+  results = jax.device_get(metrics.scores(confusion))
+  results['confusion_matrix'] = confusion
+  n = min(config.num_prediction_images, len(split))
+  sample = (mode.sample(forward, params, split, n)
+            if n and jax.process_index() == 0 else None)
+  return results, sample
 
 
 class NonFiniteCheck:
@@ -300,20 +246,3 @@ class NonFiniteCheck:
       self.reported_count = self.count
     finite = [h for h in history if np.isfinite(h['loss'])]
     return finite or history
-
-
-def _prediction_sample(state, split: input_pipeline.Split, config) -> dict | None:
-  """A few test images with true and predicted masks, for the picture of each evaluation."""
-  n = min(config.num_prediction_images, len(split))
-  if n == 0 or jax.process_index() != 0:
-    return None
-  if config.input_mode == 'crop':
-    examples = [split[row] for row in range(n)]
-    forward, params = tiles.forward_of(config), steps.inference_params(state)
-    return {'image': [image for image, _ in examples], 'label': [l for _, l in examples],
-            'prediction': [tiles.sliding_window_classes(
-                forward, params, image, crop_size=config.crop_size,
-                overlap=config.tile_overlap) for image, _ in examples]}
-  images = split.images[:n]
-  predicted = jax.jit(steps.predict)(jax.device_get(state), images)
-  return {'image': images, 'label': split.labels[:n], 'prediction': np.asarray(predicted)}

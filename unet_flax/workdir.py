@@ -18,6 +18,7 @@ import jax
 from etils import epath
 
 from unet_flax import errors
+from unet_flax import paths
 
 LOCK_FILE = '.lock'
 
@@ -28,7 +29,7 @@ def check(workdir) -> epath.Path:
   Raises:
     UserError: if it is a file, or it does not exist and cannot be created.
   """
-  path = errors.absolute(workdir)
+  path = paths.absolute(workdir)
   if path.exists() and not path.is_dir():
     raise errors.UserError(f'--workdir {path} is a file, not a directory; choose another path')
   existing = path
@@ -62,7 +63,7 @@ class Lock:
     self._owned = False
 
   def __enter__(self) -> 'Lock':
-    errors.make_output_dir(self.path.parent, '--workdir')
+    paths.make_output_dir(self.path.parent, '--workdir')
     if jax.process_index() != 0:
       return self
     me = {'host': socket.gethostname(), 'pid': os.getpid(),

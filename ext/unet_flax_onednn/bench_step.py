@@ -3,7 +3,7 @@
 python ext/unet_flax_onednn/bench_step.py [--batch 8] [--dtypes float32,bfloat16] [--rounds 5]
 
 Both steps are the trainer's own (steps.compile_steps, microbatches included) on the default
-config, with config.conv_backend 'xla' and 'onednn': in the second every convolution (3x3, the
+config, on the 'xla' and 'onednn' layer functions: in the second every convolution (3x3, the
 upsampling's four phases, the 1x1 logits; forward and both gradients) runs in oneDNN. Each round
 runs `calls` XLA steps then `calls` oneDNN steps; medians over rounds.
 """
@@ -22,6 +22,8 @@ runtime.configure_xla_cpu()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from unet_flax import layers  # noqa: E402
+from unet_flax import models  # noqa: E402
 from unet_flax import steps  # noqa: E402
 from unet_flax.devices import Devices  # noqa: E402
 
@@ -54,10 +56,10 @@ def main():
         'label': rng.integers(0, 3, (args.batch, 128, 128), np.uint8)})
     compiled, states = [], []
     for backend in ('xla', 'onednn'):
-      config.conv_backend = backend
       state = jax.jit(functools.partial(steps.create_train_state, config),
                       out_shardings=devices.replicated)(jax.random.key(0))
-      step, _ = steps.compile_steps(config, devices)
+      forward = models.forward(config, layers.layer_function(backend))
+      step, _ = steps.compile_steps(config, devices, forward)
       c = step.lower(state, batch, jax.random.key(0)).compile()
       compiled.append(c)
       state, _ = c(state, batch, jax.random.key(0))  # Warm-up.

@@ -1,8 +1,9 @@
 """The whole U-Net on oneDNN's convolutions against XLA's: loss, gradients, train step, params.
 
 Tiny widths (4, 8) at 16x16. Every convolution (3x3, the upsampling's phases, the 1x1 logits)
-runs through the extension when config.conv_backend is 'onednn'; the parameters are the same on
-both paths, so params (a checkpoint) from one predict on the other.
+runs through the extension when the process's backend is 'onednn' (layers.select_backend, the
+tools' --conv_backend); the parameters are the same on both paths, so params (a checkpoint) from
+one predict on the other.
 """
 
 import functools
@@ -19,9 +20,11 @@ from unet_flax import config as config_lib  # noqa: E402
 from unet_flax import errors  # noqa: E402
 from unet_flax import export  # noqa: E402
 from unet_flax import inference  # noqa: E402
+from unet_flax import layers  # noqa: E402
 from unet_flax import metrics  # noqa: E402
 from unet_flax import models  # noqa: E402
 from unet_flax import steps  # noqa: E402
+from unet_flax import train  # noqa: E402
 
 # Per U-Net of widths (4, 8): 5 ConvBlocks x 2 3x3 convolutions, 2 upsamplings x 4 phases, logits;
 # the first convolution of each of the 2 decoder blocks runs as two, one per input (upsampled,
@@ -29,14 +32,18 @@ from unet_flax import steps  # noqa: E402
 FORWARD_CONVS = 5 * 2 + 2 * 4 + 1 + 2
 
 
-def _config(backend, dtype='float32'):
+def _config(dtype='float32'):
   config = config_lib.defaults()
   config.image_size = 16
   config.widths = (4, 8)
   config.dropout_rate = 0.0
   config.dtype = dtype
-  config.conv_backend = backend
   return config_lib.validate(config)
+
+
+def _forward(config, backend):
+  """models.forward of the config on the convolutions of `backend`."""
+  return models.forward(config, layers.layer_function(backend))
 
 
 def _params(config):
@@ -60,33 +67,31 @@ def _close(actual, expected, rtol):
                              atol=rtol * max(np.abs(expected).max(), 1e-30))
 
 
-def _loss_and_grads(config, params, images, labels):
-  model = models.create(config)
+def _loss_and_grads(config, backend, params, images, labels):
+  forward = _forward(config, backend)
 
   def loss_fn(params):
-    logits = models.logits(model, params, images)
+    logits = forward(params, images)
     return metrics.segmentation_loss(logits, labels, jnp.ones(labels.shape[0], bool))
   fn = jax.jit(jax.value_and_grad(loss_fn))
   return fn(params), fn.lower(params).as_text().count('unet_onednn_conv')
 
 
 def test_conv_backend_choice():
-  assert models.layer_function(_config('xla')) is models.xla_layer
-  assert models.layer_function(_config('onednn')) is onednn.layer
-  assert models.conv_backend(_config('auto')) == ('onednn' if jax.default_backend() == 'cpu'
-                                                  and jax.device_count() == 1 else 'xla')
-  with pytest.raises(errors.UserError, match='conv_backend'):
-    config = _config('xla')
-    config.conv_backend = 'mkl'
-    config_lib.validate(config)
+  assert layers.layer_function('xla') is layers.xla_layer
+  assert layers.layer_function('onednn') is onednn.layer
+  assert layers.resolve_backend('auto') == ('onednn' if jax.default_backend() == 'cpu'
+                                            and jax.device_count() == 1 else 'xla')
+  with pytest.raises(errors.UserError, match='--conv_backend'):
+    layers.resolve_backend('mkl')
 
 
 @pytest.mark.parametrize('batch', [1, 2])
 def test_unet_loss_and_gradients_match_xla(batch):
   images, labels = _batch(batch)
-  params = _params(_config('xla'))
-  (loss_x, grads_x), calls_x = _loss_and_grads(_config('xla'), params, images, labels)
-  (loss_o, grads_o), calls_o = _loss_and_grads(_config('onednn'), params, images, labels)
+  params = _params(_config())
+  (loss_x, grads_x), calls_x = _loss_and_grads(_config(), 'xla', params, images, labels)
+  (loss_o, grads_o), calls_o = _loss_and_grads(_config(), 'onednn', params, images, labels)
   assert calls_x == 0
   # Forward, backward-data and backward-weights of each, but the first layer's input gradient
   # (of the images) is never computed.
@@ -108,11 +113,11 @@ def test_unet_bfloat16_is_as_accurate_as_xla(batch):
   The oneDNN path's relative error of the loss and of all gradients together must be no worse
   than XLA's own bfloat16 path's (within 25%) and under 3%."""
   images, labels = _batch(batch)
-  params = _params(_config('xla'))
-  (loss, grads), _ = _loss_and_grads(_config('xla'), params, images, labels)
+  params = _params(_config())
+  (loss, grads), _ = _loss_and_grads(_config(), 'xla', params, images, labels)
   errors = {}
   for backend in ('xla', 'onednn'):
-    (loss_b, grads_b), calls = _loss_and_grads(_config(backend, 'bfloat16'), params, images,
+    (loss_b, grads_b), calls = _loss_and_grads(_config('bfloat16'), backend, params, images,
                                                labels)
     assert (calls > 0) == (backend == 'onednn')
     errors[backend] = (abs(float(loss_b) - float(loss)) / abs(float(loss)),
@@ -138,18 +143,18 @@ def test_train_step_matches_xla():
   batch = {'image': images, 'label': labels.astype(np.uint8)}
   results = []
   for backend in ('xla', 'onednn'):
-    config = _config(backend)
+    config = _config()
     config.batch_size = 4
     config.num_microbatches = 2
-    state = steps.TrainState.create(apply_fn=models.create(config).apply,
-                                    params=_params(config), tx=optax.sgd(1.0))
-    step = jax.jit(functools.partial(steps.train_step, num_microbatches=2))
+    state = steps.TrainState.create(apply_fn=None, params=_params(config), tx=optax.sgd(1.0))
+    step = jax.jit(functools.partial(steps.train_step, _forward(config, backend),
+                                     num_microbatches=2))
     assert (step.lower(state, batch, jax.random.key(0)).as_text().count('unet_onednn_conv')
             > 0) == (backend == 'onednn')
     results.append(step(state, batch, jax.random.key(0)))
   (state_x, out_x), (state_o, out_o) = results
   _close(out_o['loss'], out_x['loss'], 1e-5)
-  start = _params(_config('xla'))
+  start = _params(_config())
   for path, p in jax.tree_util.tree_leaves_with_path(state_x.params):
     _close(_at(start, path) - _at(state_o.params, path), _at(start, path) - p, 1e-5)
 
@@ -158,21 +163,49 @@ def test_train_step_matches_xla():
 def test_params_of_one_path_predict_on_the_other(trained_on, predicted_on):
   """A checkpoint is its params: those initialised and trained on one path fit the other."""
   images, labels = _batch(2)
-  config = _config(trained_on)
+  config = _config()
   params = models.init_params(config, jax.random.key(0))
-  state = steps.TrainState.create(apply_fn=models.create(config).apply, params=params,
+  state = steps.TrainState.create(apply_fn=None, params=params,
                                   tx=steps.create_optimizer(config))
   batch = {'image': images, 'label': labels.astype(np.uint8)}
-  state, _ = jax.jit(steps.train_step)(state, batch, jax.random.key(0))
-  want = jax.jit(functools.partial(models.logits, models.create(config)))(state.params, images)
-  other = models.create(_config(predicted_on))
-  got = jax.jit(functools.partial(models.logits, other))(state.params, images)
+  trained = _forward(config, trained_on)
+  state, _ = jax.jit(functools.partial(steps.train_step, trained))(state, batch,
+                                                                   jax.random.key(0))
+  want = jax.jit(trained)(state.params, images)
+  got = jax.jit(_forward(config, predicted_on))(state.params, images)
   _close(got, want, 1e-5)
 
 
 def test_export_uses_xla_convolutions():
   """The exported model must load where the extension is not installed."""
-  config = _config('onednn')
-  model = inference.Model(config, 0, _params(config))
-  exported = export.export_model(model, batch_size=1, platforms=('cpu',))
+  config = _config()
+  try:
+    layers.select_backend('onednn')
+    model = inference.make_model(config, 0, _params(config))
+    assert jax.jit(model.forward).lower(model.params, _batch(1)[0]).as_text().count(
+        'unet_onednn_conv') > 0
+    exported = export.export_model(model, batch_size=1, platforms=('cpu',))
+  finally:
+    layers.select_backend('auto')
   assert 'unet_onednn' not in exported.mlir_module()
+
+
+def test_a_crop_mode_run_trains_and_evaluates_on_the_process_backend(tmp_path, capsys):
+  """The trainer's report names the process's convolutions, and its one forward pass, which the
+  crop mode's sliding-window evaluations use too, runs through the extension."""
+  from tests.conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+  config = make_tiny_config(str(tmp_path / 'tfds'))
+  config.update({'input_mode': 'crop', 'crop_size': 16, 'ignore_label': 255,
+                 'steps_per_epoch': 1, 'num_epochs': 1})
+  try:
+    assert layers.select_backend('onednn') == 'onednn'
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    forward = models.forward(config_lib.validate(config))
+    windows = np.zeros((4, 16, 16, 3), np.uint8)
+    assert jax.jit(forward).lower(_params(_config()), windows).as_text().count(
+        'unet_onednn_conv') == FORWARD_CONVS
+  finally:
+    layers.select_backend('auto')
+  out = capsys.readouterr().out
+  assert 'onednn convolutions' in out
+  assert 'eval after epoch 1' in out

@@ -1,4 +1,4 @@
-"""Benchmark: python -m unet_flax.bench [--config configs/default.py] [--batch_sizes 8,16,64]
+"""Benchmark: python bench/speed.py [--config configs/default.py] [--batch_sizes 8,16,64]
 
 Prints, for the config's model at its image size: train-step img/s per batch size, the step's
 FLOPs (XLA's cost analysis) and achieved GFLOP/s, this machine's float32 matmul GFLOP/s measured in
@@ -14,8 +14,9 @@ step is the trainer's own, microbatches included (`micro`: see microbatches.coun
 With --tiles_image=4096 it also times crop-mode predict (the sliding window of tiles.py at
 config.crop_size) on a 4096x4096 image, in megapixels/s; --tiles_only times only that.
 
-Our target on CPU: the train step at 85% of the matmul limit; `of target`
-is the achieved fraction divided by 0.85.
+`of target` is the achieved fraction divided by --target_fraction (0.85 by default: the train
+step at 85% of the matmul limit). Every forward pass is models.forward's, on the process's
+convolutions (--conv_backend).
 """
 
 import functools
@@ -30,16 +31,15 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from unet_flax import input_pipeline
 from unet_flax import cli
+from unet_flax import input_pipeline
+from unet_flax import layers
 from unet_flax import models
 from unet_flax import steps
 from unet_flax import tiles
 from unet_flax.devices import Devices
 
 FLAGS = flags.FLAGS
-TARGET_FRACTION = 0.85  # Our target on CPU, as a fraction of the matmul.
-
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'The model to measure.')
 flags.DEFINE_list('batch_sizes', ['8', '16', '64'], 'Train-step batch sizes.')
 flags.DEFINE_integer('repeats', 3, 'Timed steps per batch size (after one warm-up step).')
@@ -52,6 +52,8 @@ flags.DEFINE_integer('tiles_image', 0,
 flags.DEFINE_bool('tiles_only', False, 'With --tiles_image: time only that.')
 flags.DEFINE_integer('window_batch', 8, 'With --tiles_image: windows per forward pass.',
                      lower_bound=1)
+flags.DEFINE_float('target_fraction', 0.85,
+                   'The fraction of the matmul limit that `of target` divides by.')
 flags.DEFINE_string('json', 'bench.json', 'Where to write the results as JSON ("" for nowhere).')
 
 
@@ -95,9 +97,14 @@ def _batch(config, batch_size: int, devices: Devices) -> dict:
 def model_flops(config, state, batch) -> float:
   """FLOPs of one train step of the chapter's formulation (nn.ConvTranspose upsampling)."""
   # XLA's convolutions: its cost analysis counts no FLOPs in a custom call (oneDNN's).
-  model = models.create(config).clone(fast_upsample=False, layer=models.xla_layer)
-  reference = state.replace(apply_fn=model.apply)
-  lowered = jax.jit(steps.train_step).lower(reference, batch, jax.random.key(0))
+  module = models.create(config, layers.xla_layer).clone(fast_upsample=False)
+
+  def chapters_forward(params, images, dropout_rng=None):
+    train = dropout_rng is not None
+    return module.apply({'params': params}, models.normalize(images), train=train,
+                        rngs={'dropout': dropout_rng} if train else None)
+  step = functools.partial(steps.train_step, chapters_forward)
+  lowered = jax.jit(step).lower(state, batch, jax.random.key(0))
   return lowered.cost_analysis()['flops']
 
 
@@ -108,7 +115,7 @@ def bench_train(config, batch_size: int, repeats: int) -> dict:
   state = jax.jit(functools.partial(steps.create_train_state, config),
                   out_shardings=devices.replicated)(jax.random.key(0))
   batch = {k: v for k, v in _batch(config, batch_size, devices).items() if k != 'mask'}
-  step, _ = steps.compile_steps(config, devices)
+  step, _ = steps.compile_steps(config, devices, models.forward(config))
   start = time.perf_counter()
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
   compile_seconds = time.perf_counter() - start
@@ -135,12 +142,12 @@ def bench_eval(config, batch_size: int, repeats: int) -> dict:
   devices = Devices(batch_size)
   state = jax.jit(functools.partial(steps.create_train_state, config),
                   out_shardings=devices.replicated)(jax.random.key(0))
-  _, evaluate = steps.compile_steps(config, devices)
+  evaluate = steps.compile_eval_step(config, devices, models.forward(config))
   batch = _batch(config, batch_size, devices)
   start = time.perf_counter()
-  compiled = evaluate.lower(state, batch).compile()
+  compiled = evaluate.lower(state.params, batch).compile()
   compile_seconds = time.perf_counter() - start
-  seconds = _timed(compiled, state, batch, repeats=repeats)
+  seconds = _timed(compiled, state.params, batch, repeats=repeats)
   return {'batch_size': batch_size, 'images_per_second': batch_size / seconds,
           'compile_seconds': compile_seconds}
 
@@ -161,9 +168,8 @@ def bench_cached_input(config, batch_size: int, num_examples: int = 2048) -> flo
 def bench_tiles(config, side: int, window_batch: int) -> dict:
   """Megapixels/s of crop-mode predict on one side x side image: windows of config.crop_size
   overlapping by config.tile_overlap, Gaussian-blended, argmax (tiles.sliding_window_classes)."""
-  module = models.create(config)
   params = models.init_params(config, jax.random.key(0))
-  forward = tiles.logits_fn(module)
+  forward = jax.jit(models.forward(config))
   crop = config.crop_size
   image = np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8)
   start = time.perf_counter()
@@ -210,7 +216,7 @@ def main(argv):
       'device': f'{jax.device_count()} x {device.device_kind} ({device.platform})',
       'host': platform.processor() or platform.machine(),
       'image_size': config.image_size, 'widths': list(config.widths), 'dtype': config.dtype,
-      'conv_backend': models.conv_backend(config),
+      'conv_backend': layers.backend(),
   }
   print(f'unet-flax benchmark: {results["device"]}, {config.image_size}x{config.image_size}, '
         f'widths {tuple(config.widths)}, {config.dtype}, {results["conv_backend"]} convolutions',
@@ -230,13 +236,13 @@ def main(argv):
   for batch_size in map(int, FLAGS.batch_sizes):
     r = bench_train(config, batch_size, FLAGS.repeats)
     r['fraction_of_matmul'] = r['gflops_per_second'] / limit
-    r['fraction_of_target'] = r['fraction_of_matmul'] / TARGET_FRACTION
+    r['fraction_of_target'] = r['fraction_of_matmul'] / FLAGS.target_fraction
     results['train'].append(r)
     print(f'{batch_size:>5} {r["microbatches"]:>5} {r["images_per_second"]:>9.2f} '
           f'{r["step_seconds"]:>8.3f} {r["model_gflop"]:>11.1f} {r["xla_gflop"]:>10.1f} '
           f'{r["gflops_per_second"]:>8.1f} {r["fraction_of_matmul"]:>8.1%} '
           f'{r["fraction_of_target"]:>9.2f} {r["compile_seconds"]:>9.1f}', flush=True)
-  results['target_fraction_of_matmul'] = TARGET_FRACTION
+  results['target_fraction_of_matmul'] = FLAGS.target_fraction
 
   eval_batch = int(FLAGS.batch_sizes[-1])
   results['eval'] = bench_eval(config, eval_batch, FLAGS.repeats)

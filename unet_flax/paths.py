@@ -1,0 +1,59 @@
+"""The paths a user gives: made absolute once, output directories made, files written whole."""
+
+import os
+
+from etils import epath
+
+from unet_flax.errors import UserError
+
+
+def absolute(path) -> epath.Path:
+  """A path the user gave -> absolute: `~` expanded, relative to the current directory, symlinks
+  resolved. URLs (gs://bucket/...) are returned as they are.
+
+  Every tool takes paths relative to where the user runs it; resolving them once, where they enter
+  the library, keeps later changes of directory and libraries that need absolute paths (orbax's
+  checkpoints) from seeing anything else.
+  """
+  text = os.fspath(path)
+  if '://' in text:
+    return epath.Path(text)
+  return epath.Path(os.path.realpath(os.path.expanduser(text)))
+
+
+def make_output_dir(path, flag: str) -> epath.Path:
+  """Creates the directory `path` that `flag` names, or raises a UserError saying why not.
+
+  Returns:
+    The directory, absolute (see `absolute`).
+  """
+  path = absolute(path)
+  if path.exists() and not path.is_dir():
+    raise UserError(f'{flag} {path} is a file, not a directory; choose another path')
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'{flag} {path} cannot be created ({e.strerror}); '
+                    'choose a writable path') from None
+  # Root passes permission bits but not a read-only file system: access() checks both.
+  if not os.access(path, os.W_OK):
+    raise UserError(f'{flag} {path} is not writable; choose a writable path')
+  return path
+
+
+def write_atomically(path, write) -> None:
+  """Calls write(temporary path), then renames it to `path`: a failed write leaves no partial
+  file, and an existing `path` stays as it was.
+
+  Raises:
+    UserError: naming `path`, if the disk is full or read-only (OSError).
+  """
+  path = epath.Path(path)
+  temporary = path.parent / f'.{path.name}.partial'
+  try:
+    write(temporary)
+    temporary.replace(path)
+  except OSError as e:
+    temporary.unlink(missing_ok=True)
+    raise UserError(f'cannot write {path} ({e.strerror or e}); free some space or choose a '
+                    'writable place') from None
