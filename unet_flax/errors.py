@@ -6,12 +6,31 @@ It is not a ValueError, so that no `except ValueError` meant for a library's err
 """
 
 import os
+import tempfile
 
 from etils import epath
 
 
+def printable(text) -> str:
+  """`text` safe to print on a terminal: control characters (terminal escape codes, line breaks,
+  carriage returns) and other unprintable ones shown as Python escapes (\\x1b, \\n, \\u202e).
+
+  For anything a user or a file provided: file names, class names, config values.
+  """
+  text = str(text)
+  if text.isprintable():
+    return text
+  return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class UserError(Exception):
-  """Bad input the user can fix: the message names the thing and says what to do."""
+  """Bad input the user can fix: the message names the thing and says what to do.
+
+  The message is made `printable`: it often quotes file and class names, and it is one line.
+  """
+
+  def __init__(self, message='', *args):
+    super().__init__(printable(message), *args)
 
 
 def absolute(path) -> epath.Path:

@@ -15,6 +15,7 @@ import numpy as np
 from etils import epath
 
 from unet_flax import config as config_lib
+from unet_flax import errors
 
 
 def _duration(seconds: float) -> str:
@@ -40,6 +41,31 @@ def iou_table(results: dict, names) -> str:
   lines.append(f'  {"mean":<{width}}  {results["mean_iou"]:6.4f}  {results["mean_dice"]:6.4f}')
   lines.append(f'  pixel accuracy {results["pixel_accuracy"]:.4f}')
   return '\n'.join(lines)
+
+
+def absent_classes(labels, names) -> str | None:
+  """The warning for classes that occur in no training mask, or None if each occurs.
+
+  A class no mask holds is never learnt, and its IoU stays NaN or 0 without a word: usually
+  config.num_classes is larger than the data's classes, or the masks are not what they seem.
+
+  Args:
+    labels: [N, H, W] uint8 arrays of class indices (one or several: a split's labels, or its
+      masks one by one); values past the classes (ignore_label) are not counted.
+    names: the classes' names, one per class.
+  """
+  counts = np.zeros(len(names), np.int64)
+  for array in labels:
+    counts += np.bincount(np.asarray(array).ravel(), minlength=256)[:len(names)]
+  absent = [k for k in range(len(names)) if not counts[k]]
+  if not absent:
+    return None
+  listed = ', '.join(f'{k} ({errors.printable(names[k])!r})' for k in absent)
+  if len(absent) == 1:
+    return (f'warning: class {listed} occurs in no training mask: the model cannot learn it; '
+            'check config.num_classes and the masks')
+  return (f'warning: classes {listed} occur in no training mask: the model cannot learn them; '
+          'check config.num_classes and the masks')
 
 
 class Progress:
