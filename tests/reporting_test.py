@@ -211,3 +211,10 @@ def test_absent_classes_are_found_from_the_labels():
       "warning: class 1 ('b') occurs in no training mask: the model cannot learn it; check "
       'config.num_classes and the masks')
   assert reporting.absent_classes([labels, labels[:, :1]], ('a', 'b'))[:8] == 'warning:'
+
+
+def test_class_names_with_terminal_escapes_are_printed_escaped():
+  names = ('\x1b[2J\x1b[Hbg', 'cat\r', 'dog')
+  table = reporting.iou_table(RESULTS, names)
+  assert '\x1b' not in table and '\r' not in table
+  assert table.splitlines()[1].startswith('  \\x1b[2J\\x1b[Hbg  0.5000')

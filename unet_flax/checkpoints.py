@@ -157,6 +157,7 @@ class Manager:
             f'the checkpoints in {self.workdir} do not fit this config ({"; ".join(differ)}); '
             'use another --workdir or the same model fields')
     if jax.process_index() == 0:
+      errors.refuse_link(path)  # A workdir from someone else: never written through.
       with disk_errors(str(path)):
         path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 

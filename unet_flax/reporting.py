@@ -33,7 +33,8 @@ def iou_table(results: dict, names) -> str:
     names: the classes' names, one per class ('class k' stands in for any missing).
   """
   per_class = results['per_class_iou']
-  names = list(names) + [f'class {k}' for k in range(len(names), len(per_class))]
+  names = [errors.printable(n) for n in names]  # Names come from files: no terminal codes.
+  names += [f'class {k}' for k in range(len(names), len(per_class))]
   width = max(len(n) for n in names + ['mean'])
   lines = [f'  {"class":<{width}}     IoU    Dice']
   for name, iou, dice in zip(names, per_class, results['per_class_dice']):
@@ -139,9 +140,7 @@ class Reporter:
           self._evaluated.add(record['step'])
     text = ''.join(line + '\n' for line in kept)
     if text != path.read_text():
-      temporary = path.parent / (path.name + '.tmp')
-      temporary.write_text(text)
-      temporary.replace(path)
+      errors.write_atomically(path, lambda temporary: temporary.write_text(text))
 
   def evaluated(self, step: int) -> bool:
     """Whether metrics.jsonl holds an evaluation of `step` (after `resume`)."""
