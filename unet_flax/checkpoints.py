@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import os
 import re
 import sys
 import warnings
@@ -73,6 +74,10 @@ def disk_error_reason(e: BaseException, errnos=tuple(_DISK_ERRNOS)) -> tuple[str
   if isinstance(e, ValueError):
     match = _TENSORSTORE_ERRNO.search(str(e))
     code = int(match.group(1)) if match else None
+  if isinstance(e, RuntimeError):
+    # array_record (tfds's writer) raises RuntimeError('... write() failed: No space left on
+    # device; ...'): no errno attribute, only the C library's strerror text of the errno.
+    code = next((c for c in WRITE_ERRNOS if os.strerror(c) in str(e)), None)
   return _DISK_ERRNOS[code] if code in errnos else None
 
 
@@ -89,7 +94,7 @@ def disk_errors(what: str | None, note: str = '', errnos=tuple(_DISK_ERRNOS),
   """
   try:
     yield
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, RuntimeError) as e:
     reason = disk_error_reason(e, errnos)
     if reason is None:
       raise

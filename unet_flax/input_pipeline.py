@@ -90,11 +90,9 @@ def get_builder(dataset: str, data_dir: str | None, mask_pattern: str = '{stem}'
           'synthetic_pets/small, another tfds name, or folder:/path/to/data') from None
   with _tfds_warnings_off():
     prepared = builder.is_prepared()
-  if not prepared:
-    from unet_flax import checkpoints  # pylint: disable=g-import-not-at-top  (orbax: only here)
-    with checkpoints.disk_errors(f'the data set {dataset} in {builder.data_dir_root}',
-                                 flag='--config.data_dir'):
-      builder.download_and_prepare()
+  if not prepared:  # Under a lock: other processes may be preparing it too.
+    from unet_flax import preparation  # pylint: disable=g-import-not-at-top  (orbax: only here)
+    preparation.prepare(builder, dataset)
   return builder
 
 
