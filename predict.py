@@ -7,6 +7,9 @@ workdir alone: its config.json and its latest checkpoint (or --step). A file tha
 is named on stderr and skipped; the exit code is then 1. Photos are read and classified as the
 run's input mode says (unet_flax/modes.py); a crop-mode run predicts each image whole with
 overlapping tiles (unet_flax/tiles.py), and --batch_size is then the number of windows per pass.
+
+Flags go before the images: flag parsing stops at the first image, so that a file a shell glob
+picks up named like a flag (`--out=x.png`) is an image, not a flag.
 """
 
 import sys
@@ -26,6 +29,9 @@ flags.DEFINE_bool('flip_tta', False,
                   'image and its left-right mirror (twice the compute).')
 flags.DEFINE_bool('overwrite', False, 'Replace masks and overlays that exist in --out.')
 flags.mark_flags_as_required(['workdir', 'out'])
+# Not GNU-style: arguments after the first positional one are positional too (photos/*.jpg may
+# expand to '--out=x.png').
+FLAGS.set_gnu_getopt(False)
 
 
 def main(argv):
@@ -33,6 +39,11 @@ def main(argv):
   if not paths:
     raise app.UsageError('no images given; e.g. python predict.py --workdir runs/pets '
                          '--out masks/ photos/*.jpg')
+  import os  # pylint: disable=g-import-not-at-top
+  misplaced = [p for p in paths if p.startswith('--') and not os.path.exists(p)]
+  if misplaced:
+    raise app.UsageError(f'{misplaced[0]} comes after the images; flags go before them, e.g. '
+                         'python predict.py --workdir runs/pets --out masks/ photos/*.jpg')
   from unet_flax import inference  # pylint: disable=g-import-not-at-top  (fast --help)
   model = inference.load_model(FLAGS.workdir, FLAGS.step, flip_tta=FLAGS.flip_tta)
   failed = inference.predict_files(model, paths, FLAGS.out, batch_size=FLAGS.batch_size,

@@ -17,6 +17,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and pictures.')
 config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/default.py.',
                                 lock_config=True)
+flags.DEFINE_bool('allow_nonempty_workdir', False,
+                  'Train in a --workdir that holds files but is not a training run (its '
+                  'config.json, metrics.jsonl and curves.png would be replaced).')
 cli.define_process_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -34,6 +37,8 @@ def main(argv):
     config.to_dict()  # ml_collections loads the file lazily: here.
   except Exception as e:  # pylint: disable=broad-except  (whatever the file's own code raises)
     raise errors.UserError(cli.config_error(filename, e)) from None
+  from unet_flax import workdir  # pylint: disable=g-import-not-at-top
+  workdir.check(FLAGS.workdir, allow_nonempty=FLAGS.allow_nonempty_workdir)
   from unet_flax import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(config, FLAGS.workdir)  # On SIGTERM/SIGINT: saves, returns (exit 0).
 

@@ -51,7 +51,7 @@ def _warnings(capsys) -> list[str]:
   return [l for l in capsys.readouterr().err.splitlines() if l.startswith('warning:')]
 
 
-def test_interrupted_save_is_skipped_and_left_as_it_is(workdir, tiny_config, capsys):
+def test_interrupted_save_is_skipped_then_removed_when_its_step_is_saved(workdir, tiny_config, capsys):
   ckpts = workdir / 'checkpoints'
   tmp = ckpts / '6.orbax-checkpoint-tmp'  # What SIGKILL during orbax's save of step 6 leaves.
   (tmp / 'default').mkdir(parents=True)
@@ -63,13 +63,31 @@ def test_interrupted_save_is_skipped_and_left_as_it_is(workdir, tiny_config, cap
       f'warning: checkpoint {tmp} is incomplete (an interrupted save); skipping it (left as is)']
   assert snapshot(tmp) == before
 
-  # Saving step 6 again: orbax would delete the leftover; it is moved aside instead.
+  # Saving step 6 again: the leftover of the interrupted save holds nothing the new save does not;
+  # it is removed (moved aside, it filled a small disk again after the user freed space).
   manager = checkpoints.Manager(workdir, tiny_config)
   manager.restore_or(_state(tiny_config, 0))
+  capsys.readouterr()
   manager.save(6, _state(tiny_config, 6))
   manager.close()
-  assert snapshot(ckpts / '6.interrupted') == before
+  assert _warnings(capsys) == [
+      f'warning: removed the incomplete checkpoint {tmp} (an interrupted save of step 6), to save '
+      'step 6 in its place']
+  assert sorted(p.name for p in ckpts.iterdir()) == ['2', '4', '6']
   assert _restored_step(workdir, tiny_config) == 6
+
+
+def test_leftovers_moved_aside_by_earlier_versions_are_removed(workdir, tiny_config, capsys):
+  ckpts = workdir / 'checkpoints'
+  for name in ('6.interrupted', '8.interrupted-2'):
+    (ckpts / name / 'default').mkdir(parents=True)
+    (ckpts / name / 'default' / 'd').write_bytes(b'x' * 2 ** 19)
+  capsys.readouterr()
+  assert _restored_step(workdir, tiny_config) == 4
+  assert _warnings(capsys) == [
+      f'warning: removed 2 incomplete checkpoints of interrupted saves (1.0 MiB) from {ckpts}: '
+      '6.interrupted, 8.interrupted-2']
+  assert sorted(p.name for p in ckpts.iterdir()) == ['2', '4']
 
 
 def _truncate_largest_array_file(step_dir):

@@ -103,3 +103,22 @@ def test_a_config_field_given_twice_is_refused(tmp_path):
   assert result.stderr.strip().splitlines() == [
       'error: --config.widths is given more than once; give each config field once']
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_photo_named_like_a_flag_is_a_photo_not_a_flag(tmp_path, trained_workdir):
+  """`predict.py --out masks *.png` where the glob picks up a file named '--out=stolen.png'."""
+  for name in ('a.png', '--out=stolen.png'):
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(tmp_path / name)
+  result = run_script('predict.py', f'--workdir={trained_workdir}', '--out', 'masks', 'a.png',
+                      '--out=stolen.png', cache=tmp_path / 'cache', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert sorted(p.name for p in (tmp_path / 'masks').iterdir()) == [
+      '--out=stolen_mask.png', '--out=stolen_overlay.png', 'a_mask.png', 'a_overlay.png']
+  assert not (tmp_path / 'stolen.png').is_dir()
+  # A flag typed after the images (no such file) is told where flags go.
+  result = run_script('predict.py', f'--workdir={trained_workdir}', '--out', 'masks', 'a.png',
+                      '--overwrite', cache=tmp_path / 'cache', cwd=tmp_path)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      '--overwrite comes after the images; flags go before them, e.g. python predict.py '
+      '--workdir runs/pets --out masks/ photos/*.jpg')

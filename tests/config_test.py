@@ -41,7 +41,8 @@ BAD_VALUES = {
     'ema_decay 1': ({'ema_decay': 1.0}, 'config.ema_decay=1.0 must be a number in [0, 1)'),
     'adam_b1 1.5': ({'adam_b1': 1.5}, 'config.adam_b1=1.5 must be a number in [0, 1)'),
     'num_epochs 0': ({'num_epochs': 0}, f'config.num_epochs=0 {ONE}'),
-    'num_classes 0': ({'num_classes': 0}, 'config.num_classes=0 must be a whole number >= 2'),
+    'num_classes 0': ({'num_classes': 0}, 'config.num_classes=0 must be a whole number in 2..256 '
+                      '(labels are stored as uint8: classes 0..255)'),
     'class_weights of 2 for 3 classes': (
         {'class_weights': (1.0, 2.0)},
         'config.class_weights=(1.0, 2.0) needs one weight per class (config.num_classes=3)'),
@@ -53,7 +54,8 @@ BAD_VALUES = {
         'config.warmup_epochs=5.0 must be below config.num_epochs=5'),
     'schedule linear': ({'schedule': 'linear'},
                         "config.schedule='linear' must be one of constant, warmup_cosine"),
-    'widths empty': ({'widths': ()}, 'config.widths=() must be a tuple of whole numbers >= 1, '
+    'widths empty': ({'widths': ()}, 'config.widths=() must be a tuple of at most 12 whole '
+                     'numbers in 1..8192, '
                      'e.g. (64, 128, 256)'),
     'augment_min_scale 0': ({'augment_min_scale': 0.0},
                             'config.augment_min_scale=0.0 must be a number in (0, 1]'),
@@ -69,6 +71,31 @@ BAD_VALUES = {
         'not a sum over microbatches); set num_microbatches to 0 or 1'),
     'folder without a path': ({'dataset': 'folder:'}, "config.dataset='folder:' names no folder; "
                               'use folder:/path/to/data'),
+    # Sizes are bounded before anything is allocated (issue 23: MemoryError tracebacks).
+    'num_classes 300 (labels are uint8)': (
+        {'num_classes': 300}, 'config.num_classes=300 must be a whole number in 2..256 (labels '
+        'are stored as uint8: classes 0..255)'),
+    'image_size 65536': ({'image_size': 65536}, (
+        'config.image_size=65536 must be at most 8192 (one 65536x65536 image and its mask take '
+        '16.0 GiB as uint8, the first layer\'s activations of one image 1024.0 GiB)')),
+    'crop_size 16384': ({'input_mode': 'crop', 'ignore_label': 255, 'crop_size': 16384}, (
+        'config.crop_size=16384 must be at most 8192 (one 16384x16384 image and its mask take '
+        '1.0 GiB as uint8, the first layer\'s activations of one image 64.0 GiB)')),
+    'batch_size 10**9': ({'batch_size': 10 ** 9}, (
+        'config.batch_size=1000000000 must be at most 65536 (a batch of 128x128 images and '
+        'masks takes 61035.2 GiB as uint8 before the network runs)')),
+    'batch_size x image_size': ({'batch_size': 65536, 'image_size': 1024}, (
+        'config.batch_size=65536 is too large for config.image_size=1024: a batch of images and '
+        'masks takes 256.0 GiB as uint8 (at most 64 GiB); lower either')),
+    'widths too wide': ({'widths': (64, 100000)}, 'config.widths=(64, 100000) must be a tuple '
+                        'of at most 12 whole numbers in 1..8192, e.g. (64, 128, 256)'),
+    'mask_pattern of 300 characters': (
+        {'dataset': 'folder:/data', 'mask_pattern': '{stem}' + 'x' * 294},
+        "config.mask_pattern='{stem}" + 'x' * 73 + "... (300 characters) must be a file name holding '{stem}', at most 200 "
+        "characters, e.g. '{stem}_mask'"),
+    'class_names with a newline': (
+        {'class_names': ('a', 'b\n', 'c')}, "config.class_names=('a', 'b\\n', 'c') must be "
+        'None or a tuple of names, one per class, each at most 100 printable characters'),
 }
 
 
@@ -221,8 +248,8 @@ def test_load_refuses_widths_of_the_wrong_type(stored, value, shown):
   path, fields = stored
   fields['widths'] = value
   path.write_text(json.dumps(fields))
-  assert _load_error(path) == (f'config.widths={shown} in {path} must be a tuple of whole '
-                               'numbers >= 1, e.g. (64, 128, 256)')
+  assert _load_error(path) == (f'config.widths={shown} in {path} must be a tuple of at most 12 '
+                               'whole numbers in 1..8192, e.g. (64, 128, 256)')
 
 
 def test_load_refuses_a_damaged_missing_or_unknown_file(stored):
@@ -255,3 +282,15 @@ def test_class_names_default_to_the_data_sets_own():
   with pytest.raises(errors.UserError, match=r"config.class_names=\('sky',\) needs one name per "
                                              r'class \(config.num_classes=4\)'):
     config_lib.validate(config)
+
+
+def test_validate_warns_of_a_tile_overlap_near_1(capsys):
+  config = config_lib.defaults()
+  config.update({'input_mode': 'crop', 'ignore_label': 255, 'tile_overlap': 0.95})
+  config_lib.validate(config)
+  assert capsys.readouterr().err == (
+      'warning: config.tile_overlap=0.95 moves each 256x256 window by 12 pixels: 3,969 windows '
+      'for a 1000x1000 photo; 0.25 to 0.5 is usual\n')
+  config.tile_overlap = 0.5
+  config_lib.validate(config)
+  assert not capsys.readouterr().err

@@ -155,3 +155,37 @@ def test_to_rgb_handles_16_bit_alpha_and_exif_rotation(tmp_path):
     assert decode.upright_size(turned) == (9, 5)
     np.testing.assert_array_equal(np.asarray(decode.to_rgb(turned)),
                                   np.rot90(gradient_picture(5, 9), k=-1))
+
+
+def test_a_float_picture_holding_nan_is_one_line_naming_it():
+  pixels = np.full((8, 8), 0.5, np.float32)
+  pixels[2, 3] = np.nan
+  data = _encode(Image.fromarray(pixels), 'TIFF')
+  with pytest.raises(errors.UserError) as raised:
+    _picture(data)
+  assert str(raised.value) == (f'{NAME}: holds NaN or infinite values (1 of 64 pixels); replace '
+                               'them with numbers in the file')
+
+
+def test_pictures_past_the_pixel_cap_are_refused_from_the_header(monkeypatch):
+  monkeypatch.setenv('UNET_FLAX_MAX_PIXELS', '1000')
+  big = _encode(Image.new('L', (40, 30)))  # 1200 pixels.
+  for run in (lambda: _picture(big), lambda: _mask(big)):
+    with pytest.raises(errors.UserError) as raised:
+      run()
+    assert str(raised.value) == (
+        f'{NAME}{" (mask)" if "(mask)" in str(raised.value) else ""}: 40x30 is 1,200 pixels, '
+        'more than the 1,000 this program decodes (about 0.0 GB as RGB); set '
+        'UNET_FLAX_MAX_PIXELS to raise the cap if you have the memory')
+  monkeypatch.setenv('UNET_FLAX_MAX_PIXELS', '1200')
+  assert _picture(big).shape == (SIZE, SIZE, 3)
+
+
+def test_read_bytes_refuses_a_fifo_at_once(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  os.mkfifo(tmp_path / 'pipe.png')
+  with pytest.raises(errors.UserError) as raised:
+    decode.read_bytes(tmp_path / 'pipe.png')
+  assert str(raised.value) == (f'{tmp_path / "pipe.png"}: not a regular file (a FIFO); only '
+                               'regular files are read as images: remove it or replace it with '
+                               'the file')

@@ -128,3 +128,131 @@ def test_trains_end_to_end_on_a_folder(tmp_path, tiny_config):
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   (last_eval,) = [l for l in lines if l['split'] == 'eval']
   assert np.sum(last_eval['confusion_matrix']) == 2 * 16 * 16  # Both test images, once.
+
+
+# Hostile and careless files (issue 23): each is one line naming the file, never a traceback.
+
+def _truncated_png(data):
+  """A PNG image of the folder cut inside its pixel data: the header still parses."""
+  stem = next(s for s, (_, _, fmt) in FOLDER_EXAMPLES.items() if fmt == 'PNG')
+  path = data / 'images' / (stem + '.png')
+  path.write_bytes(path.read_bytes()[:80])
+  return path
+
+
+def _every_split_error(root, match):
+  """The one-line error of reading both splits, one of which holds the bad file."""
+  messages = []
+  for split in ('train', 'test'):
+    try:
+      _read(root, split)
+    except errors.UserError as e:
+      messages.append(str(e))
+  assert messages, 'no split was refused'
+  assert all('\n' not in m for m in messages)
+  assert any(__import__('re').search(match, m) for m in messages), messages
+  return messages
+
+
+def test_a_truncated_png_image_is_one_line_naming_it(data):
+  path = _truncated_png(data)
+  _every_split_error(data, rf'{path.name}: cannot decode')
+
+
+def _bad_file(data, make):
+  """Replaces the mask of cat_01 with what make(path) creates there."""
+  path = data / 'masks' / 'cat_01.png'
+  path.unlink()
+  make(path)
+  return path
+
+
+@pytest.mark.parametrize('kind,match', [
+    ('directory', r'cat_01\.png: not a regular file \(a directory\); only regular files are '
+                  r'read as images'),
+    ('symlink loop', r'cat_01\.png: cannot read \(Too many levels of symbolic links\)'),
+    ('dev zero', r'cat_01\.png: not a regular file \(a device\)'),
+    ('fifo', r'cat_01\.png: not a regular file \(a FIFO\)'),
+])
+def test_only_regular_files_are_data_and_reads_never_block(data, kind, match):
+  import os  # pylint: disable=g-import-not-at-top
+  make = {'directory': lambda p: p.mkdir(),
+          'symlink loop': lambda p: p.symlink_to(p),
+          'dev zero': lambda p: p.symlink_to('/dev/zero'),
+          'fifo': lambda p: os.mkfifo(p)}[kind]
+  path = _bad_file(data, make)
+  # A FIFO without a writer blocks open() and read() forever: a thread that is not done in 20 s
+  # marks a hang (then a writer frees it).
+  import threading  # pylint: disable=g-import-not-at-top
+  outcome = []
+  reader = threading.Thread(target=lambda: outcome.append(_every_split_error(data, match)),
+                            daemon=True)
+  reader.start()
+  reader.join(20)
+  if reader.is_alive() and kind == 'fifo':
+    with open(path, 'wb'):
+      pass
+  assert outcome, 'hung or failed'
+
+
+def test_macos_resource_forks_are_not_images(data):
+  (data / 'images' / '._cat_01.jpg').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+  (data / 'masks' / '._cat_01.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+  assert '._cat_01' not in folder.Folder(str(data)).images
+  assert len(_read(data)) == 8
+
+
+def test_mask_pattern_is_plain_substitution_never_format(data):
+  for stem in FOLDER_EXAMPLES:
+    (data / 'masks' / (stem + '.png')).rename(data / 'masks' / (stem + '_{0}.png'))
+  # str.format would read '{0}' as a positional field, and '{stem.__class__}' reaches attributes.
+  assert len(folder.Folder(str(data), '{stem}_{0}').masks) == len(FOLDER_EXAMPLES)
+  with pytest.raises(errors.UserError, match=r"no mask named cat_01\{stem\.__class__\}"):
+    folder.Folder(str(data), '{stem}{stem.__class__}')
+
+
+@pytest.mark.parametrize('encoding', ['utf-8-sig', 'utf-16'])
+def test_lists_and_classes_json_from_windows_editors_are_read(data, encoding):
+  (data / 'test.txt').write_text('dog_02\r\nowl_03\r\n', encoding=encoding)
+  (data / 'classes.json').write_text(json.dumps({'names': ['bg', 'cat', 'dog']}),
+                                     encoding=encoding)
+  data_set = folder.Folder(str(data))
+  assert data_set.stems('test') == ['dog_02', 'owl_03']
+  assert data_set.classes['names'] == ('bg', 'cat', 'dog')
+
+
+def test_a_list_in_an_unknown_encoding_is_one_line(data):
+  (data / 'test.txt').write_bytes(b'dog_02\n\xff\xfe\xfa\x00owl')
+  with pytest.raises(errors.UserError, match=r'test\.txt is not UTF-8 or UTF-16 text; save it as '
+                                             r'UTF-8'):
+    folder.Folder(str(data)).stems('test')
+
+
+def test_alpha_channel_masks_name_the_file_and_the_fix(data):
+  for stem in FOLDER_EXAMPLES:
+    path = data / 'masks' / (stem + '.png')
+    classes = np.asarray(Image.open(path))
+    rgba = np.zeros(classes.shape + (4,), np.uint8)
+    rgba[..., 3] = classes * 100  # Black everywhere; the classes only in the alpha channel.
+    Image.fromarray(rgba).save(path)
+  _every_split_error(data, r'\.png: its classes are in the alpha channel \(its colours are one '
+                           r'colour\); save the alpha channel as a one-channel \(L\) PNG')
+
+
+def test_jpeg_masks_with_compression_noise_are_told_to_use_binary(tmp_path):
+  data = write_folder_data(tmp_path / 'data')
+  for stem in FOLDER_EXAMPLES:
+    path = data / 'masks' / (stem + '.png')
+    classes = np.asarray(Image.open(path))
+    blob = (classes > 0).astype(np.uint8) * 255
+    noisy = np.clip(blob.astype(int) + np.random.default_rng(0).integers(-9, 9, blob.shape), 0,
+                    255).astype(np.uint8)
+    Image.fromarray(noisy).save(path)
+  messages = _every_split_error(data, r'set config\.mask_mode=binary')
+  assert not any('raise config.num_classes' in m for m in messages)
+
+
+def test_damaged_pngs_and_jpegs_are_each_one_line_naming_the_file(tmp_path):
+  from bench import fuzz_folder  # pylint: disable=g-import-not-at-top
+  escapes, kinds = fuzz_folder.fuzz(tmp_path / 'data', 400)
+  assert escapes == 0, kinds

@@ -79,3 +79,47 @@ def test_make_output_dir_refuses_a_file_a_path_through_a_file_and_a_read_only_di
                                              '(Not a directory); choose a writable path')
   read_only = read_only_dir(here)
   assert _refusal(read_only) == f'--out {read_only} is not writable; choose a writable path'
+
+
+# Writes never go through links the program did not make (issue 23).
+
+def test_write_atomically_refuses_a_planted_symlink_and_leaves_its_target(tmp_path):
+  (tmp_path / 'victim').write_text('precious')
+  (tmp_path / 'out').mkdir()
+  (tmp_path / 'out' / 'step_6.json').symlink_to(tmp_path / 'victim')
+  with pytest.raises(errors.UserError) as raised:
+    paths.write_atomically(tmp_path / 'out' / 'step_6.json', lambda t: t.write_text('{}'))
+  assert str(raised.value) == (
+      f'{tmp_path / "out" / "step_6.json"} is a symbolic link (to {tmp_path / "victim"}); this '
+      'program does not write through links it did not make: remove the link, or choose another '
+      'place')
+  assert (tmp_path / 'victim').read_text() == 'precious'
+
+
+def test_write_atomically_never_writes_through_a_planted_temporary(tmp_path):
+  (tmp_path / 'victim').write_text('precious')
+  for name in ('.mask.png.partial', '.mask.png.tmp'):  # The names a fixed scheme would use.
+    (tmp_path / name).symlink_to(tmp_path / 'victim')
+  paths.write_atomically(tmp_path / 'mask.png', lambda t: t.write_text('new'))
+  assert (tmp_path / 'mask.png').read_text() == 'new'
+  assert (tmp_path / 'victim').read_text() == 'precious'
+
+
+def test_two_writers_of_one_file_each_use_their_own_temporary(tmp_path):
+  """Two predicts on one --out: a writer that starts while another is writing the same file."""
+  path = tmp_path / 'a_mask.png'
+  temporaries = []
+
+  def outer(temporary):
+    temporaries.append(temporary)
+    temporary.write_text('outer')
+    paths.write_atomically(path, inner)  # The other process, mid-write.
+
+  def inner(temporary):
+    temporaries.append(temporary)
+    temporary.write_text('inner')
+
+  paths.write_atomically(path, outer)
+  assert path.read_text() == 'outer'  # The last rename wins; neither failed.
+  assert temporaries[0] != temporaries[1]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_mask.png']  # No temporary left.

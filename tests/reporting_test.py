@@ -198,3 +198,23 @@ def test_progress_prints_every_10_seconds_to_a_file_and_in_place_on_a_terminal(c
     progress.update(done)
   assert terminal.getvalue() == ('\revaluated 1/4 images, 1.0 img/s, ETA 3s'
                                  '\revaluated 4/4 images, 2.0 img/s, ETA 0s\n')
+
+
+def test_absent_classes_are_found_from_the_labels():
+  labels = np.array([[[0, 0], [2, 2]], [[0, 2], [0, 0]]], np.uint8)
+  assert reporting.absent_classes([labels], ('bg', 'cat', 'dog')) == (
+      "warning: class 1 ('cat') occurs in no training mask: the model cannot learn it; check "
+      'config.num_classes and the masks')
+  assert reporting.absent_classes([labels[:1], labels[1:]], ('bg', 'x', 'y', 'z')).startswith(
+      "warning: classes 1 ('x'), 3 ('z') occur in no training mask")
+  assert reporting.absent_classes([labels], ('a', 'b', 'c')) == (
+      "warning: class 1 ('b') occurs in no training mask: the model cannot learn it; check "
+      'config.num_classes and the masks')
+  assert reporting.absent_classes([labels, labels[:, :1]], ('a', 'b'))[:8] == 'warning:'
+
+
+def test_class_names_with_terminal_escapes_are_printed_escaped():
+  names = ('\x1b[2J\x1b[Hbg', 'cat\r', 'dog')
+  table = reporting.iou_table(RESULTS, names)
+  assert '\x1b' not in table and '\r' not in table
+  assert table.splitlines()[1].startswith('  \\x1b[2J\\x1b[Hbg  0.5000')

@@ -116,3 +116,56 @@ def test_check_makes_the_workdir_absolute_creating_nothing_and_refuses_a_file(tm
   (tmp_path / 'file').write_text('')
   with pytest.raises(errors.UserError, match=r'^--workdir .*file is a file, not a directory'):
     workdir_lib.check('file')
+
+
+# A workdir of someone else's (issue 23): no write through its links, no user's files replaced.
+
+@pytest.mark.parametrize('name', ['config.json', 'metrics.jsonl', 'checkpoints'])
+def test_a_workdir_whose_files_are_symlinks_is_refused_before_writing(tmp_path, tiny_config,
+                                                                       name):
+  workdir, victim = tmp_path / 'run', tmp_path / 'victim'
+  workdir.mkdir()
+  victim.write_text('precious')
+  (workdir / name).symlink_to(victim)
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert str(raised.value) == (
+      f'--workdir {workdir}: {name} is a symbolic link (to {victim}); a run writes its files '
+      'only in its workdir, never through links: remove the link, or use another --workdir')
+  assert victim.read_text() == 'precious'
+
+
+def test_a_non_empty_directory_that_is_not_a_run_is_refused_unless_allowed(tmp_path):
+  workdir = tmp_path / 'mine'
+  workdir.mkdir()
+  for name in ('config.json', 'metrics.jsonl', 'curves.png'):
+    (workdir / name).write_text('my own')
+  with pytest.raises(errors.UserError) as raised:
+    workdir_lib.check(workdir, allow_nonempty=False)
+  assert str(raised.value) == (
+      f'--workdir {workdir} holds files (config.json, curves.png, metrics.jsonl) but is not a '
+      'unet-flax run (no checkpoints/, no config.json of a run), and training would replace '
+      'them; use a new or empty directory, or pass --allow_nonempty_workdir')
+  assert workdir_lib.check(workdir, allow_nonempty=True) == workdir
+  # A run's own workdir, and an empty one, are fine.
+  (workdir / 'config.json').write_text(json.dumps({'widths': [4, 8], 'num_classes': 3,
+                                                   'image_size': 16, 'dtype': 'float32'}))
+  assert workdir_lib.check(workdir, allow_nonempty=False) == workdir
+  (tmp_path / 'empty').mkdir()
+  assert workdir_lib.check(tmp_path / 'empty', allow_nonempty=False) == tmp_path / 'empty'
+
+
+def test_train_py_refuses_a_users_folder_before_anything_is_written(tmp_path):
+  from tests.conftest import ROOT, run_script, snapshot  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'mine'
+  workdir.mkdir()
+  (workdir / 'curves.png').write_text('my own')
+  before = snapshot(workdir)
+  result = run_script('train.py', '--config', ROOT / 'configs' / 'quickstart.py', '--workdir',
+                      workdir, cache=tmp_path / 'cache')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      f'error: --workdir {workdir} holds files (curves.png) but is not a unet-flax run (no '
+      'checkpoints/, no config.json of a run), and training would replace them; use a new or '
+      'empty directory, or pass --allow_nonempty_workdir']
+  assert snapshot(workdir) == before

@@ -7,8 +7,11 @@ fit is refused before anything is written.
 A checkpoint that is not whole never blocks a resume: an interrupted save (orbax's
 `<step>.orbax-checkpoint-tmp` directory) or a step directory that cannot be restored (a file
 missing or cut short) is reported in one line and skipped, and the newest whole one is restored.
-Nothing is deleted: such a directory is left as it is, and only moved aside (to `<step>.damaged`
-or `<step>.interrupted`) if training reaches that step again, where orbax would delete it.
+A damaged checkpoint is never deleted: it is left as it is, and only moved aside (to
+`<step>.damaged`) if training reaches that step again, where orbax would delete it. An interrupted
+save's temporary directory holds nothing that is not saved again: it is removed when its step is
+saved again (and `<step>.interrupted` directories of earlier versions when a run starts), so that
+it does not fill a small disk again after the user freed space.
 A full or read-only disk is one line naming what could not be written; the checkpoints already
 written stay as they are.
 """
@@ -17,7 +20,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import re
+import shutil
 import sys
 from typing import Any
 
@@ -109,6 +114,7 @@ class Manager:
             f'the checkpoints in {self.workdir} do not fit this config ({"; ".join(differ)}); '
             'use another --workdir or the same model fields')
     if jax.process_index() == 0:
+      paths.refuse_link(path)  # A workdir from someone else: never written through.
       with errors.disk_errors(str(path)):
         path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
@@ -133,6 +139,8 @@ class Manager:
             'skipping it (left as is)')
       self._names.damaged.add(step)
 
+    if self.directory.is_dir():
+      self._remove_interrupted_leftovers()
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       self._warn_interrupted_saves(after=-1)
@@ -153,12 +161,32 @@ class Manager:
       if step.isdigit() and int(step) > after:
         _warn(f'checkpoint {path} is incomplete (an interrupted save); skipping it (left as is)')
 
+  def _remove_interrupted_leftovers(self) -> None:
+    """Removes the `<step>.interrupted*` directories earlier versions moved interrupted saves to:
+    parts of saves that were never whole, which filled small disks again and again."""
+    leftovers = sorted(p for p in self.directory.glob('*.interrupted*') if p.is_dir())
+    if not leftovers or jax.process_index() != 0:
+      return
+    size = sum(os.path.getsize(os.path.join(d, f)) for path in leftovers
+               for d, _, files in os.walk(path) for f in files)
+    for path in leftovers:
+      shutil.rmtree(path, ignore_errors=True)
+    _warn(f'removed {len(leftovers)} incomplete checkpoint{"s" * (len(leftovers) > 1)} of '
+          f'interrupted saves ({size / 2**20:.1f} MiB) from {self.directory}: '
+          f'{", ".join(p.name for p in leftovers)}')
+
   def _clear_way(self, step: int) -> None:
-    """Moves leftovers of `step` aside (never deletes them): orbax would delete them to save it."""
+    """Clears the way for saving `step`, where orbax would delete leftovers: an interrupted save's
+    temporary directory is removed (it holds a part of what is saved now); a damaged checkpoint
+    is moved aside, never deleted."""
     final = self.path(step)
-    leftovers = [(final.parent / (final.name + _TMP_SUFFIX), 'interrupted')]
-    if step in self._names.damaged:
-      leftovers.append((final, 'damaged'))
+    interrupted = final.parent / (final.name + _TMP_SUFFIX)
+    if interrupted.exists():
+      if jax.process_index() == 0:
+        shutil.rmtree(interrupted)
+      _warn(f'removed the incomplete checkpoint {interrupted} (an interrupted save of step '
+            f'{step}), to save step {step} in its place')
+    leftovers = [(final, 'damaged')] if step in self._names.damaged else []
     for path, kind in leftovers:
       if not path.exists():
         continue

@@ -8,6 +8,7 @@ fields), then validated, so that every tool sees one complete, checked config.
 """
 
 import json
+import sys
 
 import ml_collections
 from etils import epath
@@ -30,6 +31,19 @@ PET_CLASS_NAMES = ('pet', 'background', 'border')
 # conv_backend is now a setting of the process, each tool's --conv_backend flag.
 _RETIRED_FIELDS = ('conv_backend',)
 NORMALIZATIONS = ('none', 'group')  # models.ConvBlock's normalization.
+# Bounds checked before anything is allocated (a config.json may come from anyone):
+# labels are uint8, so at most 256 classes; an 8192x8192 image and its mask are 256 MiB as uint8
+# and its first layer's float32 activations at width 64 are 16 GiB, beyond any one accelerator;
+# a host batch of uint8 images and masks is held whole, so at most 64 GiB of it.
+MAX_CLASSES = 256
+MAX_SIDE = 8192
+MAX_BATCH_SIZE = 65536
+MAX_BATCH_BYTES = 64 * 2 ** 30
+MAX_WIDTH, MAX_LEVELS = 8192, 12
+MAX_PATTERN = 200  # mask_pattern: a file name (most file systems allow 255 bytes).
+MAX_NAME = 100  # A class name.
+# tile_overlap from which a warning says how many windows a photo takes.
+WARN_TILE_OVERLAP = 0.9
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -150,19 +164,25 @@ _CHECKS = {
     'data_dir': _OPTIONAL_STRING,
     'train_split': _STRING,
     'eval_split': _STRING,
-    'image_size': _int_at_least(1),
+    'image_size': _int_at_least(1),  # And <= MAX_SIDE: _check_sizes.
     'input_mode': (lambda v: v in INPUT_MODES, f'must be one of {", ".join(INPUT_MODES)}'),
     'crop_size': _int_at_least(1),
     'scale': _in_range(0, None, low_open=True),
     'tile_overlap': _in_range(0, 1, high_open=True),
     'cache_bytes': _int_at_least(0),
-    'num_classes': _int_at_least(2),
+    'num_classes': (lambda v: _is_int(v) and 2 <= v <= MAX_CLASSES,
+                    f'must be a whole number in 2..{MAX_CLASSES} (labels are stored as uint8: '
+                    f'classes 0..{MAX_CLASSES - 1})'),
     'class_names': (lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) > 0 and all(
-        isinstance(n, str) and n for n in v)), 'must be None or a tuple of names, one per class'),
+        isinstance(n, str) and n and len(n) <= MAX_NAME and n.isprintable() for n in v)),
+                    'must be None or a tuple of names, one per class, each at most '
+                    f'{MAX_NAME} printable characters'),
     'ignore_label': (lambda v: v is None or (_is_int(v) and 0 <= v <= 255),
                      'must be None or a mask value in 0..255'),
-    'mask_pattern': (lambda v: isinstance(v, str) and '{stem}' in v and '/' not in v,
-                     "must be a file name holding '{stem}', e.g. '{stem}_mask'"),
+    'mask_pattern': (lambda v: isinstance(v, str) and '{stem}' in v and len(v) <= MAX_PATTERN
+                     and '/' not in v and v.isprintable(),
+                     f"must be a file name holding '{{stem}}', at most {MAX_PATTERN} characters, "
+                     "e.g. '{stem}_mask'"),
     'mask_mode': (lambda v: v in MASK_MODES, f'must be one of {", ".join(MASK_MODES)}'),
     'mask_values': (lambda v: v is None or _mask_values_or_none(v) is not None,
                     "must be None or 'value:class,...' of whole numbers, e.g. '0:0,255:1'"),
@@ -173,9 +193,10 @@ _CHECKS = {
     'augment_min_scale': _in_range(0, 1, low_open=True),
     'augment_brightness': _in_range(0, 1, high_open=True),
     'augment_contrast': _in_range(0, 1, high_open=True),
-    'widths': (lambda v: isinstance(v, (tuple, list)) and len(v) > 0
-               and all(_is_int(w) and w >= 1 for w in v),
-               'must be a tuple of whole numbers >= 1, e.g. (64, 128, 256)'),
+    'widths': (lambda v: isinstance(v, (tuple, list)) and 0 < len(v) <= MAX_LEVELS
+               and all(_is_int(w) and 1 <= w <= MAX_WIDTH for w in v),
+               f'must be a tuple of at most {MAX_LEVELS} whole numbers in 1..{MAX_WIDTH}, e.g. '
+               '(64, 128, 256)'),
     'dropout_rate': _in_range(0, 1, high_open=True),
     'normalization': (lambda v: v in NORMALIZATIONS,
                       f'must be one of {", ".join(NORMALIZATIONS)}'),
@@ -238,7 +259,48 @@ def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def _fail(name: str, value, requirement: str, where: str = '') -> errors.UserError:
-  return errors.UserError(f'config.{name}={value!r}{where} {requirement}')
+  shown = repr(value)
+  if len(shown) > 80:  # A value from a file may be of any length: the line stays a line.
+    shown = f'{shown[:80]}... ({len(value)} characters)' if isinstance(value, str) else (
+        f'{shown[:80]}...')
+  return errors.UserError(f'config.{name}={shown}{where} {requirement}')
+
+
+def _gib(n: float) -> str:
+  return f'{n / 2 ** 30:.1f} GiB'
+
+
+def _check_sizes(config, where: str) -> None:
+  """Refuses sizes whose arrays would not fit any machine, saying how much they would take."""
+  for name in ('image_size', 'crop_size'):
+    side = config[name]
+    if side > MAX_SIDE:
+      raise _fail(name, side, f'must be at most {MAX_SIDE} (one {side}x{side} image and its mask '
+                  f'take {_gib(side * side * 4)} as uint8, the first layer\'s activations of one '
+                  f'image {_gib(side * side * config.widths[0] * 4)})', where)
+  side = config.crop_size if config.input_mode == 'crop' else config.image_size
+  batch_bytes = config.batch_size * side * side * 4  # uint8 RGB image + mask.
+  if config.batch_size > MAX_BATCH_SIZE:
+    raise _fail('batch_size', config.batch_size, f'must be at most {MAX_BATCH_SIZE} (a batch of '
+                f'{side}x{side} images and masks takes {_gib(batch_bytes)} as uint8 before the '
+                'network runs)', where)
+  if batch_bytes > MAX_BATCH_BYTES:
+    field = 'crop_size' if config.input_mode == 'crop' else 'image_size'
+    raise _fail('batch_size', config.batch_size, f'is too large for config.{field}={side}: a '
+                f'batch of images and masks takes {_gib(batch_bytes)} as uint8 (at most '
+                f'{MAX_BATCH_BYTES // 2 ** 30} GiB); lower either', where)
+
+
+def _warn_tile_overlap(config) -> None:
+  """A tile_overlap near 1 moves windows by a few pixels: a photo takes thousands of windows."""
+  if config.input_mode != 'crop' or config.tile_overlap < WARN_TILE_OVERLAP:
+    return
+  crop = config.crop_size
+  stride = max(1, int(crop * (1 - config.tile_overlap)))  # As tiles.window_starts steps.
+  per_side = -(-max(1000 - crop, 0) // stride) + 1
+  print(f'warning: config.tile_overlap={config.tile_overlap:g} moves each {crop}x{crop} window '
+        f'by {stride} pixels: {per_side ** 2:,} windows for a 1000x1000 photo; 0.25 to 0.5 is '
+        'usual', file=sys.stderr, flush=True)
 
 
 def _image_size_problem(size: int, levels: int) -> str | None:
@@ -341,7 +403,9 @@ def validate(config: ml_collections.ConfigDict, where: str = '') -> ml_collectio
     if not check(values[name]):
       raise _fail(name, values[name], requirement, where)
   config = ml_collections.ConfigDict(values)
+  _check_sizes(config, where)
   _check_relations(config, where)
+  _warn_tile_overlap(config)
   if config.data_dir is not None:
     config.data_dir = str(paths.absolute(config.data_dir))
   folder = folder_path(config.dataset)

@@ -8,6 +8,8 @@ file.
 
 import dataclasses
 import io
+import os
+import stat
 import sys
 import threading
 
@@ -15,6 +17,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+from etils import epath
 
 from unet_flax import errors
 
@@ -25,6 +28,18 @@ MASK_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
 # EXIF orientations 5-8 turn the picture by 90 degrees.
 _TURNED = (5, 6, 7, 8)
 _MAX_COLLAPSE_WARNINGS = 5
+# Files larger than this are refused before they are read: no image or mask of a data set is
+# near it (an uncompressed 16-bit RGB TIFF at the pixel cap is 0.8 GB), while a link to a device
+# or a huge file would otherwise be read until the memory runs out.
+MAX_FILE_BYTES = 2 * 1024 ** 3
+# The most pixels an image may have to be decoded, unless UNET_FLAX_MAX_PIXELS says more:
+# 2**27 (11585x11585) is 0.4 GB as RGB uint8, and predict holds several float copies of it.
+# Pillow's own limit (about 179M pixels) is higher, and a 20 KB PNG can hold 13000x13000.
+DEFAULT_MAX_PIXELS = 2 ** 27
+MAX_PIXELS_ENV = 'UNET_FLAX_MAX_PIXELS'
+_FILE_KINDS = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO'),
+               (stat.S_ISCHR, 'a device'), (stat.S_ISBLK, 'a device'),
+               (stat.S_ISSOCK, 'a socket'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +103,73 @@ def reason(e: BaseException) -> str:
   return message.splitlines()[0][:160] if message else type(e).__name__
 
 
+def read_bytes(path) -> bytes:
+  """The bytes of the regular file at `path`, read without blocking and at most MAX_FILE_BYTES.
+
+  Only regular files are data: a directory, FIFO (whose open would wait for a writer), device
+  (/dev/zero never ends) or socket is refused before a byte is read. URLs (gs://...) are read
+  through etils.
+
+  Raises:
+    UserError: naming the file, if it is missing, a symlink loop, not a regular file, larger than
+      MAX_FILE_BYTES or unreadable.
+  """
+  if '://' in os.fspath(path):
+    return epath.Path(path).read_bytes()
+  try:
+    # O_NONBLOCK: opening a FIFO returns at once (then fstat refuses it); no effect on files.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+  except OSError as e:
+    raise errors.UserError(f'{path}: cannot read ({reason(e)})') from None
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), 'not a file')
+      raise errors.UserError(f'{path}: not a regular file ({kind}); only regular files are read '
+                             'as images: remove it or replace it with the file')
+    if info.st_size > MAX_FILE_BYTES:
+      raise errors.UserError(f'{path}: {info.st_size / 2**30:.1f} GiB, larger than the '
+                             f'{MAX_FILE_BYTES / 2**30:.0f} GiB an image may have; remove it or '
+                             'save it smaller')
+    with os.fdopen(fd, 'rb', closefd=False) as f:
+      return f.read(MAX_FILE_BYTES + 1)[:MAX_FILE_BYTES]
+  except OSError as e:
+    raise errors.UserError(f'{path}: cannot read ({reason(e)})') from None
+  finally:
+    os.close(fd)
+
+
+def max_pixels() -> int:
+  """The most pixels an image may have: $UNET_FLAX_MAX_PIXELS, else DEFAULT_MAX_PIXELS.
+
+  Raises:
+    UserError: if the variable is not a whole number >= 1.
+  """
+  text = os.environ.get(MAX_PIXELS_ENV)
+  if text is None:
+    return DEFAULT_MAX_PIXELS
+  if not text.strip().isdigit() or int(text) < 1:
+    raise errors.UserError(f'{MAX_PIXELS_ENV}={text!r} is not a whole number of pixels >= 1; fix '
+                           'or unset it')
+  return int(text)
+
+
+def check_pixels(image: Image.Image, what) -> Image.Image:
+  """`image` (opened, not decoded) if its header's size is within `max_pixels()`.
+
+  Raises:
+    UserError: naming `what`, with the size and how to raise the cap.
+  """
+  width, height = image.size
+  cap = max_pixels()
+  if width * height > cap:
+    raise errors.UserError(
+        f'{what}: {width}x{height} is {width * height:,} pixels, more than the {cap:,} this '
+        f'program decodes (about {width * height * 3 / 1e9:.1f} GB as RGB); set {MAX_PIXELS_ENV} '
+        'to raise the cap if you have the memory')
+  return image
+
+
 def upright_size(image: Image.Image) -> tuple[int, int]:
   """(height, width) of an opened image as shown, i.e. after its EXIF rotation."""
   width, height = image.size
@@ -108,6 +190,11 @@ def to_rgb(image: Image.Image, max_value: float | None = None, what: str = '') -
   image = ImageOps.exif_transpose(image)
   if image.mode.startswith('I') or image.mode == 'F':
     pixels = np.asarray(image, np.float32)
+    finite = np.isfinite(pixels)
+    if not finite.all():  # NaN would become black (0) below, with a bare RuntimeWarning.
+      raise errors.UserError(f'{what or "a picture"}: holds NaN or infinite values '
+                             f'({finite.size - int(finite.sum()):,} of {finite.size:,} pixels); '
+                             'replace them with numbers in the file')
     if max_value is None:
       if image.mode.startswith('I;16') or pixels.max() > 255:
         max_value = 65535.0
@@ -130,9 +217,17 @@ def mask_values(image: Image.Image, what: str) -> np.ndarray:
   Palette masks give their indices, grey saved as RGB(A) its grey; a mask's alpha means nothing.
 
   Raises:
-    UserError: naming `what`, for a colour picture (its colours are not classes).
+    UserError: naming `what`, for a colour picture (its colours are not classes), or a mask whose
+      classes are in its alpha channel (one colour under an alpha that varies).
   """
   image = ImageOps.exif_transpose(image)
+  if 'A' in image.mode and image.mode in ('LA', 'La', 'PA', 'RGBA', 'RGBa'):
+    alpha = np.asarray(image.getchannel('A'))
+    colours = np.asarray(image.convert('RGB' if image.mode == 'PA' else image.mode[:-1]))
+    if (colours == colours.flat[0]).all() and (alpha != alpha.flat[0]).any():
+      raise errors.UserError(
+          f'{what}: its classes are in the alpha channel (its colours are one colour); save the '
+          'alpha channel as a one-channel (L) PNG, e.g. Image.open(f).getchannel("A").save(f)')
   if image.mode in ('LA', 'La', 'PA'):
     image = image.getchannel(0)
   if image.mode in MASK_MODES:
@@ -174,7 +269,7 @@ def decode(data, size: int | None, kind: str, what: str,
     else:
       if not len(data):
         raise errors.UserError(f'{what}: the file is empty (0 bytes); remove or replace it')
-      image = Image.open(io.BytesIO(data))
+      image = check_pixels(Image.open(io.BytesIO(data)), what)
       if kind == 'picture' and size is not None:
         # JPEG decodes straight to the smallest scale (1/2, 1/4, 1/8) still >= size: 2-4x faster.
         image.draft('RGB', (size, size))
@@ -192,19 +287,6 @@ def decode(data, size: int | None, kind: str, what: str,
   except DECODE_ERRORS as e:
     raise errors.UserError(
         f'{what}: cannot decode ({reason(e)}); remove or replace the file') from None
-
-
-def read_bytes(path) -> bytes:
-  """The bytes of the file at `path`, for `decode`.
-
-  Raises:
-    UserError: naming the file, if it is missing or cannot be read.
-  """
-  try:
-    with open(path, 'rb') as f:
-      return f.read()
-  except OSError as e:
-    raise errors.UserError(f'{path}: cannot read ({reason(e)})') from None
 
 
 def picture_size(data: bytes, what: str) -> tuple[int, int]:

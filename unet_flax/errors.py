@@ -7,12 +7,31 @@ It is not a ValueError, so that no `except ValueError` meant for a library's err
 
 import contextlib
 import errno
+import os
 import re
 import warnings
 
 
+def printable(text) -> str:
+  """`text` safe to print on a terminal: control characters (terminal escape codes, line breaks,
+  carriage returns) and other unprintable ones shown as Python escapes (\\x1b, \\n, \\u202e).
+
+  For anything a user or a file provided: file names, class names, config values.
+  """
+  text = str(text)
+  if text.isprintable():
+    return text
+  return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class UserError(Exception):
-  """Bad input the user can fix: the message names the thing and says what to do."""
+  """Bad input the user can fix: the message names the thing and says what to do.
+
+  The message is made `printable`: it often quotes file and class names, and it is one line.
+  """
+
+  def __init__(self, message='', *args):
+    super().__init__(printable(message), *args)
 
 
 # Write failures that the user fixes on the disk, not in the code: errno -> (what, what to do).
@@ -36,6 +55,10 @@ def disk_error_reason(e: BaseException, errnos=tuple(DISK_ERRNOS)) -> tuple[str,
   if isinstance(e, ValueError):
     match = _TENSORSTORE_ERRNO.search(str(e))
     code = int(match.group(1)) if match else None
+  if isinstance(e, RuntimeError):
+    # array_record (tfds's writer) raises RuntimeError('... write() failed: No space left on
+    # device; ...'): no errno attribute, only the C library's strerror text of the errno.
+    code = next((c for c in WRITE_ERRNOS if os.strerror(c) in str(e)), None)
   return DISK_ERRNOS[code] if code in errnos else None
 
 
@@ -52,7 +75,7 @@ def disk_errors(what: str | None, note: str = '', errnos=tuple(DISK_ERRNOS),
   """
   try:
     yield
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, RuntimeError) as e:
     reason = disk_error_reason(e, errnos)
     if reason is None:
       raise
@@ -61,4 +84,4 @@ def disk_errors(what: str | None, note: str = '', errnos=tuple(DISK_ERRNOS),
     filename = e.filename if isinstance(e, OSError) and e.filename else None
     what = (what or filename or 'a file') + (f' ({filename})' if what and filename else '')
     raise UserError(f'cannot write {what}: {reason[0]}; {reason[1]} or choose another '
-                           f'{flag}{note}') from None
+                    f'{flag}{note}') from None

@@ -24,7 +24,9 @@ The folder holds:
 
 `num_classes` comes from the config. Each problem (a missing mask, an image and mask of
 different sizes, a value that is no class, an unreadable file) is a one-line UserError naming
-the file and, where a config field fixes it, the field.
+the file and, where a config field fixes it, the field. Only regular files are data (a directory,
+FIFO or device named like an image is refused before it is read: decode.read_bytes); macOS's
+'._*' files are skipped; lists and classes.json may be UTF-8 or UTF-16 with a byte-order mark.
 """
 
 import dataclasses
@@ -55,7 +57,8 @@ def _by_stem(directory: epath.Path) -> dict[str, epath.Path]:
   """The image files of `directory` by stem; two files of one stem are refused."""
   files = {}
   for path in sorted(directory.iterdir()):
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
+    # '._x.jpg': macOS's AppleDouble metadata beside x.jpg on a non-Mac disk, not an image.
+    if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith('._'):
       continue
     if path.stem in files:
       raise errors.UserError(f'{files[path.stem]} and {path} have the same stem; rename or '
@@ -81,7 +84,8 @@ class Folder:
     mask_files = _by_stem(masks)
     self.masks = {}
     for stem, path in self.images.items():
-      name = mask_pattern.format(stem=stem)
+      # Plain substitution: str.format would reach attributes ('{stem.__class__}') and pad.
+      name = mask_pattern.replace('{stem}', stem)
       if name not in mask_files:
         hint = ('; set config.mask_pattern to how masks are named, e.g. \'{stem}_mask\''
                 if mask_files else '')
@@ -96,7 +100,7 @@ class Folder:
     if not path.exists():
       return None
     try:
-      classes = json.loads(path.read_text())
+      classes = json.loads(read_text(path))
       names = classes['names']
       colours = classes.get('colours', classes.get('colors'))
       ok = (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)
@@ -116,7 +120,7 @@ class Folder:
   def _read_list(self, split: str) -> list[str]:
     path = self.root / f'{split}.txt'
     stems = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
       name = line.strip()
       if not name:
         continue
@@ -152,10 +156,27 @@ class Folder:
     return [Example(self.images[s], self.masks[s]) for s in self.stems(split)]
 
 
-def _header(path: epath.Path, data: bytes) -> Image.Image:
-  """PIL's image of `data`, the header only; a UserError naming `path` if it is not an image."""
+def read_text(path: epath.Path) -> str:
+  """A list or classes.json as text: UTF-8, with or without a byte-order mark, or UTF-16 with
+  one (what Windows editors save).
+
+  Raises:
+    UserError: naming the file, if it is none of these.
+  """
+  data = decode.read_bytes(path)
+  encoding = 'utf-16' if data[:2] in (b'\xff\xfe', b'\xfe\xff') else 'utf-8-sig'
   try:
-    return Image.open(io.BytesIO(data))
+    return data.decode(encoding)
+  except UnicodeDecodeError:
+    raise errors.UserError(f'{path} is not UTF-8 or UTF-16 text; save it as UTF-8') from None
+
+
+def _upright_size(path: epath.Path, data: bytes) -> tuple[int, int]:
+  """(height, width) as shown, from the header and EXIF of `data`; a UserError naming `path` if it
+  is not an image or has more pixels than decode.max_pixels()."""
+  try:
+    # getexif() reads past the header (a cut-short PNG fails there): inside the handled block.
+    return decode.upright_size(decode.check_pixels(Image.open(io.BytesIO(data)), path))
   except decode.DECODE_ERRORS as e:
     raise errors.UserError(f'{path}: cannot decode ({decode.reason(e)}); remove or replace the '
                            'file') from None
@@ -177,10 +198,10 @@ def decode_example(example: Example, size: int | None, num_classes: int,
     UserError: naming the file, for an unreadable image or mask, a mask whose size differs from
       its image's (both upright), or a value that is no class, saying which config field fixes it.
   """
-  data = example.image.read_bytes()
-  image_size = decode.upright_size(_header(example.image, data))
+  data = decode.read_bytes(example.image)
+  image_size = _upright_size(example.image, data)
   kind = {'values': 'mask', 'binary': 'grey', 'colour': 'rgb'}[options.mask_mode]
-  stored = decode.decode(example.mask.read_bytes(), None, kind, str(example.mask))
+  stored = decode.decode(decode.read_bytes(example.mask), None, kind, str(example.mask))
   if stored.shape[:2] != image_size:
     raise errors.UserError(
         f'{example.mask} is {stored.shape[1]}x{stored.shape[0]} but its image {example.image} is '
@@ -233,6 +254,12 @@ def _classes(stored: np.ndarray, path, num_classes: int, options: decode.Options
   return values.astype(np.uint8)
 
 
+def _black_and_white(values: np.ndarray) -> bool:
+  """Whether 8-bit values cluster near 0 and near 255 (both), as JPEG-saved 0/255 masks do."""
+  dark, light = values <= 48, values >= 207
+  return bool(dark.any() and light.any() and (dark | light).mean() >= 0.95)
+
+
 def _pairs(mask_values) -> str:
   return ','.join(f'{v}:{k}' for v, k in mask_values)
 
@@ -242,6 +269,9 @@ def _fix(values: np.ndarray, num_classes: int) -> str:
   found = set(np.unique(values).tolist())
   if found <= {0, 255} and num_classes == 2:
     return 'for 0/255 masks set config.mask_mode=binary'
+  if max(found) <= 255 and _black_and_white(values):
+    return ('these look like black/white masks with compression noise (JPEG): set '
+            'config.mask_mode=binary and config.num_classes=2')
   if 255 in found and max(found - {255}, default=0) < num_classes:
     return ("if 255 means 'don't care' set config.ignore_label=255, else raise "
             'config.num_classes or map values with config.mask_values')

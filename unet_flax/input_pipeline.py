@@ -30,6 +30,7 @@ from unet_flax import config as config_lib
 from unet_flax import decode
 from unet_flax import errors
 from unet_flax import folder
+from unet_flax import preparation
 from unet_flax.config import FOLDER_PREFIX
 
 # Oxford trimaps: 1 pet, 2 background, 3 border; the model's classes are 0, 1, 2.
@@ -90,10 +91,8 @@ def _builder(dataset: str, data_dir: str | None):
           'synthetic_pets/small, another tfds name, or folder:/path/to/data') from None
   with _tfds_warnings_off():
     prepared = builder.is_prepared()
-  if not prepared:
-    with errors.disk_errors(f'the data set {dataset} in {builder.data_dir_root}',
-                            flag='--config.data_dir'):
-      builder.download_and_prepare()
+  if not prepared:  # Under a lock: other processes may be preparing it too.
+    preparation.prepare(builder, dataset)
   return builder
 
 

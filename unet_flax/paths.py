@@ -1,6 +1,7 @@
 """The paths a user gives: made absolute once, output directories made, files written whole."""
 
 import os
+import secrets
 
 from etils import epath
 
@@ -41,15 +42,31 @@ def make_output_dir(path, flag: str) -> epath.Path:
   return path
 
 
+def refuse_link(path) -> None:
+  """Raises a UserError if `path` is a symbolic link: outputs are never written through a link
+  this program did not make (a planted one would send the write anywhere)."""
+  text = os.fspath(path)
+  if '://' not in text and os.path.islink(text):
+    raise UserError(f'{path} is a symbolic link (to {os.readlink(text)}); this program does not '
+                    'write through links it did not make: remove the link, or choose another '
+                    'place')
+
+
 def write_atomically(path, write) -> None:
   """Calls write(temporary path), then renames it to `path`: a failed write leaves no partial
   file, and an existing `path` stays as it was.
 
+  The temporary's name is unique to this call (process id and random bits), so that two
+  processes writing one file never share it, and no planted link can be in its place; the rename
+  replaces `path` itself, never a file a link at `path` points to (such a link is refused).
+
   Raises:
-    UserError: naming `path`, if the disk is full or read-only (OSError).
+    UserError: naming `path`, if it is a symbolic link, or the disk is full or read-only
+      (OSError).
   """
   path = epath.Path(path)
-  temporary = path.parent / f'.{path.name}.partial'
+  refuse_link(path)
+  temporary = path.parent / f'.{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial'
   try:
     write(temporary)
     temporary.replace(path)

@@ -15,6 +15,8 @@ import numpy as np
 from etils import epath
 
 from unet_flax import config as config_lib
+from unet_flax import errors
+from unet_flax import paths
 
 
 def _duration(seconds: float) -> str:
@@ -32,7 +34,8 @@ def iou_table(results: dict, names) -> str:
     names: the classes' names, one per class ('class k' stands in for any missing).
   """
   per_class = results['per_class_iou']
-  names = list(names) + [f'class {k}' for k in range(len(names), len(per_class))]
+  names = [errors.printable(n) for n in names]  # Names come from files: no terminal codes.
+  names += [f'class {k}' for k in range(len(names), len(per_class))]
   width = max(len(n) for n in names + ['mean'])
   lines = [f'  {"class":<{width}}     IoU    Dice']
   for name, iou, dice in zip(names, per_class, results['per_class_dice']):
@@ -40,6 +43,31 @@ def iou_table(results: dict, names) -> str:
   lines.append(f'  {"mean":<{width}}  {results["mean_iou"]:6.4f}  {results["mean_dice"]:6.4f}')
   lines.append(f'  pixel accuracy {results["pixel_accuracy"]:.4f}')
   return '\n'.join(lines)
+
+
+def absent_classes(labels, names) -> str | None:
+  """The warning for classes that occur in no training mask, or None if each occurs.
+
+  A class no mask holds is never learnt, and its IoU stays NaN or 0 without a word: usually
+  config.num_classes is larger than the data's classes, or the masks are not what they seem.
+
+  Args:
+    labels: [N, H, W] uint8 arrays of class indices (one or several: a split's labels, or its
+      masks one by one); values past the classes (ignore_label) are not counted.
+    names: the classes' names, one per class.
+  """
+  counts = np.zeros(len(names), np.int64)
+  for array in labels:
+    counts += np.bincount(np.asarray(array).ravel(), minlength=256)[:len(names)]
+  absent = [k for k in range(len(names)) if not counts[k]]
+  if not absent:
+    return None
+  listed = ', '.join(f'{k} ({errors.printable(names[k])!r})' for k in absent)
+  if len(absent) == 1:
+    return (f'warning: class {listed} occurs in no training mask: the model cannot learn it; '
+            'check config.num_classes and the masks')
+  return (f'warning: classes {listed} occur in no training mask: the model cannot learn them; '
+          'check config.num_classes and the masks')
 
 
 class Progress:
@@ -113,9 +141,7 @@ class Reporter:
           self._evaluated.add(record['step'])
     text = ''.join(line + '\n' for line in kept)
     if text != path.read_text():
-      temporary = path.parent / (path.name + '.tmp')
-      temporary.write_text(text)
-      temporary.replace(path)
+      paths.write_atomically(path, lambda temporary: temporary.write_text(text))
 
   def evaluated(self, step: int) -> bool:
     """Whether metrics.jsonl holds an evaluation of `step` (after `resume`)."""

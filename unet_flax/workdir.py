@@ -21,17 +21,32 @@ from unet_flax import errors
 from unet_flax import paths
 
 LOCK_FILE = '.lock'
+CONFIG_FILE = 'config.json'  # checkpoints.CONFIG_FILE (not imported: orbax is slow to import).
+# What a run writes in its workdir: none of them may be a link (a workdir from someone else
+# could send the writes anywhere).
+RUN_FILES = (CONFIG_FILE, 'checkpoints', 'metrics.jsonl', 'tensorboard', 'predictions',
+             'curves.png', 'eval', LOCK_FILE)
 
 
-def check(workdir) -> epath.Path:
+def check(workdir, allow_nonempty: bool = True) -> epath.Path:
   """The workdir, absolute, if it can be used; creates nothing (Lock does, when taken).
 
+  Args:
+    workdir: the --workdir given.
+    allow_nonempty: False: a directory that holds files but is not a run (`is_run`) is refused,
+      since training would replace a user's own config.json, metrics.jsonl or curves.png.
+
   Raises:
-    UserError: if it is a file, or it does not exist and cannot be created.
+    UserError: if it is a file, cannot be created, holds a link where a run writes a file, or
+      (allow_nonempty False) holds files of something other than a run.
   """
   path = paths.absolute(workdir)
   if path.exists() and not path.is_dir():
     raise errors.UserError(f'--workdir {path} is a file, not a directory; choose another path')
+  if path.is_dir():
+    _refuse_links(path)
+    if not allow_nonempty:
+      _refuse_other_files(path)
   existing = path
   while not existing.exists() and existing.parent != existing:
     existing = existing.parent
@@ -43,6 +58,39 @@ def check(workdir) -> epath.Path:
     raise errors.UserError(f'--workdir {path} cannot be created ({os.strerror(why)}); choose a '
                            'writable path')
   return path
+
+
+def _refuse_links(path: epath.Path) -> None:
+  for name in RUN_FILES:
+    if os.path.islink(path / name):
+      raise errors.UserError(
+          f'--workdir {path}: {name} is a symbolic link (to {os.readlink(path / name)}); a run '
+          'writes its files only in its workdir, never through links: remove the link, or use '
+          'another --workdir')
+
+
+def is_run(path: epath.Path) -> bool:
+  """Whether the directory is a training run's workdir: it has checkpoints/, or a config.json
+  that holds a run's model fields."""
+  from unet_flax import config as config_lib  # pylint: disable=g-import-not-at-top
+  if (path / 'checkpoints').is_dir():
+    return True
+  try:
+    stored = json.loads((path / CONFIG_FILE).read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(stored, dict) and all(
+      name in stored for name in config_lib.MODEL_FIELDS if name != 'normalization')
+
+
+def _refuse_other_files(path: epath.Path) -> None:
+  names = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
+  if names and not is_run(path):
+    shown = ', '.join(names[:5]) + (f' and {len(names) - 5} more' if len(names) > 5 else '')
+    raise errors.UserError(
+        f'--workdir {path} holds files ({shown}) but is not a unet-flax run (no checkpoints/, no '
+        'config.json of a run), and training would replace them; use a new or empty directory, '
+        'or pass --allow_nonempty_workdir')
 
 
 def _alive(pid: int) -> bool:
