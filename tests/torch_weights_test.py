@@ -202,10 +202,17 @@ def test_every_other_global_is_refused(tmp_path, name):
     torch_weights.load_state_dict(path)
 
 
-def test_a_file_cut_short_is_a_user_error(tmp_path):
+@pytest.mark.parametrize('damage', ['truncated', 'count past the end'])
+def test_a_file_cut_short_is_a_user_error(tmp_path, damage):
   state, storages, _ = example()
   path = legacy_file(tmp_path / 'w.pth', state, storages)
-  path.write_bytes(path.read_bytes()[:-5])
+  data = path.read_bytes()
+  if damage == 'truncated':
+    data = data[:-5]
+  else:  # A storage's element count far past the file's end: refused before any allocation.
+    first = storages['0'][:2].tobytes()
+    data = data.replace(struct.pack('<q', 12) + first, struct.pack('<q', 2**60) + first)
+  path.write_bytes(data)
   with pytest.raises(errors.UserError, match=r'w\.pth is cut short; copy or download it again'):
     torch_weights.load_state_dict(path)
 

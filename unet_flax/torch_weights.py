@@ -108,10 +108,12 @@ class _Unpickler(pickle.Unpickler):
 def _read_storage(f, dtype: np.dtype) -> np.ndarray:
   """A legacy file's storage at f's position: its int64 count, then its elements."""
   count = int.from_bytes(f.read(8), 'little', signed=True)
-  data = f.read(count * dtype.itemsize)
-  if len(data) < count * dtype.itemsize or count < 0:
+  if count < 0:
+    raise ValueError(f'a storage of {count} elements')
+  size = count * dtype.itemsize
+  if size > os.fstat(f.fileno()).st_size - f.tell():  # Before reading: no allocation of a lie.
     raise EOFError
-  return np.frombuffer(data, dtype)
+  return np.frombuffer(f.read(size), dtype)
 
 
 def _load_legacy(f) -> tuple[object, dict]:
