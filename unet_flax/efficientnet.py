@@ -20,6 +20,7 @@ import importlib.util
 import os
 from typing import Any, NamedTuple
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -280,25 +281,23 @@ def imagenet_params(source='imagenet') -> tuple[dict, dict]:
     used.add(name)
     return state[name]
 
-  def fold(path_, leaf):
-    keys = tuple(k.key for k in path_)
-    if keys == ('head', 'fc', 'kernel'):
-      return tensor('_fc.weight', leaf.shape[::-1]).T.astype(np.float32)
-    if keys == ('head', 'fc', 'bias'):
-      return tensor('_fc.bias', leaf.shape).astype(np.float32)
-    conv, bn = _torch_names(keys[1:-1])
-    kh, kw, i, o = leaf.shape if keys[-1] == 'kernel' else shapes_by_conv[keys[:-1]]
-    kernel, bias = fold_batch_norm(
-        tensor(f'{conv}.weight', (o, i, kh, kw)),
-        *(tensor(f'{bn}.{s}', (o,)) for s in ('weight', 'bias', 'running_mean', 'running_var')))
-    return kernel if keys[-1] == 'kernel' else bias
-
-  shapes = jax.eval_shape(EfficientNetLite0Classifier().init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))['params']
-  shapes_by_conv = {tuple(k.key for k in p[:-1]): leaf.shape
-                    for p, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
-                    if p[-1].key == 'kernel'}
-  params = jax.tree_util.tree_map_with_path(fold, shapes)
+  # The Flax shapes of every parameter: {('encoder', 'block_3', 'depthwise', 'kernel'): ...}.
+  shapes = traverse_util.flatten_dict(jax.eval_shape(
+      EfficientNetLite0Classifier().init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))['params'])
+  params = {}
+  for key, shape in ((k, v.shape) for k, v in shapes.items()):
+    if key == ('head', 'fc', 'kernel'):  # nn.Linear's weight is [out, in].
+      params[key] = tensor('_fc.weight', shape[::-1]).T.astype(np.float32)
+    elif key == ('head', 'fc', 'bias'):
+      params[key] = tensor('_fc.bias', shape).astype(np.float32)
+    elif key[-1] == 'kernel':
+      conv, bn = _torch_names(key[1:-1])
+      kh, kw, i, o = shape
+      params[key], params[key[:-1] + ('bias',)] = fold_batch_norm(
+          tensor(f'{conv}.weight', (o, i, kh, kw)),
+          *(tensor(f'{bn}.{s}', (o,)) for s in ('weight', 'bias', 'running_mean', 'running_var')))
+  params = traverse_util.unflatten_dict(params)
   unused = sorted(k for k in state if k not in used and not k.endswith('num_batches_tracked'))
   if unused:
     raise errors.UserError(f"weights file {path} has the tensor '{unused[0]}' (and {len(unused)} "
