@@ -59,7 +59,8 @@ def main():
   start = time.perf_counter()
   top1 = []
   for i in range(0, len(paths), args.batch_size):
-    top1.extend(np.asarray(classify(np.stack([load_photo(p) for p in paths[i:i + args.batch_size]]))))
+    batch = np.stack([load_photo(p) for p in paths[i:i + args.batch_size]])
+    top1.extend(np.asarray(classify(batch)))
   seconds = time.perf_counter() - start
   is_pet = np.array([c in DOGS or c in CATS for c in top1])
   every_third = is_pet[::3]
