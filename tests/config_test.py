@@ -16,10 +16,10 @@ ONE = 'must be a whole number >= 1'
 
 # (fields changed from the defaults, the whole message). The defaults' widths are (64, 128, 256).
 BAD_VALUES = {
-    'image_size 30': ({'image_size': 30}, 'config.image_size=30 is not divisible by 8 (the 3 '
-                      'levels of widths each halve it); use 24 or 32'),
-    'image_size 4': ({'image_size': 4}, 'config.image_size=4 is not divisible by 8 (the 3 levels '
-                     'of widths each halve it); use 8'),
+    'image_size 30': ({'image_size': 30}, 'config.image_size=30 is not divisible by 8 (the '
+                      'encoder halves it 3 times); use 24 or 32'),
+    'image_size 4': ({'image_size': 4}, 'config.image_size=4 is not divisible by 8 (the encoder '
+                     'halves it 3 times); use 8'),
     'image_size 0': ({'image_size': 0}, f'config.image_size=0 {ONE}'),
     'log_every_steps 0': ({'log_every_steps': 0}, f'config.log_every_steps=0 {ONE}'),
     'checkpoint_every_steps 0': ({'checkpoint_every_steps': 0},
@@ -209,7 +209,8 @@ def test_load_gives_a_deleted_non_model_field_todays_default(stored):
   assert loaded.widths == (4, 8) and loaded.image_size == 16  # The rest as stored.
 
 
-@pytest.mark.parametrize('field', [f for f in config_lib.MODEL_FIELDS if f != 'normalization'])
+@pytest.mark.parametrize('field', [f for f in config_lib.MODEL_FIELDS
+                                   if f not in config_lib._LATER_MODEL_FIELDS])  # pylint: disable=protected-access
 def test_load_refuses_a_deleted_model_field(stored, field):
   path, fields = stored
   del fields[field]
@@ -294,3 +295,41 @@ def test_validate_warns_of_a_tile_overlap_near_1(capsys):
   config.tile_overlap = 0.5
   config_lib.validate(config)
   assert not capsys.readouterr().err
+
+
+def test_a_pretrained_encoders_fields_and_sizes_are_checked():
+  config = config_lib.defaults()
+  config.encoder_weights = 'imagenet'
+  with pytest.raises(errors.UserError, match=r"^config.encoder_weights='imagenet' is for a "
+                     r"pretrained config.encoder"):
+    config_lib.validate(config)
+  config = config_lib.defaults()
+  config.encoder = 'efficientnet_lite0'
+  config.image_size = 48
+  with pytest.raises(errors.UserError, match=r'^config.image_size=48 is not divisible by 32 \(the '
+                     r'encoder halves it 5 times\); use 32 or 64'):
+    config_lib.validate(config)
+  config.image_size = 64
+  config.encoder = 'resnet'
+  with pytest.raises(errors.UserError, match=r"^config.encoder='resnet' must be one of unet, "
+                     r'efficientnet_lite0'):
+    config_lib.validate(config)
+  config.encoder, config.encoder_weights = 'efficientnet_lite0', 'weights/lite0.pth'
+  assert config_lib.validate(config).encoder_weights.endswith('/weights/lite0.pth')
+  assert config_lib.validate(config).encoder_weights.startswith('/')
+
+
+def test_load_reads_runs_older_than_the_encoder_and_the_process_backend(stored):
+  """Runs stored before config.encoder are the chapter's U-Net; conv_backend, once a field, is
+  now each tool's --conv_backend flag: a stored one is dropped, a given one refused."""
+  path, fields = stored
+  del fields['encoder']
+  fields['conv_backend'] = 'onednn'
+  path.write_text(json.dumps(fields))
+  loaded = config_lib.load(path)
+  assert loaded.encoder == 'unet' and 'conv_backend' not in loaded
+  config = config_lib.defaults()
+  config.conv_backend = 'xla'
+  assert _one_line_error(config) == ('config.conv_backend is no longer a config field: the '
+                                     'convolutions are a setting of the process; pass '
+                                     '--conv_backend=VALUE to the tool instead')

@@ -17,6 +17,7 @@ from tests.conftest import reference_flip_tta_logits
 from tests.conftest import run_script
 from tests.conftest import write_folder_data
 from unet_flax import checkpoints
+from unet_flax import errors
 from unet_flax import evaluation
 from unet_flax import inference
 from unet_flax import input_pipeline
@@ -198,3 +199,21 @@ def test_evaluate_cli_reports_a_missing_workdir_in_one_line(tmp_path):
   assert result.stderr.strip() == (f'error: --workdir {tmp_path / "nowhere"} is not a directory; '
                                    'pass the --workdir of a training run '
                                    '(python train.py --workdir ...)')
+
+
+def test_evaluate_never_writes_through_a_link_planted_in_a_received_workdir(trained_workdir,
+                                                                            tmp_path):
+  """A workdir from someone else whose eval/step_6.json links to a file of the user's: refused
+  in one line, the file untouched."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'received'
+  shutil.copytree(trained_workdir, workdir)
+  shutil.rmtree(workdir / 'eval', ignore_errors=True)
+  (workdir / 'eval').mkdir()
+  victim = tmp_path / 'victim.txt'
+  victim.write_text('mine')
+  (workdir / 'eval' / 'step_6.json').symlink_to(victim)
+  with pytest.raises(errors.UserError, match=r'step_6.json is a symbolic link \(to .*victim.txt\)'):
+    evaluation.evaluate_workdir(workdir, worst_k=0, log=lambda _: None)
+  assert victim.read_text() == 'mine'
+  assert sorted(p.name for p in (workdir / 'eval').iterdir()) == ['step_6.json']

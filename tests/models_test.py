@@ -8,6 +8,7 @@ import numpy as np
 
 from tests.conftest import make_tiny_config
 from tests.conftest import reference_flip_tta_logits
+from unet_flax import config as config_lib
 from unet_flax import models
 
 
@@ -123,3 +124,44 @@ def test_forward_is_the_modules_apply_on_normalized_uint8_with_dropout_only_give
                          rngs={'dropout': key})
   np.testing.assert_allclose(forward(params, images, key), trained, rtol=1e-6, atol=1e-6)
   assert np.abs(np.asarray(trained) - np.asarray(want)).max() > 1e-4  # Dropout did something.
+
+
+def _pretrained_config(size=32):
+  config = make_tiny_config(None)
+  config.update({'encoder': 'efficientnet_lite0', 'image_size': size, 'dropout_rate': 0.0})
+  return config
+
+
+def test_a_pretrained_encoder_is_one_registry_entry_under_the_chapters_decoder():
+  config = _pretrained_config()
+  module = models.create(config)
+  assert isinstance(module, models.PretrainedUNet)
+  params = models.init_params(config, jax.random.key(0))
+  assert set(params) == {'encoder', 'logits', *(f'{kind}_{i}' for kind in ('upsample', 'up')
+                                                  for i in range(5))}
+  # The decoder: per level the chapter's Upsample (3x3 transposed convolution) and ConvBlock,
+  # whose first convolution sees [upsampled, the encoder's feature of that stride].
+  skips = (112, 40, 24, 16, 0)
+  widths = models.DECODER_WIDTHS
+  below = (320,) + widths[:-1]
+  for i, (width, skip, c) in enumerate(zip(widths, skips, below)):
+    assert params[f'upsample_{i}']['kernel'].shape == (3, 3, c, width)
+    assert params[f'up_{i}']['Conv_0']['kernel'].shape == (3, 3, width + skip, width)
+  assert params['logits']['kernel'].shape == (1, 1, widths[-1], 3)
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
+  logits = models.forward(config)(params, images)
+  assert logits.shape == (2, 32, 32, 3) and logits.dtype == jnp.float32
+  # The chapter's model is untouched: the same count as Keras's.
+  assert models.param_count(jax.eval_shape(
+      lambda: models.init_params(config_lib.defaults(), jax.random.key(0)))) == 8_557_635
+
+
+def test_with_pretrained_replaces_the_encoder_and_nothing_else():
+  config = _pretrained_config()
+  params = models.init_params(config, jax.random.key(0))
+  pretrained = {'encoder': jax.tree.map(np.ones_like, params['encoder'])}
+  merged = models.with_pretrained(params, pretrained)
+  assert all((np.asarray(x) == 1).all() for x in jax.tree.leaves(merged['encoder']))
+  assert merged['logits'] is params['logits']
+  assert models.with_pretrained(params, None) is params
+  assert models.pretrained_params(config) is None  # No encoder_weights: random.

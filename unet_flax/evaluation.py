@@ -188,7 +188,10 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
   split = split or config.eval_split
   stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution,
                       flip_tta, no_ema, data_dir)
+  paths.refuse_link(stem.parent)  # A received workdir's planted eval/ link: never written through.
   paths.make_output_dir(stem.parent, '--out')  # A full or read-only place fails before work.
+  for suffix in ('.json', '_confusion.png', '_worst.png'):
+    paths.refuse_link(f'{stem}{suffix}')
   source = input_pipeline.open_source(dataset, data_dir, config.num_classes,
                                       decode.Options.from_config(config))
   originals = input_pipeline.encoded_originals(source, split)
@@ -236,6 +239,7 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
       'files': files,
   })
   with errors.disk_errors(files['json'], flag='--out'):
-    epath.Path(files['json']).write_text(json.dumps(report, indent=2) + '\n')
+    paths.write_atomically(files['json'], lambda temporary: temporary.write_text(
+        json.dumps(report, indent=2) + '\n'))
   log('wrote ' + ', '.join(reporting.shown(f) for f in files.values()))
   return report

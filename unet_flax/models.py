@@ -1,8 +1,9 @@
 """The U-Net of the chapter, in Flax linen, and the one forward pass on uint8 images.
 
 Nothing here knows about data or training: `UNet` maps images [B, H, W, 3] to per-class logits
-[B, H, W, num_classes]; the softmax belongs to the loss. `create(config)` is the one place a
-model is built; `init_params` gives its parameters (or only their shapes, under jax.eval_shape);
+[B, H, W, num_classes]; the softmax belongs to the loss. `PretrainedUNet` is the same decoder
+under a pretrained encoder (ENCODERS, chosen by config.encoder: one more encoder is one more
+entry). `create(config)` is the one place a model is built; `init_params` gives its parameters (or only their shapes, under jax.eval_shape);
 `forward(config)` is THE forward pass, built once per process and passed to whoever needs it:
 the train step, the trainer's evaluations, evaluate, predict, the sliding window, export and the
 benchmark. `flip_tta(forward)` wraps it. The convolutions, and their backends, are layers.py's.
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from unet_flax import efficientnet
 from unet_flax import layers
 
 # (params, images [B, H, W, 3] uint8, dropout_rng=None) -> logits [B, H, W, K] float32; with a
@@ -112,6 +114,60 @@ class UNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+class PretrainedUNet(nn.Module):
+  """A pretrained encoder under the chapter's decoder.
+
+  The encoder gives features at strides 2, 4, 8, 16 and 32; from the deepest, each decoder level
+  upsamples (`layers.Upsample`: the 3x3 stride-2 transposed convolution), concatenates the
+  encoder's feature of that stride and runs a ConvBlock; one more level without a skip brings it
+  back to full resolution, and a 1x1 convolution gives the logits.
+
+  Attributes:
+    encoder: the encoder's module class (ENCODERS), taking dtype and layer.
+    num_classes: logits per pixel.
+    decoder_widths: features of each decoder level, deepest first (one per encoder stride).
+    dropout_rate: dropout on the deepest feature, as the chapter's after its bottleneck.
+    dtype, layer, normalization: as UNet's.
+  """
+
+  encoder: Any
+  num_classes: int = 3
+  decoder_widths: Sequence[int] = (256, 128, 64, 32, 16)
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+  layer: layers.LayerFunction = layers.xla_layer
+  normalization: str = 'none'
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    """images: [B, H, W, 3] float in [0, 1], H and W divisible by the encoder's largest stride.
+
+    Returns:
+      logits: [B, H, W, num_classes] float32.
+    """
+    features = self.encoder(dtype=self.dtype, layer=self.layer, name='encoder')(images)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(features[-1])
+    skips = list(reversed(features[:-1])) + [None]  # Strides 16, 8, 4, 2, then the full size.
+    block = functools.partial(ConvBlock, dtype=self.dtype, layer=self.layer,
+                              normalization=self.normalization)
+    for i, (width, skip) in enumerate(zip(self.decoder_widths, skips, strict=True)):
+      x = layers.Upsample(width, dtype=self.dtype, layer=self.layer, name=f'upsample_{i}')(x)
+      x = block(width, name=f'up_{i}')(x, skip)
+    x = layers.Conv(self.num_classes, (1, 1), dtype=self.dtype, layer=self.layer,
+                    name='logits')(x)
+    return x.astype(jnp.float32)
+
+
+# Pretrained encoders by config.encoder: the module, and the reader of its starting weights
+# (source -> the encoder's parameter tree). config.ENCODER_LEVELS holds how often each halves.
+# segmentation_models_pytorch's U-Net decoder widths.
+DECODER_WIDTHS = (256, 128, 64, 32, 16)
+ENCODERS = {
+    'efficientnet_lite0': (efficientnet.EfficientNetLite0Encoder,
+                           lambda source: efficientnet.imagenet_params(source)[0]),
+}
+
+
 def param_count(params) -> int:
   return sum(p.size for p in jax.tree_util.tree_leaves(params))
 
@@ -120,9 +176,12 @@ def create(config: ml_collections.ConfigDict,
            layer: layers.LayerFunction = layers.xla_layer) -> UNet:
   """The U-Net of a run's config (widths, num_classes, dropout_rate, dtype, normalization), its
   convolutions computed by `layer` (which changes no parameter)."""
-  return UNet(num_classes=config.num_classes, widths=tuple(config.widths),
-              dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
-              normalization=config.normalization, layer=layer)
+  common = dict(num_classes=config.num_classes, dropout_rate=config.dropout_rate,
+                dtype=jnp.dtype(config.dtype), normalization=config.normalization, layer=layer)
+  if config.encoder in ENCODERS:
+    return PretrainedUNet(encoder=ENCODERS[config.encoder][0], decoder_widths=DECODER_WIDTHS,
+                          **common)
+  return UNet(widths=tuple(config.widths), **common)
 
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array):
@@ -132,6 +191,24 @@ def init_params(config: ml_collections.ConfigDict, rng: jax.Array):
   """
   images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
   return create(config).init(rng, images, train=False)['params']
+
+
+def pretrained_params(config: ml_collections.ConfigDict) -> dict | None:
+  """{'encoder': the pretrained encoder's starting parameters} (numpy float32), read from
+  config.encoder_weights; None where there are none (the chapter's U-Net, or no weights).
+
+  Raises:
+    UserError: naming the package or file and the fix, if the weights cannot be read or do not
+      fit the encoder (efficientnet.imagenet_params).
+  """
+  if config.encoder not in ENCODERS or config.encoder_weights is None:
+    return None
+  return {'encoder': ENCODERS[config.encoder][1](config.encoder_weights)}
+
+
+def with_pretrained(params, pretrained: dict | None):
+  """params with the subtrees of `pretrained` (pretrained_params) in place of theirs."""
+  return params if pretrained is None else {**params, **pretrained}
 
 
 def normalize(images: jax.Array) -> jax.Array:

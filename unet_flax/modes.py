@@ -90,6 +90,10 @@ class Mode(abc.ABC):
     """(this process's shard of the train split, the eval split, a line describing them)."""
 
   @abc.abstractmethod
+  def labels_in_memory(self, split) -> list[np.ndarray]:
+    """The label arrays of a split that are in memory (nothing is decoded for this)."""
+
+  @abc.abstractmethod
   def batch_shape(self) -> tuple[int, int]:
     """(height, width) of every train batch's pictures."""
 
@@ -197,6 +201,9 @@ class Resize(Mode):
         f'{train.num_examples} train and {evaluation.num_examples} eval examples at {size}x{size}'
         f', decoded in {time.perf_counter() - started:.1f}s')
 
+  def labels_in_memory(self, split):
+    return [split.labels]
+
   def batch_shape(self):
     return self.config.image_size, self.config.image_size
 
@@ -296,6 +303,9 @@ class Crop(Mode):
         f'{held / 2**20:.1f} MiB in memory'
         + (f', {uncached} decoded on the fly (config.cache_bytes)' if uncached else '')
         + f', read in {time.perf_counter() - started:.1f}s')
+
+  def labels_in_memory(self, split):
+    return [labels for _, labels in filter(None, split.cached)]
 
   def batch_shape(self):
     return self.config.crop_size, self.config.crop_size

@@ -59,16 +59,32 @@ def create_optimizer(config: ml_collections.ConfigDict,
     learning_rate = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         decay_steps=config.num_epochs * steps_per_epoch)
-  adam = optax.adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+  tx = optax.adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+  if config.encoder in models.ENCODERS:  # A pretrained encoder: its updates scaled.
+    tx = optax.chain(tx, _encoder_scale(config, steps_per_epoch))
   return optax.apply_if_finite(
-      adam, max_consecutive_errors=_NEVER_GIVE_UP if config.skip_nonfinite_updates else 0)
+      tx, max_consecutive_errors=_NEVER_GIVE_UP if config.skip_nonfinite_updates else 0)
+
+
+def _encoder_scale(config: ml_collections.ConfigDict,
+                   steps_per_epoch: int | None) -> optax.GradientTransformation:
+  """The pretrained encoder's updates times 0 for its first config.encoder_frozen_epochs epochs,
+  then times config.encoder_lr_scale; the decoder's unchanged."""
+  if config.encoder_frozen_epochs and steps_per_epoch is None:
+    raise ValueError('config.encoder_frozen_epochs needs steps_per_epoch')
+  frozen = round(config.encoder_frozen_epochs * (steps_per_epoch or 0))
+  scale = float(config.encoder_lr_scale)
+  return optax.masked(
+      optax.scale_by_schedule(lambda count: jnp.where(count < frozen, 0.0, scale)),
+      lambda params: {name: name == 'encoder' for name in params})
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
-                       steps_per_epoch: int | None = None) -> TrainState:
-  """The model's initial parameters, Adam's state, and with config.ema_decay their moving
-  average, which starts as a copy of them (see create_optimizer for the arguments)."""
-  params = models.init_params(config, rng)
+                       steps_per_epoch: int | None = None, pretrained=None) -> TrainState:
+  """The model's initial parameters (with the subtrees of `pretrained`, models.pretrained_params,
+  in place of the random ones), Adam's state, and with config.ema_decay their moving average,
+  which starts as a copy of them (see create_optimizer for the other arguments)."""
+  params = models.with_pretrained(models.init_params(config, rng), pretrained)
   ema_params = jax.tree.map(jnp.copy, params) if config.ema_decay else None
   return TrainState.create(apply_fn=None, params=params,
                            tx=create_optimizer(config, steps_per_epoch), ema_params=ema_params)

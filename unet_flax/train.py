@@ -8,6 +8,7 @@ mode. Only train.py (the entry point) and the tests import it.
 """
 
 import functools
+import sys
 import time
 
 import jax
@@ -62,6 +63,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
   devices = Devices(config.batch_size)
   workdir = workdir_lib.check(workdir)
   mode = modes.get(config)
+  # A pretrained encoder's weights are read once, into the first checkpoint: a resume never
+  # needs them. Read here, so a missing package or a bad file stops before anything is written.
+  pretrained = (models.pretrained_params(config) if not checkpoints.restorable_steps(workdir)
+                else None)
   try:
     # Until the workdir is written, a signal stops the run at once: nothing is lost.
     with preemption.Notice(at_once=True) as notice:
@@ -75,6 +80,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
       train_data, eval_data, described = mode.read_splits(source)
       if jax.process_index() == 0:
         print(f'data: {described}', flush=True)
+        absent = reporting.absent_classes(mode.labels_in_memory(train_data), config.class_names)
+        if absent:
+          print(absent, file=sys.stderr, flush=True)
       notice.check()
   except preemption.Stopped as e:
     print(f'stopped by {e} while preparing the data, before training; nothing was written to '
@@ -88,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
       with (errors.disk_errors(None, errnos=errors.WRITE_ERRNOS),
             preemption.Notice() as notice):
         return _train(config, mode, per_epoch, train_data, eval_data, devices, manager, report,
-                      notice)
+                      notice, pretrained)
     finally:
       manager.close()  # Waits for the last checkpoint, also when stopping on an error.
       report.close()
@@ -96,15 +104,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
 
 def _train(config, mode: modes.Mode, per_epoch: int, train_data, eval_data, devices: Devices,
            manager: checkpoints.Manager, report: reporting.Reporter,
-           notice: preemption.Notice) -> steps.TrainState:
+           notice: preemption.Notice, pretrained: dict | None) -> steps.TrainState:
   forward = models.forward(config)  # The process's convolutions (layers.backend()).
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   state = jax.jit(functools.partial(steps.create_train_state, config,
                                     steps_per_epoch=per_epoch),
-                  out_shardings=devices.replicated)(init_rng)
+                  out_shardings=devices.replicated)(init_rng, pretrained=pretrained)
   microbatches = steps.num_microbatches(config, devices)
-  report.text(f'model: {models.param_count(state.params):,} parameters, '
+  encoder = (f'{config.encoder} encoder' + (f' from {config.encoder_weights} weights'
+                                            if config.encoder_weights else '')
+             if config.encoder in models.ENCODERS else "the chapter's U-Net")
+  report.text(f'model: {encoder}, {models.param_count(state.params):,} parameters, '
               f'{jax.device_count()} {devices.platform} device(s), '
               f'{jax.process_count()} process(es), {layers.backend()} convolutions'
               + (f', gradients summed over {microbatches} microbatches a step'
