@@ -1,5 +1,6 @@
 """Segments your own images: python predict.py --workdir runs/pets --out masks/ photos/*.jpg
 
+Takes image files, directories (their images) and glob patterns (photos/*.jpg, quoted or not).
 Writes <out>/<stem>_mask.png (a palette PNG: the pixel values are the classes 0..K-1, shown in
 the class colours, at the image's own resolution) and <out>/<stem>_overlay.png (the photo tinted
 by class, with a legend) for every image, of any size and mode. The model is rebuilt from the
@@ -45,6 +46,7 @@ def main(argv):
     raise app.UsageError(f'{misplaced[0]} comes after the images; flags go before them, e.g. '
                          'python predict.py --workdir runs/pets --out masks/ photos/*.jpg')
   from unet_flax import inference  # pylint: disable=g-import-not-at-top  (fast --help)
+  paths = inference.expand_inputs(paths)
   model = inference.load_model(FLAGS.workdir, FLAGS.step, flip_tta=FLAGS.flip_tta)
   failed = inference.predict_files(model, paths, FLAGS.out, batch_size=FLAGS.batch_size,
                                    overwrite=FLAGS.overwrite)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_flax import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_flax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_flax import sources
 
 # Every host augmentation on, at the strengths the README's figures were measured with.
 AUGMENTATION = {'augment_flip': True, 'augment_min_scale': 0.6, 'augment_brightness': 0.1,
@@ -40,7 +41,7 @@ _worker_decode = None
 
 def _start_worker(dataset, split, data_dir, image_size, num_classes):
   global _worker_decode
-  source = input_pipeline.open_source(dataset, data_dir, num_classes)
+  source = sources.open_source(dataset, data_dir, num_classes)
   _, _worker_decode = source.reader(split, image_size)
 
 
@@ -51,7 +52,7 @@ def _decode_chunk(indices):
 
 def first_pass_processes(args, workers: int) -> float:
   """Seconds for the split through a spawned process pool, start-up included."""
-  total = input_pipeline.open_source(args.dataset, args.data_dir, 3).num_examples(args.split)
+  total = sources.open_source(args.dataset, args.data_dir, 3).num_examples(args.split)
   chunks = [range(i, min(i + 64, total)) for i in range(0, total, 64)]
   started = time.perf_counter()
   with concurrent.futures.ProcessPoolExecutor(
@@ -64,7 +65,7 @@ def first_pass_processes(args, workers: int) -> float:
 def first_pass_threads(args, threads: int):
   """(seconds, CPU seconds / wall seconds, the split) for load_split with `threads` threads."""
   started, cpu = time.perf_counter(), time.process_time()
-  source = input_pipeline.open_source(args.dataset, args.data_dir, 3)
+  source = sources.open_source(args.dataset, args.data_dir, 3)
   split = input_pipeline.load_split(source, args.split, image_size=args.image_size,
                                     num_threads=threads)
   wall = time.perf_counter() - started
@@ -143,7 +144,7 @@ def main():
   cores = os.cpu_count() or 1
   print(f'{args.dataset} {args.split} at {args.image_size}x{args.image_size}, batch '
         f'{args.batch_size}, {cores} cores, load average {os.getloadavg()[0]:.1f}')
-  input_pipeline.open_source(args.dataset, args.data_dir, 3)  # Prepares it, untimed.
+  sources.open_source(args.dataset, args.data_dir, 3)  # Prepares it, untimed.
 
   first = [first_pass_threads(args, cores) for _ in range(args.repeats)]
   split = first[-1][2]

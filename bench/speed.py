@@ -97,7 +97,9 @@ def _batch(config, batch_size: int, devices: Devices) -> dict:
 def model_flops(config, state, batch) -> float:
   """FLOPs of one train step of the chapter's formulation (nn.ConvTranspose upsampling)."""
   # XLA's convolutions: its cost analysis counts no FLOPs in a custom call (oneDNN's).
-  module = models.create(config, layers.xla_layer).clone(fast_upsample=False)
+  module = models.create(config, layers.xla_layer)
+  if hasattr(module, 'fast_upsample'):  # The chapter's U-Net: its nn.ConvTranspose form.
+    module = module.clone(fast_upsample=False)
 
   def chapters_forward(params, images, dropout_rng=None):
     train = dropout_rng is not None

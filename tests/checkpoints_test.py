@@ -6,7 +6,6 @@ step was restored shows in the numbers.
 
 import contextlib
 import errno
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import snapshot
+from tests.conftest import tmpfs
 from unet_flax import checkpoints
 from unet_flax import errors
 from unet_flax import train
@@ -181,15 +181,7 @@ def test_full_disk_is_a_one_line_error_and_the_checkpoints_stay(workdir, tiny_co
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-  """A 300 kB tmpfs (a real disk that fills up), or a skip where mounting is not allowed."""
-  path = tmp_path / 'disk'
-  path.mkdir()
-  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', str(path)],
-                         capture_output=True, check=False)
-  if mount.returncode:
-    pytest.skip(f'cannot mount a tmpfs here: {mount.stderr.decode().strip()}')
-  yield path
-  subprocess.run(['umount', str(path)], check=True)
+  yield from tmpfs(tmp_path, '300k')
 
 
 def test_real_full_disk_in_a_background_save(tiny_disk, tiny_config):

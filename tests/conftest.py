@@ -180,6 +180,19 @@ def snapshot(root) -> dict:
           for p in root.rglob('*')}
 
 
+def tmpfs(tmp_path, size: str):
+  """A `size` tmpfs (a real disk that fills up) under tmp_path, yielded, then unmounted; or a
+  skip where mounting is not allowed. For a fixture: yield from tmpfs(tmp_path, '300k')."""
+  path = tmp_path / 'disk'
+  path.mkdir()
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                         capture_output=True, check=False)
+  if mount.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {mount.stderr.decode().strip()}')
+  yield path
+  subprocess.run(['umount', str(path)], check=True)
+
+
 def read_only_dir(tmp_path):
   """A directory this process cannot write, or a skip where none can be made."""
   path = tmp_path / 'read_only'

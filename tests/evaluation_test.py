@@ -25,6 +25,7 @@ from unet_flax import metrics
 from unet_flax import models
 from unet_flax import modes
 from unet_flax import plots
+from unet_flax import sources
 from unet_flax import synthetic
 from unet_flax import train
 
@@ -100,9 +101,9 @@ def test_evaluate_with_flip_tta_scores_the_mean_softmax_of_image_and_mirror(tmp_
   train.train_and_evaluate(tiny_config, str(workdir))
   model = inference.load_model(workdir)
   forward = functools.partial(jax.jit(models.forward(tiny_config)), model.params)
-  source = input_pipeline.source_of(tiny_config)
+  source = sources.source_of(tiny_config)
   data = input_pipeline.load_split(source, 'test', image_size=16)
-  originals = input_pipeline.originals(source, 'test')
+  originals = sources.originals(source, 'test')
   logits = reference_flip_tta_logits(forward, data.images).astype(np.float32)
 
   printed = []
@@ -145,7 +146,7 @@ def test_a_run_with_ema_is_scored_with_the_average_as_the_trainer_did_or_its_wei
   train.train_and_evaluate(tiny_config, str(workdir))
   trainer = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()
              if json.loads(l)['split'] == 'eval'][-1]
-  data = input_pipeline.load_split(input_pipeline.source_of(tiny_config), 'test', image_size=16)
+  data = input_pipeline.load_split(sources.source_of(tiny_config), 'test', image_size=16)
   forward = jax.jit(models.forward(tiny_config))
   printed = []
   matrices = []
@@ -217,3 +218,18 @@ def test_evaluate_never_writes_through_a_link_planted_in_a_received_workdir(trai
     evaluation.evaluate_workdir(workdir, worst_k=0, log=lambda _: None)
   assert victim.read_text() == 'mine'
   assert sorted(p.name for p in (workdir / 'eval').iterdir()) == ['step_6.json']
+
+
+def test_an_evaluation_of_another_data_dir_is_written_beside_the_runs_own(trained_workdir,
+                                                                        tfds_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  other = tmp_path / 'other_tfds'
+  shutil.copytree(tfds_dir, other)
+  own = evaluation.evaluate_workdir(trained_workdir, worst_k=0, out=tmp_path / 'eval',
+                                    log=lambda _: None)
+  elsewhere = evaluation.evaluate_workdir(trained_workdir, worst_k=0, out=tmp_path / 'eval',
+                                          data_dir=str(other), log=lambda _: None)
+  assert own['files']['json'] == str(tmp_path / 'eval' / 'step_6.json')
+  assert elsewhere['files']['json'] != own['files']['json']
+  assert 'other-tfds' in elsewhere['files']['json']
+  assert json.loads((tmp_path / 'eval' / 'step_6.json').read_text()) == own

@@ -13,6 +13,7 @@ from tests.conftest import write_folder_data
 from unet_flax import errors
 from unet_flax import folder
 from unet_flax import input_pipeline
+from unet_flax import sources
 from unet_flax import train
 
 
@@ -22,7 +23,7 @@ def data(tmp_path):
 
 
 def _read(root, split='train', size=16):
-  source = input_pipeline.open_source(f'folder:{root}', None, FOLDER_CLASSES)
+  source = sources.open_source(f'folder:{root}', None, FOLDER_CLASSES)
   return input_pipeline.load_split(source, split, image_size=size)
 
 
@@ -56,7 +57,7 @@ def test_lists_choose_the_splits_and_one_list_leaves_the_rest(data):
   assert sorted(data_set.stems('train')) == sorted(set(FOLDER_EXAMPLES) - {'dog_02', 'owl_03'})
   (data / 'train.txt').write_text('cat_01\nfox_02\n')
   assert data_set.stems('train') == ['cat_01', 'fox_02']
-  assert input_pipeline.open_source(f'folder:{data}', None, 3).num_examples('train') == 2
+  assert sources.open_source(f'folder:{data}', None, 3).num_examples('train') == 2
 
 
 def _one_line_error(root, match, split='train'):
@@ -113,7 +114,7 @@ def test_grey_masks_saved_as_rgb_or_with_alpha_are_read(data):
 
 def test_missing_directories_are_user_errors(tmp_path):
   with pytest.raises(errors.UserError, match='images is not a directory'):
-    input_pipeline.open_source(f'folder:{tmp_path}', None, 3)
+    sources.open_source(f'folder:{tmp_path}', None, 3)
 
 
 def test_trains_end_to_end_on_a_folder(tmp_path, tiny_config):

@@ -134,3 +134,18 @@ def test_flip_tta_is_every_forward_pass_of_the_model_and_of_predict(tiny_config,
   np.testing.assert_array_equal(masks[True], logits[0].argmax(-1))
   np.testing.assert_array_equal(masks[False], np.asarray(forward(photo[None]))[0].argmax(-1))
   assert (masks[True] != masks[False]).sum() > 10
+
+
+def test_predict_takes_directories_and_patterns_as_well_as_files(tmp_path):
+  photos = tmp_path / 'photos'
+  (photos / 'nested').mkdir(parents=True)
+  for name in ('b.PNG', 'a.jpg', '._a.jpg', 'notes.txt', 'nested/c.png'):
+    (photos / name).write_bytes(b'')
+  want = [str(photos / 'a.jpg'), str(photos / 'b.PNG')]
+  assert inference.expand_inputs([str(photos)]) == want
+  assert inference.expand_inputs([str(photos / '*.jpg'), 'x.png']) == want[:1] + ['x.png']
+  with pytest.raises(errors.UserError, match=r'nested/\*.gif matches no file'):
+    inference.expand_inputs([str(photos / 'nested' / '*.gif')])
+  (photos / 'nested' / 'c.png').unlink()
+  with pytest.raises(errors.UserError, match='nested is a directory without images'):
+    inference.expand_inputs([str(photos / 'nested')])

@@ -20,6 +20,7 @@ from tests.conftest import start_script
 from unet_flax import checkpoints
 from unet_flax import input_pipeline
 from unet_flax import models
+from unet_flax import sources
 from unet_flax import train
 from unet_flax import steps
 
@@ -82,7 +83,7 @@ def test_four_devices_give_the_same_step_as_one(tmp_path):
 
 def _reference_run(config):
   """One process, one device, fed the global batches the 2 processes assemble between them."""
-  source = input_pipeline.source_of(config)
+  source = sources.source_of(config)
   read = lambda split, p: input_pipeline.load_split(source, split, image_size=config.image_size,
                                                     process_index=p, process_count=2)
   shards = [read(config.train_split, p) for p in range(2)]
@@ -109,7 +110,7 @@ def _reference_run(config):
 def test_two_processes_train_like_one_on_the_same_global_batches(tmp_path, tfds_dir):
   config = make_tiny_config(tfds_dir)
   config.num_epochs = 1
-  input_pipeline.source_of(config)  # Prepared once, before both start.
+  sources.source_of(config)  # Prepared once, before both start.
   port = free_port()
   workdir = tmp_path / 'run'
   overrides = [f'--config.{k}={v}' for k, v in

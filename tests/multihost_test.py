@@ -13,6 +13,7 @@ from tests.conftest import start_script
 from unet_flax import input_pipeline
 from unet_flax import metrics
 from unet_flax import models
+from unet_flax import sources
 from unet_flax import steps
 
 
@@ -23,7 +24,7 @@ def _rows(images, labels):
 
 def test_two_processes_read_each_example_once_and_evaluate_like_one(tmp_path, tfds_dir):
   config = make_tiny_config(tfds_dir)
-  source = input_pipeline.source_of(config)  # Prepared once, before both start.
+  source = sources.source_of(config)  # Prepared once, before both start.
   port = free_port()
   outs = [tmp_path / f'{i}.npz' for i in range(2)]
   workers = [start_script('tests/multihost_worker.py', port, i, tfds_dir, outs[i],

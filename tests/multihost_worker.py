@@ -10,10 +10,10 @@ import numpy as np
 
 from tests.conftest import fixed_state
 from tests.conftest import make_tiny_config
-from unet_flax import input_pipeline
 from unet_flax import models
 from unet_flax import modes
 from unet_flax import runtime
+from unet_flax import sources
 from unet_flax.devices import Devices
 
 EVAL_SPLIT = 'test[:11]'  # 11 examples: shards of 6 and 5, both padded in their last batch.
@@ -24,7 +24,7 @@ def main(port: str, process_id: str, data_dir: str, out: str):
   config = make_tiny_config(data_dir)
   devices = Devices(config.batch_size)  # 4 devices over 2 processes: 4 rows a process.
   # The trainer's reading and scoring: each process its shard, the confusions summed over both.
-  mode, source = modes.get(config), input_pipeline.source_of(config)
+  mode, source = modes.get(config), sources.source_of(config)
   train_data = mode.read_split(source, config.train_split, shard=True)
   eval_data = mode.read_split(source, EVAL_SPLIT, shard=True)
   params = jax.device_put(fixed_state(config).params, devices.replicated)

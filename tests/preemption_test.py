@@ -110,12 +110,17 @@ def test_sigterm_and_sigint_save_the_step_say_so_and_exit_0(tmp_path, tfds_dir, 
   assert code == 0, out
   assert (f'preempted at step 1: checkpoint saved to {ckpts / "1"}; rerun the same command to '
           'resume') in out.splitlines()
+  # Acknowledged as it came, before the step it waits for.
+  acknowledged = 'received SIGTERM: stopping after the current step and saving a checkpoint'
+  assert out.index(acknowledged) < out.index('preempted at step 1')
   assert sorted(p.name for p in ckpts.iterdir()) == ['1']  # Whole: not a tmp directory.
 
   code, out = _run(workdir, tfds_dir, compile_cache, sig=signal.SIGINT,
                    signal_when=lambda out: 'resumed from step 1 of 6' in out)
   assert code == 0, out
   assert f'preempted at step 2: checkpoint saved to {ckpts / "2"};' in out
+  assert ('received SIGINT: stopping after the current step and saving a checkpoint (Ctrl-C '
+          'again stops at once, unsaved)') in out
 
   code, out = _run(workdir, tfds_dir, compile_cache)
   assert code == 0, out

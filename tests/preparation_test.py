@@ -9,9 +9,10 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.conftest import script_env
+from tests.conftest import tmpfs
 from unet_flax import errors
-from unet_flax import input_pipeline
 from unet_flax import locks
+from unet_flax import sources
 from unet_flax import synthetic
 
 DATASET = 'synthetic_pets/tiny'
@@ -52,7 +53,7 @@ def test_leftovers_of_a_killed_preparation_are_removed(tmp_path, capsys):
   leftover = tmp_path / 'synthetic_pets' / 'tiny' / 'incomplete.ABC123_1.0.0'
   leftover.mkdir(parents=True)
   (leftover / 'synthetic_pets-train.array_record-00000-of-00001').write_bytes(b'x' * 2 ** 20)
-  input_pipeline.open_source(DATASET, str(tmp_path), 3)
+  sources.open_source(DATASET, str(tmp_path), 3)
   assert not leftover.exists()
   assert builder.is_prepared()
   assert (f'removed 1 incomplete directory (1.0 MiB) left in {leftover.parent} by an interrupted '
@@ -61,20 +62,12 @@ def test_leftovers_of_a_killed_preparation_are_removed(tmp_path, capsys):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-  """A 200 kB tmpfs (a real disk that fills up), or a skip where mounting is not allowed."""
-  path = tmp_path / 'disk'
-  path.mkdir()
-  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=200k', 'tmpfs', str(path)],
-                         capture_output=True, check=False)
-  if mount.returncode:
-    pytest.skip(f'cannot mount a tmpfs here: {mount.stderr.decode().strip()}')
-  yield path
-  subprocess.run(['umount', str(path)], check=True)
+  yield from tmpfs(tmp_path, '200k')
 
 
 def test_a_full_disk_while_preparing_is_one_line(tiny_disk):
   with pytest.raises(errors.UserError) as raised:
-    input_pipeline.open_source(DATASET, str(tiny_disk / 'tfds'), 3)
+    sources.open_source(DATASET, str(tiny_disk / 'tfds'), 3)
   assert str(raised.value) == (
       f'cannot write the data set {DATASET} in {tiny_disk / "tfds"}: no space left on the '
       'device; free some space or choose another --config.data_dir')

@@ -218,3 +218,16 @@ def test_class_names_with_terminal_escapes_are_printed_escaped():
   table = reporting.iou_table(RESULTS, names)
   assert '\x1b' not in table and '\r' not in table
   assert table.splitlines()[1].startswith('  \\x1b[2J\\x1b[Hbg  0.5000')
+
+
+def test_a_degenerate_evaluation_is_named_in_one_line_with_what_usually_fixes_it():
+  names = ('cell', 'membrane')
+  one_class = np.array([[0, 700], [0, 300]])  # ISBI-like: every pixel called membrane.
+  line = reporting.prediction_warning(one_class, names)
+  assert line.startswith("warning: the model predicts one class everywhere ('membrane'): it has "
+                         'not learnt the others yet; train longer')
+  missed = np.array([[50, 0, 0], [0, 30, 0], [5, 0, 0]])  # Class 2 labelled, never predicted.
+  assert reporting.prediction_warning(missed, ('a', 'b', 'c')).startswith(
+      "warning: the labels hold 'c', which the model never predicts;")
+  assert reporting.prediction_warning(np.array([[5, 1], [2, 9]]), names) is None
+  assert reporting.prediction_warning(np.array([[7, 0], [0, 0]]), names) is None  # One class held.

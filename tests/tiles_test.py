@@ -16,10 +16,10 @@ from unet_flax import decode
 from unet_flax import errors
 from unet_flax import evaluation
 from unet_flax import inference
-from unet_flax import input_pipeline
 from unet_flax import metrics
 from unet_flax import models
 from unet_flax import modes
+from unet_flax import sources
 from unet_flax import tiles
 from unet_flax import train
 
@@ -237,7 +237,7 @@ def test_crop_mode_trains_evaluates_and_predicts_at_the_images_own_sizes(tmp_pat
                                            overlap=config.tile_overlap)
     return decode.resize_mask(classes, *image.shape[:2])  # Scale 1: the same size.
 
-  originals = input_pipeline.originals(input_pipeline.source_of(config), 'train')
+  originals = sources.originals(sources.source_of(config), 'train')
   expected = sum(metrics.host_confusion_matrices(labels[None], reference_classes(image)[None], 2,
                                        IGNORE)[0] for _, image, labels in originals)
   # A pixel on a near-tie may part from the float64 reference; without TTA hundreds do.

@@ -21,6 +21,7 @@ import numpy as np
 from unet_flax import augment
 from unet_flax import decode
 from unet_flax import input_pipeline
+from unet_flax import sources
 
 _SALT = 0xC209  # Keeps the crop stream apart from the shuffle's and the augmentation's.
 PREFETCH_BATCHES = 4  # Batches decoded ahead when some examples are not in memory.
@@ -63,7 +64,7 @@ def _scaled(example, scale: float) -> tuple[np.ndarray, np.ndarray]:
   return decode.rescale(image, scale, 'picture'), decode.rescale(labels, scale, 'mask')
 
 
-def load_native_split(source: input_pipeline.Source, split: str, *, scale: float = 1.0,
+def load_native_split(source: sources.Source, split: str, *, scale: float = 1.0,
                       cache_bytes: int = 2 * 1024 ** 3, process_index: int = 0,
                       process_count: int = 1, num_threads: int = 0) -> NativeSplit:
   """Decodes this process's shard of `split` at native resolution, in parallel, into memory
@@ -72,7 +73,7 @@ def load_native_split(source: input_pipeline.Source, split: str, *, scale: float
   Raises:
     UserError: naming the file, for an example that cannot be read (those decoded here).
   """
-  originals = input_pipeline.originals(source, split)
+  originals = sources.originals(source, split)
   indices = range(process_index, originals.num_examples, process_count)
   cached = [None] * len(indices)
   threads = num_threads or os.cpu_count() or 1

@@ -22,10 +22,10 @@ from unet_flax import decode
 from unet_flax import errors
 from unet_flax import paths
 from unet_flax import inference
-from unet_flax import input_pipeline
 from unet_flax import metrics
 from unet_flax import plots
 from unet_flax import reporting
+from unet_flax import sources
 from unet_flax.devices import Devices
 
 
@@ -192,9 +192,9 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
   paths.make_output_dir(stem.parent, '--out')  # A full or read-only place fails before work.
   for suffix in ('.json', '_confusion.png', '_worst.png'):
     paths.refuse_link(f'{stem}{suffix}')
-  source = input_pipeline.open_source(dataset, data_dir, config.num_classes,
+  source = sources.open_source(dataset, data_dir, config.num_classes,
                                       decode.Options.from_config(config))
-  originals = input_pipeline.encoded_originals(source, split)
+  originals = sources.encoded_originals(source, split)
   worst = _Worst(worst_k)
   if original_resolution:
     per_image = _per_image_at_original_resolution(model, originals, devices.local_batch_size,
@@ -216,6 +216,9 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
     where += (', the weights\' moving average' if ema else
               ', the trained weights (not their moving average)')
   log(f'evaluation of {what} at {where}:\n{reporting.iou_table(results, names)}')
+  warning = reporting.prediction_warning(total, names)
+  if warning:
+    log(warning)
   resolution = 'original' if original_resolution else 'network'
   how = f'{resolution} resolution' + (', flip TTA' if flip_tta else '')
   files = {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png'}
@@ -226,7 +229,7 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
           split)
   report = _json_ready({
       'workdir': str(workdir), 'step': model.step, 'dataset': dataset, 'split': split,
-      'num_examples': len(per_image), 'resolution': resolution, 'input_mode': mode.name,
+      'num_examples': len(per_image), 'resolution': resolution, 'mode': mode.name,
       'flip_tta': flip_tta, 'ema': bool(config.ema_decay) and ema,
       'image_size': config.image_size,
       'mean_iou': results['mean_iou'], 'pixel_accuracy': results['pixel_accuracy'],

@@ -10,6 +10,8 @@ Scoring a workdir on a split (evaluate.py) is evaluation.py's job; it builds on 
 """
 
 import dataclasses
+import glob
+import os
 import sys
 from typing import Any
 
@@ -23,6 +25,7 @@ from unet_flax import checkpoints
 from unet_flax import config as config_lib
 from unet_flax import decode
 from unet_flax import errors
+from unet_flax import folder
 from unet_flax import paths as paths_lib
 from unet_flax import models
 from unet_flax import modes
@@ -132,6 +135,35 @@ def _write_outputs(photo: np.ndarray, classes: np.ndarray, targets, names) -> in
     replaced += target.exists()
     _save_png(picture, target)
   return replaced
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+  """What predict's arguments name, in order: a file as it is, a directory's image files (sorted,
+  not its subdirectories; macOS's ._* skipped), a glob pattern's matches (sorted) when no file has
+  that name.
+
+  Raises:
+    UserError: for a directory without images, or a pattern that matches nothing.
+  """
+  paths = []
+  for text in inputs:
+    if os.path.isdir(text):
+      found = sorted(str(p) for p in epath.Path(text).iterdir()
+                     if p.suffix.lower() in folder.IMAGE_SUFFIXES and not p.name.startswith('._')
+                     and p.is_file())
+      if not found:
+        raise errors.UserError(f'{text} is a directory without images '
+                               f'({", ".join(folder.IMAGE_SUFFIXES)}); name images or a directory '
+                               'that holds them')
+      paths += found
+    elif not os.path.lexists(text) and any(c in text for c in '*?['):
+      found = sorted(glob.glob(text))
+      if not found:
+        raise errors.UserError(f'{text} matches no file; check the pattern')
+      paths += found
+    else:
+      paths.append(text)  # A missing file is named when it is read, and skipped.
+  return paths
 
 
 def read_picture(mode: modes.Mode, path) -> tuple[modes.Picture, bytes]:

@@ -34,6 +34,7 @@ from unet_flax import decode
 from unet_flax import input_pipeline
 from unet_flax import metrics
 from unet_flax import models
+from unet_flax import sources
 from unet_flax import steps
 from unet_flax import tiles
 from unet_flax.devices import Devices
@@ -74,7 +75,7 @@ class Mode(abc.ABC):
     return self._cached(('logits', forward), lambda: jax.jit(forward))
 
   @abc.abstractmethod
-  def read_split(self, source: input_pipeline.Source, split: str, *, shard: bool = False,
+  def read_split(self, source: sources.Source, split: str, *, shard: bool = False,
                  cache_bytes: int | None = None) -> Sequence:
     """A split in memory, as the trainer trains and scores on it: split[row] -> (image, labels).
 
@@ -86,7 +87,7 @@ class Mode(abc.ABC):
     """
 
   @abc.abstractmethod
-  def read_splits(self, source: input_pipeline.Source) -> tuple[Sequence, Sequence, str]:
+  def read_splits(self, source: sources.Source) -> tuple[Sequence, Sequence, str]:
     """(this process's shard of the train split, the eval split, a line describing them)."""
 
   @abc.abstractmethod

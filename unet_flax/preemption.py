@@ -59,8 +59,13 @@ class Notice:
     del frame
     if signum == signal.SIGINT and self.received is not None:
       raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the save.
+    first = self.received is None
     self.received = self.received or signal.Signals(signum).name
     self.check()
+    if first and jax.process_index() == 0:  # Said at once: the save may take a step or two.
+      print(f'received {self.received}: stopping after the current step and saving a checkpoint'
+            + (' (Ctrl-C again stops at once, unsaved)' if signum == signal.SIGINT else ''),
+            file=sys.stderr, flush=True)
 
   def check(self) -> None:
     """With at_once, raises Stopped if a signal came: also where the handler's own raise was lost

@@ -26,6 +26,29 @@ def _duration(seconds: float) -> str:
   return f'{seconds // 60}m{seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
 
 
+def prediction_warning(confusion, names) -> str | None:
+  """One line when an evaluation's predictions are degenerate, else None: one class predicted
+  everywhere, or a class the labels hold never predicted. A model that has not learnt yet looks
+  like this, and its mean IoU alone does not say so.
+
+  Args:
+    confusion: [K, K] counts, rows the true classes, columns the predicted ones.
+    names: the classes' names.
+  """
+  confusion = np.asarray(confusion)
+  predicted = [k for k in range(len(names)) if confusion[:, k].sum()]
+  missed = [k for k in range(len(names)) if confusion[k].sum() and not confusion[:, k].sum()]
+  fix = ('train longer (config.num_epochs, config.steps_per_epoch), check config.learning_rate, '
+         'or raise the weight of rare classes (config.class_weights)')
+  if len(predicted) == 1 and np.count_nonzero(confusion.sum(axis=1)) > 1:
+    return (f'warning: the model predicts one class everywhere '
+            f'({errors.printable(names[predicted[0]])!r}): it has not learnt the others yet; {fix}')
+  if missed:
+    listed = ', '.join(repr(errors.printable(names[k])) for k in missed)
+    return f'warning: the labels hold {listed}, which the model never predicts; {fix}'
+  return None
+
+
 def iou_table(results: dict, names) -> str:
   """The per-class IoU and Dice of `metrics.iou`'s results, as an aligned text table.
 
@@ -190,6 +213,9 @@ class Reporter:
       return
     names = config_lib.class_names(self.config)
     self.text(f'eval after epoch {epoch} (step {step}):\n{iou_table(results, names)}')
+    warning = prediction_warning(results['confusion_matrix'], names)
+    if warning:
+      self.text(warning)
     values = {
         'mean_iou': float(results['mean_iou']),
         'pixel_accuracy': float(results['pixel_accuracy']),

@@ -18,13 +18,13 @@ import numpy as np
 from unet_flax import checkpoints
 from unet_flax import config as config_lib
 from unet_flax import errors
-from unet_flax import input_pipeline
 from unet_flax import layers
 from unet_flax import metrics
 from unet_flax import models
 from unet_flax import modes
 from unet_flax import preemption
 from unet_flax import reporting
+from unet_flax import sources
 from unet_flax import steps
 from unet_flax import workdir as workdir_lib
 from unet_flax.devices import Devices
@@ -72,11 +72,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
     with preemption.Notice(at_once=True) as notice:
       # A bad data set or split, too few examples for a batch, or a file that cannot be read
       # fails before anything is written.
-      source = input_pipeline.source_of(config)
-      per_epoch = steps_per_epoch(config, input_pipeline.check_data(config, source))
+      source = sources.source_of(config)
+      per_epoch = steps_per_epoch(config, sources.check_data(config, source))
       notice.check()
       # Stored: predict needs no data.
-      config.class_names = input_pipeline.class_names(config, source)
+      config.class_names = sources.class_names(config, source)
       train_data, eval_data, described = mode.read_splits(source)
       if jax.process_index() == 0:
         print(f'data: {described}', flush=True)
@@ -153,6 +153,10 @@ def _train(config, mode: modes.Mode, per_epoch: int, train_data, eval_data, devi
   for batch in devices.prefetch(_batches_from(step, mode, train_data, devices, per_epoch,
                                               total_steps)):
     state, step_metrics = train_fn(state, batch, dropout_rng)
+    if history:
+      # At most two steps in flight: a signal is answered after the current step, not after a
+      # queue of them (the host still prepares the next batch while the device computes).
+      jax.block_until_ready(history[-1]['loss'])
     history.append(step_metrics)
     step += 1
     end_of_epoch = step % per_epoch == 0

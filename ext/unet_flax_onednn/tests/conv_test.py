@@ -109,43 +109,6 @@ def _ffi_calls(fn, *args) -> int:
   return jax.jit(fn).lower(*args).as_text().count('unet_onednn_conv')
 
 
-@pytest.mark.parametrize('padding', ['SAME', 'VALID', (EVEN, ODD), ((2, 1), (0, 3))], ids=str)
-def test_drop_in_takes_covered_cases(padding):
-  x, w, _, _ = _operands((1, 5, 7, 3, 4, 2, 1, 'SAME'), jnp.float32)
-
-  def f(x, w):
-    return onednn.conv_general_dilated(x, w, (1, 1), padding,
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  assert _ffi_calls(f, x, w) == 1
-  _close(f(x, w), _reference(x, w, padding), 1e-5)
-
-
-@pytest.mark.parametrize('case', ['stride', 'dilation', 'negative_padding', 'nchw', 'float16',
-                                  'groups'])
-def test_drop_in_leaves_the_rest_to_xla(case):
-  x, w, _, _ = _operands((1, 6, 6, 4, 4, 3, 3, 'SAME'), jnp.float32)
-  kwargs = dict(window_strides=(1, 1), padding='SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  if case == 'stride':
-    kwargs['window_strides'] = (2, 2)
-  elif case == 'dilation':
-    kwargs['rhs_dilation'] = (2, 2)
-  elif case == 'negative_padding':
-    kwargs['padding'] = ((-1, 1), (1, 1))
-  elif case == 'nchw':
-    kwargs['dimension_numbers'] = ('NCHW', 'HWIO', 'NCHW')
-    x = x.transpose(0, 3, 1, 2)
-  elif case == 'float16':
-    x, w = x.astype(jnp.float16), w.astype(jnp.float16)
-  elif case == 'groups':
-    w = w[:, :, :2]
-    kwargs['feature_group_count'] = 2
-
-  def f(x, w):
-    return onednn.conv_general_dilated(x, w, **kwargs)
-  assert _ffi_calls(f, x, w) == 0
-  np.testing.assert_array_equal(f(x, w), jax.lax.conv_general_dilated(x, w, **kwargs))
-
-
 def _reference_layer(x, w, b, padding, relu):
   y = _reference(x, w, padding) + b
   return jax.nn.relu(y) if relu else y

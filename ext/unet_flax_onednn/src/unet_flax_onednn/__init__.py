@@ -1,4 +1,4 @@
-"""oneDNN stride-1 NHWC convolutions for JAX on CPU, through jax.ffi (unet-flax's issue 15).
+"""oneDNN stride-1 NHWC convolutions for JAX on CPU, through jax.ffi (unet-flax's conv backend).
 
 `conv(x, w, padding)` equals `jax.lax.conv_general_dilated(x, w, (1, 1), padding,
 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))` for float32 or bfloat16 x and w of the same dtype,
@@ -9,11 +9,9 @@ dtype. The three passes are also exposed alone (`conv_fwd`, `conv_bwd_data`, `co
 
 `conv_bias(x, w, b, padding, relu)` is the U-Net's layer, relu?(conv(x, w) + b), in one oneDNN
 call (bias and ReLU applied to the float32 accumulator); its backward computes the bias gradient
-in the weight-gradient pass. It is unet-flax's `models.LayerFunction` (`layer`).
-
-`conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (flax's
-`nn.Conv(conv_general_dilated=...)`, unet-flax's models): the cases above go to oneDNN, anything
-else to XLA. CPU only: the FFI targets are registered for the 'cpu' platform alone.
+in the weight-gradient pass. `layer` is unet-flax's `layers.LayerFunction` on oneDNN; the
+project's --conv_backend flag chooses it. `implementation` names the oneDNN kernel a pass uses
+(bench_layer.py prints it). CPU only: the FFI targets are registered for the 'cpu' platform alone.
 """
 
 import ctypes
@@ -296,45 +294,3 @@ def implementation(pass_: str, dtype, n, h, w, c, o, kh=3, kw=3, padding=None) -
   bf16 = int(jnp.dtype(dtype) == jnp.bfloat16)
   return _LIB.unet_onednn_impl(_PASSES[pass_], bf16, n, h, w, c, o, kh, kw, pt, pb, pl,
                                pr).decode()
-
-
-def covers(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-           dimension_numbers=None, feature_group_count=1, preferred_element_type=None,
-           **unused) -> bool:
-  """Whether `conv_general_dilated` with these arguments runs in oneDNN (else in XLA)."""
-  del unused
-
-  def ones(v):
-    return v is None or all(d == 1 for d in v)
-  if lhs.ndim != 4 or rhs.ndim != 4:
-    return False
-  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
-  if isinstance(padding, str):
-    padding_ok = padding in ('SAME', 'VALID')
-  else:
-    padding_ok = (len(padding) == 2 and all(len(p) == 2 and min(p) >= 0 for p in padding))
-  return bool(tuple(window_strides) == (1, 1) and padding_ok and ones(lhs_dilation)
-              and ones(rhs_dilation) and feature_group_count == 1
-              and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
-              and lhs.dtype == rhs.dtype and lhs.dtype in _DTYPES
-              and preferred_element_type in (None, lhs.dtype))
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         batch_group_count=1, precision=None, preferred_element_type=None):
-  """`jax.lax.conv_general_dilated`, through oneDNN where this extension covers the case.
-
-  Covered: stride 1, 'SAME', 'VALID' or explicit non-negative padding, no dilation or groups,
-  NHWC x HWIO -> NHWC, float32 or bfloat16 operands of one dtype, any kernel size (oneDNN
-  computes float32 at full precision whatever `precision` asks). Anything else goes to XLA.
-  """
-  if batch_group_count == 1 and covers(lhs, rhs, window_strides, padding, lhs_dilation,
-                                       rhs_dilation, dimension_numbers, feature_group_count,
-                                       preferred_element_type):
-    return conv(lhs, rhs, padding)
-  return jax.lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=precision,
-      preferred_element_type=preferred_element_type)
