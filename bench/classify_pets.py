@@ -1,7 +1,8 @@
 """The EfficientNet-Lite0 port's proof on real photos: how many it classifies as a dog or a cat.
 
-  python bench/classify_pets.py ../shared/real_pets/images [--weights imagenet] [--batch_size 25]
-      [--dtype float32]
+  python bench/classify_pets.py PATH/images [--weights imagenet] [--batch_size 25] [--dtype float32]
+
+PATH: Oxford-IIIT Pet photos in the archives' layout (the full data set or a slice of it).
 
 Runs the ported encoder with the weights' own ImageNet classifier head (unet_flax/efficientnet.py)
 on every photo of the directory, each squashed to 224x224 (PIL bilinear) as the reference

@@ -29,7 +29,7 @@ from tests.conftest import script_env  # pylint: disable=g-import-not-at-top,wro
 from tests.conftest import tiny_overrides  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DATASET = 'synthetic_pets/tiny'
-_PREPARE = ('import sys; from unet_flax import input_pipeline as p; '
+_PREPARE = ('import sys; from unet_flax import sources as p; '
             f'print("train examples:", p.open_source("{DATASET}", sys.argv[1], 3)'
             '.num_examples("train"))')
 

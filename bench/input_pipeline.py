@@ -31,7 +31,7 @@ from unet_flax import augment  # pylint: disable=g-import-not-at-top,wrong-impor
 from unet_flax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unet_flax import sources
 
-# Every host augmentation on, at the strengths the README's figures were measured with.
+# Every host augmentation on, at the strengths docs/speed.md's figures were measured with.
 AUGMENTATION = {'augment_flip': True, 'augment_min_scale': 0.6, 'augment_brightness': 0.1,
                 'augment_contrast': 0.2}
 CACHED_TARGET = 20_000  # img/s: far above any train step, so batches never wait on the host.

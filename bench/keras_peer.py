@@ -1,7 +1,7 @@
 """This project's train step against the chapter's Keras model, alternated in one run.
 
-  python3 -m venv /tmp/keras-peer && /tmp/keras-peer/bin/pip install tensorflow-cpu pillow
-  python bench/keras_peer.py --keras_python /tmp/keras-peer/bin/python [--batch 8] [--rounds 5]
+  python3 -m venv ~/keras-peer && ~/keras-peer/bin/pip install tensorflow-cpu pillow
+  python bench/keras_peer.py --keras_python ~/keras-peer/bin/python [--batch 8] [--rounds 5]
 
 Contenders, at batch 8 (default), 128x128, the default config's U-Net, per precision (float32;
 bfloat16 = the project's config.dtype 'bfloat16' and Keras's mixed_bfloat16 policy):

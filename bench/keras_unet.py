@@ -1,5 +1,5 @@
-# The chapter's U-Net in Keras, copied unchanged from the peers' keras_unet.py (issue 15's
-# side-by-side). Used by bench/keras_worker.py, in a TensorFlow virtual environment of its own.
+# The chapter's U-Net in Keras, as the chapter writes it (unchanged), for bench/keras_peer.py's
+# side-by-side. Used by bench/keras_worker.py, in a TensorFlow virtual environment of its own.
 import time, sys, numpy as np
 import tensorflow as tf
 from tensorflow.keras.layers import Input, Conv2D, MaxPooling2D, Conv2DTranspose, Concatenate, Dropout

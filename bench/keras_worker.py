@@ -7,9 +7,9 @@ keras_peer.py starts it and sends one command a line on stdin; it answers one li
   matmul <dtype> <n>      -> GFLOP/s of TensorFlow's n x n x n matmul (float32, bfloat16)
   quit
 
-The models are built and warmed up first (the line 'ready'). Model and step as
-/work/shared/peers/keras_step.py: keras_unet.unet_model(3), Adam, sparse categorical cross-entropy,
-random images and labels of batch B (argv[1]) at 128x128.
+The models are built and warmed up first (the line 'ready'). Model and step as the chapter has
+them: keras_unet.unet_model(3), Adam, sparse categorical cross-entropy, random images and labels
+of batch B (argv[1]) at 128x128.
 """
 
 import os

@@ -71,7 +71,7 @@ def _flag(value) -> str:
 
 
 def train_command(name: str, out: pathlib.Path, budget: int) -> list[str]:
-  """The train.py command line of recipe `name` (what the README's table cites)."""
+  """The train.py command line of recipe `name` (what docs/recipes.md's table cites)."""
   fields = {'data_dir': out / 'tfds', 'train_split': TRAIN_SPLIT,
             'eval_split': VALIDATION_SPLIT, 'batch_size': BATCH_SIZE,
             'steps_per_epoch': STEPS_PER_EPOCH, 'num_epochs': EPOCHS * budget,
@@ -169,7 +169,7 @@ def draw_curves(workdirs: list[pathlib.Path], path: pathlib.Path) -> None:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--pets', type=pathlib.Path, required=True,
-                      help="Oxford-IIIT Pet in its archives' layout, e.g. ../shared/real_pets.")
+                      help="Oxford-IIIT Pet photos in its archives' layout (images/, annotations/).")
   parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('runs/recipes'),
                       help='Where the prepared data, the workdirs and results.json go.')
   parser.add_argument('--recipes', default=','.join(r[0] for r in RECIPES),

@@ -3,7 +3,7 @@ learning rate.
 
 From the chapter's recipe (default.py) it changes two things, each kept because it raised the
 validation mean IoU in bench/recipes.py's A/B on a real 300-photo slice of Oxford-IIIT Pet
-(README, "Recipes measured on real photos"):
+(docs/recipes.md):
 
 - group normalization after every 3x3 convolution of the blocks (normalization='group');
 - the learning rate warms up linearly from 0 over the first twelfth of the run (0.4 of 5

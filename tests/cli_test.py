@@ -41,8 +41,8 @@ def test_every_tool_takes_relative_home_and_symlinked_paths_from_anywhere(tmp_pa
 
   Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(here / 'photo.jpg')
   (here / 'run_link').symlink_to(workdir)
-  predicted = run_script('predict.py', '--workdir', 'run_link', '--out=~/masks', 'photo.jpg',
-                         '--flip_tta', cache=cache, cwd=here, HOME=home)
+  predicted = run_script('predict.py', '--workdir', 'run_link', '--out=~/masks', '--flip_tta',
+                         'photo.jpg', cache=cache, cwd=here, HOME=home)
   assert predicted.returncode == 0, predicted.stderr
   assert 'wrote masks and overlays (flip TTA) of 1 of 1 images' in predicted.stdout
   with Image.open(home / 'masks' / 'photo_mask.png') as mask:

@@ -71,7 +71,7 @@ BAD_VALUES = {
         'not a sum over microbatches); set num_microbatches to 0 or 1'),
     'folder without a path': ({'dataset': 'folder:'}, "config.dataset='folder:' names no folder; "
                               'use folder:/path/to/data'),
-    # Sizes are bounded before anything is allocated (issue 23: MemoryError tracebacks).
+    # Sizes are bounded before anything is allocated (not a MemoryError traceback).
     'num_classes 300 (labels are uint8)': (
         {'num_classes': 300}, 'config.num_classes=300 must be a whole number in 2..256 (labels '
         'are stored as uint8: classes 0..255)'),
@@ -210,7 +210,7 @@ def test_load_gives_a_deleted_non_model_field_todays_default(stored):
 
 
 @pytest.mark.parametrize('field', [f for f in config_lib.MODEL_FIELDS
-                                   if f not in config_lib._LATER_MODEL_FIELDS])  # pylint: disable=protected-access
+                                   if f not in config_lib.LATER_MODEL_FIELDS])
 def test_load_refuses_a_deleted_model_field(stored, field):
   path, fields = stored
   del fields[field]

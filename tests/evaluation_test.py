@@ -117,7 +117,8 @@ def test_evaluate_with_flip_tta_scores_the_mean_softmax_of_image_and_mirror(tmp_
   assert json.loads((tmp_path / 'step_1_flip_tta.json').read_text()) == network
   _assert_pictures(network, tmp_path / 'step_1_flip_tta')
   plain = evaluation.evaluate_workdir(workdir, out=tmp_path, worst_k=0, log=printed.append)
-  assert plain['flip_tta'] is False and 'flip TTA' not in printed[2]
+  tables = [line for line in printed if line.startswith('evaluation of')]
+  assert plain['flip_tta'] is False and 'flip TTA' not in tables[1]
   assert (tmp_path / 'step_1.json').exists() and (tmp_path / 'step_1_flip_tta.json').exists()
   assert plain['confusion_matrix'] != network['confusion_matrix']
 
@@ -160,8 +161,9 @@ def test_a_run_with_ema_is_scored_with_the_average_as_the_trainer_did_or_its_wei
     matrices.append(report['confusion_matrix'])
   assert trainer['mean_iou'] == pytest.approx(
       json.loads((tmp_path / 'step_2.json').read_text())['mean_iou'])
-  assert "the weights' moving average" in printed[0]
-  assert 'the trained weights (not their moving average)' in printed[2]
+  tables = [line for line in printed if line.startswith('evaluation of')]
+  assert "the weights' moving average" in tables[0]
+  assert 'the trained weights (not their moving average)' in tables[1]
   assert (tmp_path / 'step_2_no_ema.json').exists()
   assert matrices[0] != matrices[1]  # Two steps at decay 0.5 leave the average elsewhere.
 

@@ -12,7 +12,7 @@ from unet_flax import errors
 from unet_flax import evaluation
 from unet_flax import inference
 from unet_flax import metrics
-from unet_flax import sources
+from unet_flax import sources as sources_lib
 from unet_flax import train
 
 H, W = 20, 24
@@ -53,7 +53,7 @@ def _config(dataset, num_classes, **fields):
 
 def _labels(config, split='train') -> list[np.ndarray]:
   """The labels the model is trained on, at the stored size, in the split's order."""
-  originals = sources.originals(sources.source_of(config), split)
+  originals = sources_lib.originals(sources_lib.source_of(config), split)
   return [originals[i][2] for i in range(len(originals))]
 
 
@@ -148,13 +148,13 @@ def test_colour_masks_through_classes_json(tmp_path):
   with pytest.raises(errors.UserError, match=r'a colour RGB picture, not a mask.*mask_mode=colour'):
     _labels(_config(dataset, 5))
   config = _config(dataset, 5, mask_mode='colour')
-  assert sources.class_names(config, sources.source_of(config)) == tuple(names)
+  assert sources_lib.class_names(config, sources_lib.source_of(config)) == tuple(names)
   for got, want in zip(_labels(config), sources):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(errors.UserError, match=r'classes.json names 5 classes but '
                                              r'config.num_classes=4; set config.num_classes=5'):
     config = _config(dataset, 4, mask_mode='colour')
-    sources.class_names(config, sources.source_of(config))
+    sources_lib.class_names(config, sources_lib.source_of(config))
 
 
 def test_a_value_map_and_the_values_it_does_not_cover(tmp_path):
@@ -182,8 +182,8 @@ def test_exif_rotated_phone_photos_train_upright(tmp_path):
   Image.fromarray(upright).save(tmp_path / 'masks' / 'phone.png')
   (tmp_path / 'train.txt').write_text('phone\n')
   (tmp_path / 'test.txt').write_text('phone\n')
-  originals = sources.originals(
-      sources.open_source(f'folder:{tmp_path}', None, 2), 'train')
+  originals = sources_lib.originals(
+      sources_lib.open_source(f'folder:{tmp_path}', None, 2), 'train')
   _, image, labels = originals[0]
   assert image.shape == (W, H, 3) and labels.shape == (W, H)
   bright = image.mean(-1) > 100
@@ -200,13 +200,13 @@ def test_16_bit_images_of_12_bit_data(tmp_path, capsys):
   (tmp_path / 'train.txt').write_text('cell\n')
   (tmp_path / 'test.txt').write_text('cell\n')
   dataset = f'folder:{tmp_path}'
-  image = sources.originals(sources.open_source(dataset, None, 2), 'train')[0][1]
+  image = sources_lib.originals(sources_lib.open_source(dataset, None, 2), 'train')[0][1]
   assert len(np.unique(image)) <= 2
   warning = capsys.readouterr().err
   assert 'cell.png: its values 800..830 become' in warning
   assert 'set config.image_max_value to the real maximum (e.g. 830)' in warning
   config = _config(dataset, 2, image_max_value=4095.0)
-  image = sources.originals(sources.source_of(config), 'train')[0][1]
+  image = sources_lib.originals(sources_lib.source_of(config), 'train')[0][1]
   np.testing.assert_array_equal(image[..., 0], np.round(pixels * (255 / 4095)).astype(np.uint8))
 
 
@@ -252,7 +252,7 @@ def test_voc_and_camvid_layouts_train_evaluate_and_predict(tmp_path, tiny_config
   report = evaluation.evaluate_workdir(tmp_path / 'voc_run', original_resolution=True, worst_k=1,
                                log=lambda _: None)
   test_masks = [sources[int(s.split('_')[1])]
-                for s in sources.open_source(dataset, None, 3).stems('test')]
+                for s in sources_lib.open_source(dataset, None, 3).stems('test')]
   valid = sum(int((m != 255).sum()) for m in test_masks)
   assert valid < sum(m.size for m in test_masks)
   assert np.sum(report['confusion_matrix']) == valid  # Void pixels count nothing.

@@ -131,7 +131,7 @@ def test_trains_end_to_end_on_a_folder(tmp_path, tiny_config):
   assert np.sum(last_eval['confusion_matrix']) == 2 * 16 * 16  # Both test images, once.
 
 
-# Hostile and careless files (issue 23): each is one line naming the file, never a traceback.
+# Hostile and careless files: each is one line naming the file, never a traceback.
 
 def _truncated_png(data):
   """A PNG image of the folder cut inside its pixel data: the header still parses."""

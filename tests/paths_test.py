@@ -81,7 +81,7 @@ def test_make_output_dir_refuses_a_file_a_path_through_a_file_and_a_read_only_di
   assert _refusal(read_only) == f'--out {read_only} is not writable; choose a writable path'
 
 
-# Writes never go through links the program did not make (issue 23).
+# Writes never go through links the program did not make.
 
 def test_write_atomically_refuses_a_planted_symlink_and_leaves_its_target(tmp_path):
   (tmp_path / 'victim').write_text('precious')

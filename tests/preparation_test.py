@@ -16,7 +16,7 @@ from unet_flax import sources
 from unet_flax import synthetic
 
 DATASET = 'synthetic_pets/tiny'
-_PREPARE = ('import sys; from unet_flax import input_pipeline as p; '
+_PREPARE = ('import sys; from unet_flax import sources as p; '
             f'print(p.open_source("{DATASET}", sys.argv[1], 3).num_examples("train"))')
 
 

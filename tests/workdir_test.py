@@ -118,7 +118,7 @@ def test_check_makes_the_workdir_absolute_creating_nothing_and_refuses_a_file(tm
     workdir_lib.check('file')
 
 
-# A workdir of someone else's (issue 23): no write through its links, no user's files replaced.
+# A workdir of someone else's: no write through its links, no user's files replaced.
 
 @pytest.mark.parametrize('name', ['config.json', 'metrics.jsonl', 'checkpoints'])
 def test_a_workdir_whose_files_are_symlinks_is_refused_before_writing(tmp_path, tiny_config,

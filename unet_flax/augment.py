@@ -8,7 +8,7 @@ from (seed, epoch, step, process), so a resumed run augments exactly as an unint
 On the host, not in the jitted step: numpy here is faster than the same ops jitted on the CPU
 device, and it overlaps the step (dispatch is asynchronous and `Devices.prefetch` keeps two batches
 on the device ahead), so on an accelerator it costs no step time and no device memory.
-`python bench/input_pipeline.py --device_augment` measures both ways; the README has figures.
+`python bench/input_pipeline.py --device_augment` measures both ways; docs/speed.md has figures.
 """
 
 import dataclasses

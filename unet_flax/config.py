@@ -20,7 +20,7 @@ FOLDER_PREFIX = 'folder:'  # config.dataset = 'folder:/path/to/data': your own i
 # Fields that decide the shapes and meaning of the parameters: a checkpoint only fits their values.
 MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype', 'normalization', 'encoder')
 # Model fields that older versions did not store: their default is the model those versions built.
-_LATER_MODEL_FIELDS = ('normalization', 'encoder')
+LATER_MODEL_FIELDS = ('normalization', 'encoder')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('constant', 'warmup_cosine')
 MASK_MODES = ('values', 'binary', 'colour')
@@ -471,7 +471,7 @@ def load(path) -> ml_collections.ConfigDict:
     raise errors.UserError(f'{path} holds a {type(stored).__name__}, not a config; restore it '
                            'from a copy, or use another --workdir')
   for name in MODEL_FIELDS:
-    if name not in stored and name not in _LATER_MODEL_FIELDS:
+    if name not in stored and name not in LATER_MODEL_FIELDS:
       raise errors.UserError(f'config.{name} is missing in {path}, and the checkpoints need it; '
                              'restore the file from a copy, or use another --workdir')
   values = defaults().to_dict()

@@ -269,7 +269,8 @@ def _fix(values: np.ndarray, num_classes: int) -> str:
   found = set(np.unique(values).tolist())
   if found <= {0, 255} and num_classes == 2:
     return 'for 0/255 masks set config.mask_mode=binary'
-  if max(found) <= 255 and _black_and_white(values):
+  void_explains = 255 in found and max(found - {255}, default=0) < num_classes
+  if max(found) <= 255 and not void_explains and _black_and_white(values):
     return ('these look like black/white masks with compression noise (JPEG): set '
             'config.mask_mode=binary and config.num_classes=2')
   if 255 in found and max(found - {255}, default=0) < num_classes:

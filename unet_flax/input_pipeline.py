@@ -49,7 +49,7 @@ def load_split(source: sources.Source, split: str, *, image_size: int, process_i
 
   Threads, not processes: most of a decode is in Pillow's C decoders and resize, which release
   the GIL, and worker processes would each import tfds first (bench/input_pipeline.py times both;
-  the README has figures).
+  docs/speed.md has figures).
   """
   total, read = source.reader(split, image_size)
   indices = range(process_index, total, process_count)

@@ -1,6 +1,6 @@
 """Gradient accumulation: a batch's loss and gradient summed over microbatches of it.
 
-On CPUs a step over a smaller working set runs faster (the README's Speed section has figures),
+On CPUs a step over a smaller working set runs faster (docs/speed.md has figures),
 so the trainer splits each device's rows into microbatches and sums their gradients; the loss and
 gradient are exactly the whole batch's. Accelerators get whole batches.
 """

@@ -39,7 +39,7 @@ def enable_compilation_cache() -> None:
 # XLA:CPU flags, each with the first jaxlib that knows it: an older jaxlib aborts at start-up on a
 # flag it does not know, so a flag is only set where it exists.
 # The empty YNN fusion type keeps convolutions off YNNPACK, whose weight-gradient convolutions
-# are slower than Eigen's (the README's Speed section has the figures).
+# are slower than Eigen's (docs/speed.md has the figures).
 _XLA_CPU_FLAGS = {'--xla_cpu_experimental_ynn_fusion_type=': (0, 8, 1)}
 
 

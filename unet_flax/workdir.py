@@ -80,7 +80,8 @@ def is_run(path: epath.Path) -> bool:
   except (OSError, ValueError):
     return False
   return isinstance(stored, dict) and all(
-      name in stored for name in config_lib.MODEL_FIELDS if name != 'normalization')
+      name in stored for name in config_lib.MODEL_FIELDS
+      if name not in config_lib.LATER_MODEL_FIELDS)
 
 
 def _refuse_other_files(path: epath.Path) -> None:

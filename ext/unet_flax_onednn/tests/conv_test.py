@@ -1,7 +1,7 @@
 """oneDNN conv against jax.lax.conv_general_dilated: forward, input gradient, weight gradient.
 
 The U-Net's shapes: 3x3 'SAME' (ConvBlocks), 1x1 (logits) and the upsampling's four phase
-kernels with their explicit padding (2x2, 2x1, 1x2, 1x1; models.Upsample); odd sizes, batch 1.
+kernels with their explicit padding (2x2, 2x1, 1x2, 1x1; layers.Upsample); odd sizes, batch 1.
 
 python -m pytest ext/unet_flax_onednn/tests (skipped where the extension is not installed).
 """

@@ -267,7 +267,7 @@ _conv_pair_bias.defvjp(_conv_pair_bias_fwd_rule, _conv_pair_bias_bwd_rule)
 
 def layer(x, kernel: jax.Array, bias: jax.Array | None, padding,
           relu: bool = False) -> jax.Array:
-  """unet-flax's layer function (models.LayerFunction): `conv_bias` (or `conv_pair_bias` for a
+  """unet-flax's layer function (layers.LayerFunction): `conv_bias` (or `conv_pair_bias` for a
   pair of inputs to concatenate along channels, with a zero bias where there is none) where
   oneDNN covers the operands (float32 or bfloat16 of one dtype), else XLA's concatenation,
   convolution, bias and ReLU."""
