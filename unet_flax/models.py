@@ -62,7 +62,18 @@ class ConvBlock(nn.Module):
     return x
 
 
-class UNet(nn.Module):
+class _SegmentationNet(nn.Module):
+  """What every network here has: logits per pixel, dropout at the deepest features, a compute
+  dtype, the convolutions' layer function and the blocks' normalization (see UNet)."""
+
+  num_classes: int = 3
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+  layer: layers.LayerFunction = layers.xla_layer
+  normalization: str = 'none'
+
+
+class UNet(_SegmentationNet):
   """Encoder of ConvBlocks and 2x2 max-pools, a bottleneck, decoder of upsample + skip + ConvBlock.
 
   Attributes:
@@ -77,13 +88,8 @@ class UNet(nn.Module):
       params fit XLA's and oneDNN's. nn.ConvTranspose (fast_upsample=False) always runs in XLA.
   """
 
-  num_classes: int = 3
   widths: Sequence[int] = (64, 128, 256)
-  dropout_rate: float = 0.5
-  dtype: Any = jnp.float32
   fast_upsample: bool = True
-  layer: layers.LayerFunction = layers.xla_layer
-  normalization: str = 'none'
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -114,7 +120,7 @@ class UNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-class PretrainedUNet(nn.Module):
+class PretrainedUNet(_SegmentationNet):
   """A pretrained encoder under the chapter's decoder.
 
   The encoder gives features at strides 2, 4, 8, 16 and 32; from the deepest, each decoder level
@@ -130,13 +136,8 @@ class PretrainedUNet(nn.Module):
     dtype, layer, normalization: as UNet's.
   """
 
-  encoder: Any
-  num_classes: int = 3
+  encoder: Any = None
   decoder_widths: Sequence[int] = (256, 128, 64, 32, 16)
-  dropout_rate: float = 0.5
-  dtype: Any = jnp.float32
-  layer: layers.LayerFunction = layers.xla_layer
-  normalization: str = 'none'
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
