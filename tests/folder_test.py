@@ -257,3 +257,13 @@ def test_damaged_pngs_and_jpegs_are_each_one_line_naming_the_file(tmp_path):
   from bench import fuzz_folder  # pylint: disable=g-import-not-at-top
   escapes, kinds = fuzz_folder.fuzz(tmp_path / 'data', 400)
   assert escapes == 0, kinds
+
+
+def test_a_class_name_with_a_terminal_escape_code_is_refused_where_it_is_read(data):
+  """classes.json's names become the run's config.class_names; one that would clear a terminal
+  is refused in one line, printed escaped, before anything is trained."""
+  (data / 'classes.json').write_text(json.dumps({'names': ['bg', '\x1b[2Jcat', 'dog']}))
+  with pytest.raises(errors.UserError) as raised:
+    sources.open_source(f'folder:{data}', None, 3)
+  assert str(raised.value) == (f"{data / 'classes.json'}: class name '\\x1b[2Jcat' is not a name "
+                               'of at most 100 printable characters; fix it')

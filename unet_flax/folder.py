@@ -37,6 +37,7 @@ from etils import epath
 import numpy as np
 from PIL import Image
 
+from unet_flax import config as config_lib
 from unet_flax import decode
 from unet_flax import errors
 
@@ -114,6 +115,10 @@ class Folder:
       raise errors.UserError(
           f'{path} is not {{"names": [...], "colours": [[r, g, b], ...]}} (colours optional, one '
           'per name, 0..255); fix it')
+    bad = [n for n in names if len(n) > config_lib.MAX_NAME or not n.isprintable()]
+    if bad:  # Stored as config.class_names, which every later tool checks the same way.
+      raise errors.UserError(f'{path}: class name {bad[0][:40]!r} is not a name of at most '
+                             f'{config_lib.MAX_NAME} printable characters; fix it')
     return {'names': tuple(names), 'colours': None if colours is None else
             tuple(tuple(c) for c in colours)}
 
