@@ -235,3 +235,20 @@ def test_an_evaluation_of_another_data_dir_is_written_beside_the_runs_own(traine
   assert elsewhere['files']['json'] != own['files']['json']
   assert 'other-tfds' in elsewhere['files']['json']
   assert json.loads((tmp_path / 'eval' / 'step_6.json').read_text()) == own
+
+
+def test_evaluate_never_prepares_a_data_set_where_a_received_config_points(trained_workdir,
+                                                                          tmp_path):
+  """A received workdir whose config.json names a data_dir of someone else's: evaluate reads
+  there, and where nothing is prepared it says so instead of writing a data set there."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'received'
+  shutil.copytree(trained_workdir, workdir)
+  config = json.loads((workdir / 'config.json').read_text())
+  elsewhere = tmp_path / 'not_mine'
+  config['data_dir'] = str(elsewhere)
+  (workdir / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(errors.UserError, match=r'^the data set synthetic_pets/tiny is not prepared '
+                     f'in {elsewhere}, the data_dir of the run'):
+    evaluation.evaluate_workdir(workdir, worst_k=0, out=tmp_path / 'eval', log=lambda _: None)
+  assert not elsewhere.exists()

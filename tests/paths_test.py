@@ -123,3 +123,20 @@ def test_two_writers_of_one_file_each_use_their_own_temporary(tmp_path):
   assert path.read_text() == 'outer'  # The last rename wins; neither failed.
   assert temporaries[0] != temporaries[1]
   assert sorted(p.name for p in tmp_path.iterdir()) == ['a_mask.png']  # No temporary left.
+
+
+def test_without_overwrite_a_file_another_process_wrote_meanwhile_is_kept(tmp_path):
+  """Two predicts into one --out without --overwrite: the second to finish a file fails on it
+  in one line instead of replacing the first's (the check and the creation are one step)."""
+  path = tmp_path / 'photo_mask.png'
+
+  def racing(temporary):  # The other process finishes its file while this one writes.
+    path.write_text('theirs')
+    temporary.write_text('mine')
+  with pytest.raises(errors.UserError, match=r'photo_mask.png exists \(another process wrote it '
+                     r'meanwhile\); pass --overwrite'):
+    paths.write_atomically(path, racing, overwrite=False)
+  assert path.read_text() == 'theirs'
+  assert [p.name for p in tmp_path.iterdir()] == ['photo_mask.png']  # No temporary left.
+  paths.write_atomically(tmp_path / 'new.png', lambda t: t.write_text('x'), overwrite=False)
+  assert (tmp_path / 'new.png').read_text() == 'x'

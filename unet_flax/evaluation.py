@@ -184,6 +184,9 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
   dataset = dataset or config.dataset
   if dataset.startswith('folder:'):
     dataset = 'folder:' + str(paths.absolute(dataset[len('folder:'):]))
+  # A data_dir from a received config.json is read, never written: only one the user passes
+  # (or tfds's own default) may be prepared.
+  prepare = bool(data_dir) or config.data_dir is None
   data_dir = str(paths.absolute(data_dir)) if data_dir else config.data_dir
   split = split or config.eval_split
   stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution,
@@ -193,7 +196,7 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
   for suffix in ('.json', '_confusion.png', '_worst.png'):
     paths.refuse_link(f'{stem}{suffix}')
   source = sources.open_source(dataset, data_dir, config.num_classes,
-                                      decode.Options.from_config(config))
+                               decode.Options.from_config(config), prepare=prepare)
   originals = sources.encoded_originals(source, split)
   worst = _Worst(worst_k)
   if original_resolution:

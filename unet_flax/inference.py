@@ -121,19 +121,25 @@ def _output_paths(paths: list[str], out: epath.Path,
   return outputs
 
 
-def _save_png(picture: Image.Image, path: epath.Path) -> None:
-  paths_lib.write_atomically(path, lambda temporary: picture.save(temporary, format='PNG'))
+def _save_png(picture: Image.Image, path: epath.Path, overwrite: bool) -> None:
+  paths_lib.write_atomically(path, lambda temporary: picture.save(temporary, format='PNG'),
+                             overwrite=overwrite)
 
 
-def _write_outputs(photo: np.ndarray, classes: np.ndarray, targets, names) -> int:
-  """Writes the mask (palette PNG) and the overlay; returns how many replaced existing files."""
+def _write_outputs(photo: np.ndarray, classes: np.ndarray, targets, names,
+                   overwrite: bool) -> int:
+  """Writes the mask (palette PNG) and the overlay; returns how many replaced existing files.
+
+  Raises:
+    UserError: if a file appeared meanwhile (another process) and overwrite is off.
+  """
   from unet_flax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
   replaced = 0
   pictures = (plots.mask_image(classes, len(names)),
               Image.fromarray(plots.overlay(photo, classes, names)))
   for picture, target in zip(pictures, targets):
     replaced += target.exists()
-    _save_png(picture, target)
+    _save_png(picture, target, overwrite)
   return replaced
 
 
@@ -237,7 +243,12 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
               'pixels); skipped', file=stderr, flush=True)
         failed.append(path)
         continue
-      replaced += _write_outputs(read_photo(config, data, path), mask, outputs[path], names)
+      try:
+        replaced += _write_outputs(read_photo(config, data, path), mask, outputs[path], names,
+                                   overwrite)
+      except errors.UserError as e:
+        print(f'error: {e}; skipped', file=stderr, flush=True)
+        failed.append(path)
     if progress:
       progress.update(min(start + batch_size, len(paths)))
   if replaced:

@@ -52,24 +52,36 @@ def refuse_link(path) -> None:
                     'place')
 
 
-def write_atomically(path, write) -> None:
+def write_atomically(path, write, overwrite: bool = True) -> None:
   """Calls write(temporary path), then renames it to `path`: a failed write leaves no partial
   file, and an existing `path` stays as it was.
+
+  With overwrite=False the file is created only if no file has that name by then, checked and
+  created in one step (a hard link), so that of two processes writing it one fails instead of
+  replacing the other's file unasked.
 
   The temporary's name is unique to this call (process id and random bits), so that two
   processes writing one file never share it, and no planted link can be in its place; the rename
   replaces `path` itself, never a file a link at `path` points to (such a link is refused).
 
   Raises:
-    UserError: naming `path`, if it is a symbolic link, or the disk is full or read-only
-      (OSError).
+    UserError: naming `path`, if it is a symbolic link, exists and overwrite is off, or the disk
+      is full or read-only (OSError).
   """
   path = epath.Path(path)
   refuse_link(path)
   temporary = path.parent / f'.{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial'
   try:
     write(temporary)
-    temporary.replace(path)
+    if overwrite:
+      temporary.replace(path)
+    else:
+      os.link(temporary, path)  # FileExistsError if another process wrote it meanwhile.
+      temporary.unlink()
+  except FileExistsError:
+    temporary.unlink(missing_ok=True)
+    raise UserError(f'{path} exists (another process wrote it meanwhile); pass --overwrite to '
+                    'replace it, or choose another --out') from None
   except OSError as e:
     temporary.unlink(missing_ok=True)
     raise UserError(f'cannot write {path} ({e.strerror or e}); free some space or choose a '

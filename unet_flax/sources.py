@@ -45,8 +45,9 @@ def _tfds_warnings_off():
     logger.removeFilter(keep)
 
 
-def _builder(dataset: str, data_dir: str | None):
-  """The tfds builder of `dataset`, prepared to array_record files if it is not yet."""
+def _builder(dataset: str, data_dir: str | None, prepare: bool = True):
+  """The tfds builder of `dataset`, prepared to array_record files if it is not yet (with
+  prepare=False a data set not prepared yet is a UserError instead: nothing is written)."""
   if dataset.split('/')[0] == 'synthetic_pets':
     from unet_flax import synthetic  # pylint: disable=g-import-not-at-top  (registers it)
     builder = synthetic.builder(dataset.partition('/')[2] or None, data_dir)
@@ -62,6 +63,11 @@ def _builder(dataset: str, data_dir: str | None):
           'synthetic_pets/small, another tfds name, or folder:/path/to/data') from None
   with _tfds_warnings_off():
     prepared = builder.is_prepared()
+  if not prepared and not prepare:
+    raise errors.UserError(
+        f'the data set {dataset} is not prepared in {data_dir}, the data_dir of the run\'s '
+        'config.json, and this tool writes nowhere but the workdir and --out; pass --data_dir '
+        'to prepare it where you choose')
   if not prepared:  # Under a lock: other processes may be preparing it too.
     preparation.prepare(builder, dataset)
   return builder
@@ -151,9 +157,9 @@ class _TfdsSource(Source):
   """A tfds data set, read through its numpy path (as_data_source over array_record files)."""
 
   def __init__(self, dataset: str, data_dir: str | None, num_classes: int,
-               options: decode.Options):
+               options: decode.Options, prepare: bool = True):
     self.name, self.num_classes, self.options = dataset, num_classes, options
-    self._builder = _builder(dataset, data_dir)
+    self._builder = _builder(dataset, data_dir, prepare)
 
   def num_examples(self, split: str) -> int:
     try:
@@ -236,7 +242,7 @@ class _FolderSource(Source):
 
 
 def open_source(dataset: str, data_dir: str | None, num_classes: int,
-                options: decode.Options = decode.Options()) -> Source:
+                options: decode.Options = decode.Options(), *, prepare: bool = True) -> Source:
   """The data set `dataset` (a tfds name, prepared if it is not yet; or folder:/path, listed and
   checked), opened once: make one per run and pass it down.
 
@@ -247,7 +253,7 @@ def open_source(dataset: str, data_dir: str | None, num_classes: int,
   path = config_lib.folder_path(dataset)
   if path is not None:
     return _FolderSource(path, num_classes, options)
-  return _TfdsSource(dataset, data_dir, num_classes, options)
+  return _TfdsSource(dataset, data_dir, num_classes, options, prepare)
 
 
 def source_of(config) -> Source:
