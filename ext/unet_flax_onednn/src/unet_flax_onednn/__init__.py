@@ -11,7 +11,7 @@ dtype. The three passes are also exposed alone (`conv_fwd`, `conv_bwd_data`, `co
 call (bias and ReLU applied to the float32 accumulator); its backward computes the bias gradient
 in the weight-gradient pass. `layer` is unet-flax's `layers.LayerFunction` on oneDNN; the
 project's --conv_backend flag chooses it. `implementation` names the oneDNN kernel a pass uses
-(bench_layer.py prints it). CPU only: the FFI targets are registered for the 'cpu' platform alone.
+(bench/onednn_layer.py prints it). CPU only: the FFI targets are registered for the 'cpu' platform alone.
 """
 
 import ctypes

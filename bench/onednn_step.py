@@ -1,6 +1,6 @@
 """The default model's train step on oneDNN's convolutions against XLA's, alternated.
 
-python ext/unet_flax_onednn/bench_step.py [--batch 8] [--dtypes float32,bfloat16] [--rounds 5]
+python bench/onednn_step.py [--batch 8] [--dtypes float32,bfloat16] [--rounds 5]
 
 Both steps are the trainer's own (steps.compile_steps, microbatches included) on the default
 config, on the 'xla' and 'onednn' layer functions: in the second every convolution (3x3, the
@@ -29,7 +29,7 @@ from unet_flax.devices import Devices  # noqa: E402
 
 
 def default_config():
-  path = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'default.py'
+  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
   spec = importlib.util.spec_from_file_location('default_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

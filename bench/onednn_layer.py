@@ -1,7 +1,7 @@
 """One conv layer, oneDNN (unet_flax_onednn) against XLA:CPU, alternated in one process.
 
-python ext/unet_flax_onednn/bench_layer.py [--rounds 9] [--calls 3] [--shapes 8x128x128x64x64,...]
-python ext/unet_flax_onednn/bench_layer.py --model [--batch 8] --passes layer   # every conv of the U-Net
+python bench/onednn_layer.py [--rounds 9] [--calls 3] [--shapes 8x128x128x64x64,...]
+python bench/onednn_layer.py --model [--batch 8] --passes layer   # every conv of the U-Net
 
 For each shape (N x H x W x C -> O, 3x3, stride 1, SAME) and dtype (float32, bfloat16), times
 four jitted functions per implementation: the forward, the input gradient, the weight gradient and
