@@ -15,7 +15,6 @@ picks up named like a flag (`--out=x.png`) is an image, not a flag.
 
 import sys
 
-from absl import app
 from absl import flags
 
 from unet_flax import cli
@@ -29,23 +28,26 @@ flags.DEFINE_bool('flip_tta', False,
                   'Flip test-time augmentation: the average of the softmax probabilities of each '
                   'image and its left-right mirror (twice the compute).')
 flags.DEFINE_bool('overwrite', False, 'Replace masks and overlays that exist in --out.')
-flags.mark_flags_as_required(['workdir', 'out'])
 # Not GNU-style: arguments after the first positional one are positional too (photos/*.jpg may
 # expand to '--out=x.png').
 FLAGS.set_gnu_getopt(False)
 
 
 def main(argv):
+  from unet_flax import errors  # pylint: disable=g-import-not-at-top  (fast --help)
+  example = 'e.g. python predict.py --workdir runs/pets --out masks/ photos/*.jpg'
   paths = argv[1:]
-  if not paths:
-    raise app.UsageError('no images given; e.g. python predict.py --workdir runs/pets '
-                         '--out masks/ photos/*.jpg')
   import os  # pylint: disable=g-import-not-at-top
   misplaced = [p for p in paths if p.startswith('--') and not os.path.exists(p)]
-  if misplaced:
-    raise app.UsageError(f'{misplaced[0]} comes after the images; flags go before them, e.g. '
-                         'python predict.py --workdir runs/pets --out masks/ photos/*.jpg')
-  from unet_flax import inference  # pylint: disable=g-import-not-at-top  (fast --help)
+  if misplaced:  # Before the required flags: --out after the photos is not a missing --out.
+    raise errors.UserError(f'{misplaced[0]} comes after the images; flags go before them, '
+                           f'{example}')
+  for name in ('workdir', 'out'):
+    if FLAGS[name].value is None:
+      raise errors.UserError(f'--{name} is required; {example}')
+  if not paths:
+    raise errors.UserError(f'no images given; {example}')
+  from unet_flax import inference  # pylint: disable=g-import-not-at-top
   paths = inference.expand_inputs(paths)
   model = inference.load_model(FLAGS.workdir, FLAGS.step, flip_tta=FLAGS.flip_tta)
   failed = inference.predict_files(model, paths, FLAGS.out, batch_size=FLAGS.batch_size,

@@ -119,6 +119,13 @@ def test_a_photo_named_like_a_flag_is_a_photo_not_a_flag(tmp_path, trained_workd
   result = run_script('predict.py', f'--workdir={trained_workdir}', '--out', 'masks', 'a.png',
                       '--overwrite', cache=tmp_path / 'cache', cwd=tmp_path)
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == (
-      '--overwrite comes after the images; flags go before them, e.g. python predict.py '
-      '--workdir runs/pets --out masks/ photos/*.jpg')
+  assert result.stderr.strip().splitlines() == [
+      'error: --overwrite comes after the images; flags go before them, e.g. python predict.py '
+      '--workdir runs/pets --out masks/ photos/*.jpg']
+  # --out after the photos is misplaced, not missing.
+  result = run_script('predict.py', f'--workdir={trained_workdir}', 'a.png', '--out', 'masks',
+                      cache=tmp_path / 'cache', cwd=tmp_path)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      'error: --out comes after the images; flags go before them, e.g. python predict.py '
+      '--workdir runs/pets --out masks/ photos/*.jpg']

@@ -252,3 +252,10 @@ def test_evaluate_never_prepares_a_data_set_where_a_received_config_points(train
                      f'in {elsewhere}, the data_dir of the run'):
     evaluation.evaluate_workdir(workdir, worst_k=0, out=tmp_path / 'eval', log=lambda _: None)
   assert not elsewhere.exists()
+
+
+def test_noema_on_a_run_without_an_average_is_one_line_not_a_silent_rewrite(trained_workdir,
+                                                                          tmp_path):
+  with pytest.raises(errors.UserError, match=r'^--noema: the run in .* keeps no moving average'):
+    evaluation.evaluate_workdir(trained_workdir, ema=False, out=tmp_path, log=lambda _: None)
+  assert not list(tmp_path.iterdir())

@@ -82,3 +82,15 @@ def test_a_split_the_data_set_lacks_is_one_line_naming_those_it_has(tiny_config)
   with pytest.raises(errors.UserError, match=r"^split 'validation' is not a split of "
                                              r'synthetic_pets/tiny; use one of test, train'):
     sources.check_data(tiny_config, sources.source_of(tiny_config))
+
+
+def test_an_unknown_split_or_configuration_is_one_line_that_keeps_the_data(tfds_dir):
+  """Neither names the prepared data set as damaged (which told users to delete it)."""
+  source = sources.open_source('synthetic_pets/tiny', tfds_dir, 3)
+  for read in (source.reader, lambda split, size: source.encoded(split)):
+    with pytest.raises(errors.UserError, match=r"^split 'validation' is not a split of "
+                       r'synthetic_pets/tiny; use one of test, train'):
+      read('validation', 16)
+  with pytest.raises(errors.UserError, match=r'^config.dataset=synthetic_pets/smal names no '
+                     r'configuration; use one of synthetic_pets/small, synthetic_pets/tiny'):
+    sources.open_source('synthetic_pets/smal', tfds_dir, 3)

@@ -178,6 +178,10 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
   workdir = paths.absolute(workdir)
   model = inference.load_model(workdir, step, flip_tta=flip_tta, ema=ema)
   config, mode = model.config, model.mode
+  if not ema and not config.ema_decay:
+    raise errors.UserError(f'--noema: the run in {workdir} keeps no moving average of its weights '
+                           '(config.ema_decay is 0), so its weights are what evaluate scores; '
+                           'leave out --noema')
   no_ema = bool(config.ema_decay) and not ema
   count = jax.device_count()
   devices = Devices(-(-(batch_size or config.batch_size) // count) * count)

@@ -171,6 +171,7 @@ class _TfdsSource(Source):
           f'slice such as {names[0]}[:80%]') from None
 
   def _examples(self, split: str) -> tuple[int, Callable[[int], dict]]:
+    self.num_examples(split)  # An unknown split: one line naming those there are.
     # Images and masks arrive encoded: decoding with PIL ourselves lets JPEG decode at reduced
     # scale.
     skip = tfds.decode.SkipDecoding()

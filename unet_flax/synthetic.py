@@ -33,6 +33,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 from tensorflow_datasets.datasets.oxford_iiit_pet import oxford_iiit_pet_dataset_builder as _oxford
 
+from unet_flax import errors
+
 PET, BACKGROUND, BORDER = 1, 2, 3  # Oxford trimap values.
 _LABELS = _oxford._LABEL_CLASSES  # pylint: disable=protected-access
 _SPECIES = _oxford._SPECIES_CLASSES  # pylint: disable=protected-access
@@ -273,5 +275,9 @@ def builder(config_name: str | None, data_dir) -> tfds.core.DatasetBuilder:
 
   config_name None (the data set named without a config) is the default config, `small`.
   """
+  known = [c.name for c in SyntheticPets.BUILDER_CONFIGS]
+  if config_name and config_name not in known:
+    raise errors.UserError(f'config.dataset=synthetic_pets/{config_name} names no configuration; '
+                           f'use one of {", ".join("synthetic_pets/" + n for n in known)}')
   name = f'synthetic_pets/{config_name}' if config_name else 'synthetic_pets'
   return tfds.builder(name, data_dir=data_dir, file_format=_FORMAT)
