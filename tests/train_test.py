@@ -193,7 +193,8 @@ def test_a_pretrained_encoders_weights_go_into_the_first_checkpoint_and_are_neve
   tiny_config.update({'encoder': 'efficientnet_lite0', 'encoder_weights': str(tmp_path / 'no'),
                       'image_size': 32, 'steps_per_epoch': 1, 'num_epochs': 2,
                       'encoder_frozen_epochs': 1.0, 'checkpoint_every_steps': 1,
-                      'max_checkpoints_to_keep': 5})
+                      'max_checkpoints_to_keep': 5, 'eval_every_epochs': 10,
+                      'num_prediction_images': 0})  # Evaluated at the end only: fewer compiles.
   workdir = tmp_path / 'run'
   with pytest.raises(errors.UserError, match=f'^cannot read weights file {tmp_path / "no"}'):
     train.train_and_evaluate(tiny_config, str(workdir))

@@ -50,10 +50,10 @@ def prediction_warning(confusion, names) -> str | None:
 
 
 def iou_table(results: dict, names) -> str:
-  """The per-class IoU and Dice of `metrics.iou`'s results, as an aligned text table.
+  """The per-class IoU and Dice of `metrics.scores`' results, as an aligned text table.
 
   Args:
-    results: metrics.iou's dict.
+    results: metrics.scores' dict.
     names: the classes' names, one per class ('class k' stands in for any missing).
   """
   per_class = results['per_class_iou']
