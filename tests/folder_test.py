@@ -267,3 +267,13 @@ def test_a_class_name_with_a_terminal_escape_code_is_refused_where_it_is_read(da
     sources.open_source(f'folder:{data}', None, 3)
   assert str(raised.value) == (f"{data / 'classes.json'}: class name '\\x1b[2Jcat' is not a name "
                                'of at most 100 printable characters; fix it')
+
+
+def test_0_255_masks_with_more_classes_configured_are_told_both_readings(tmp_path):
+  root = write_folder_data(tmp_path / 'data', {'a': (16, 16, 'PNG'), 'b': (16, 16, 'PNG')})
+  for mask in (root / 'masks').iterdir():
+    Image.fromarray(np.where(np.asarray(Image.open(mask)) > 0, 255, 0).astype(np.uint8)).save(mask)
+  with pytest.raises(errors.UserError, match=r"value 255 is not a class 0..3 .*for 0/255 masks set "
+                     r"config.mask_mode=binary and config.num_classes=2; if 255 means 'don't "
+                     r"care' set config.ignore_label=255$"):
+    sources.open_source(f'folder:{root}', None, 4).reader('train', 16)[1](0)

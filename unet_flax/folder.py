@@ -274,6 +274,9 @@ def _fix(values: np.ndarray, num_classes: int) -> str:
   found = set(np.unique(values).tolist())
   if found <= {0, 255} and num_classes == 2:
     return 'for 0/255 masks set config.mask_mode=binary'
+  if found == {0, 255}:  # Two classes stored as 0/255, or class 0 with a void label.
+    return ('for 0/255 masks set config.mask_mode=binary and config.num_classes=2; if 255 means '
+            "'don't care' set config.ignore_label=255")
   void_explains = 255 in found and max(found - {255}, default=0) < num_classes
   if max(found) <= 255 and not void_explains and _black_and_white(values):
     return ('these look like black/white masks with compression noise (JPEG): set '
