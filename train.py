@@ -37,10 +37,10 @@ def main(argv):
     config.to_dict()  # ml_collections loads the file lazily: here.
   except Exception as e:  # pylint: disable=broad-except  (whatever the file's own code raises)
     raise errors.UserError(cli.config_error(filename, e)) from None
-  from unet_flax import workdir  # pylint: disable=g-import-not-at-top
-  workdir.check(FLAGS.workdir, allow_nonempty=FLAGS.allow_nonempty_workdir)
   from unet_flax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(config, FLAGS.workdir)  # On SIGTERM/SIGINT: saves, returns (exit 0).
+  # On SIGTERM/SIGINT: saves, returns (exit 0).
+  train.train_and_evaluate(config, FLAGS.workdir,
+                           allow_nonempty_workdir=FLAGS.allow_nonempty_workdir)
 
 
 if __name__ == '__main__':

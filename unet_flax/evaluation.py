@@ -66,8 +66,9 @@ def _per_image_at_network_resolution(model: inference.Model, data, devices: Devi
 
   def keep(row, confusion, prediction):
     per_image[row] = confusion
-    image, labels = data[row]
-    worst.offer(row, image_mean_iou(confusion[None])[0], lambda: (image, labels, prediction))
+    # data[row] only for the rows drawn: crop mode decodes an uncached row again to get it.
+    worst.offer(row, image_mean_iou(confusion[None])[0],
+                lambda: (*data[row], prediction))
 
   model.mode.score(model.forward, model.params, data, devices, keep)
   return per_image

@@ -204,16 +204,25 @@ def decode_example(example: Example, size: int | None, num_classes: int,
       its image's (both upright), or a value that is no class, saying which config field fixes it.
   """
   data = decode.read_bytes(example.image)
-  image_size = _upright_size(example.image, data)
+  labels = decode_labels(example, data, num_classes, options, colours)
+  image = decode.decode(data, size, 'picture', str(example.image), options.image_max_value)
+  return image, decode.decode(labels, size, 'mask', str(example.mask))
+
+
+def decode_labels(example: Example, image_data: bytes, num_classes: int,
+                  options: decode.Options = decode.Options(),
+                  colours: tuple | None = None) -> np.ndarray:
+  """An example's labels [H, W] uint8 at their stored size, checked against the size of its
+  image, whose encoded bytes `image_data` are (only the header is read). Arguments and errors as
+  `decode_example`'s."""
+  image_size = _upright_size(example.image, image_data)
   kind = {'values': 'mask', 'binary': 'grey', 'colour': 'rgb'}[options.mask_mode]
   stored = decode.decode(decode.read_bytes(example.mask), None, kind, str(example.mask))
   if stored.shape[:2] != image_size:
     raise errors.UserError(
         f'{example.mask} is {stored.shape[1]}x{stored.shape[0]} but its image {example.image} is '
         f'{image_size[1]}x{image_size[0]}; masks must be the size of their image')
-  labels = _classes(stored, example.mask, num_classes, options, colours)
-  image = decode.decode(data, size, 'picture', str(example.image), options.image_max_value)
-  return image, decode.decode(labels, size, 'mask', str(example.mask))
+  return _classes(stored, example.mask, num_classes, options, colours)
 
 
 def _classes(stored: np.ndarray, path, num_classes: int, options: decode.Options,

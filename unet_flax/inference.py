@@ -229,26 +229,28 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
   progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > batch_size else None
   names = config_lib.class_names(config)
   replaced = 0
+
+  def failure(path, message):
+    print(f'error: {message}; skipped', file=stderr, flush=True)
+    failed.append(path)
+
   for start in range(0, len(paths), batch_size):
     batch = []
     for path in paths[start:start + batch_size]:
       try:
         batch.append((path, *read_picture(model.mode, path)))
       except errors.UserError as e:
-        print(f'error: {e}; skipped', file=stderr, flush=True)
-        failed.append(path)
+        failure(path, e)
     for (path, picture, data), mask in zip(batch, _classes(model, batch, batch_size)):
       if mask is None:
-        print(f'error: {path}: too large to process here ({picture.width}x{picture.height} '
-              'pixels); skipped', file=stderr, flush=True)
-        failed.append(path)
+        failure(path, f'{path}: too large to process here ({picture.width}x{picture.height} '
+                'pixels)')
         continue
       try:
         replaced += _write_outputs(read_photo(config, data, path), mask, outputs[path], names,
                                    overwrite)
       except errors.UserError as e:
-        print(f'error: {e}; skipped', file=stderr, flush=True)
-        failed.append(path)
+        failure(path, e)
     if progress:
       progress.update(min(start + batch_size, len(paths)))
   if replaced:

@@ -121,9 +121,10 @@ class Mode(abc.ABC):
     """Each picture's classes at its photo's own size: [height, width] uint8."""
 
   @abc.abstractmethod
-  def sample(self, forward: models.Forward, params, split, n: int) -> dict:
+  def sample(self, forward: models.Forward, params, split, n: int, devices: Devices) -> dict:
     """The first n examples of a split with their predictions, for the pictures of an
-    evaluation: {'image': [...], 'label': [...], 'prediction': [...]}."""
+    evaluation, computed as `score` computes them: {'image': [...], 'label': [...],
+    'prediction': [...]}."""
 
   @abc.abstractmethod
   def export(self) -> tuple[tuple[int, int], dict]:
@@ -254,7 +255,8 @@ class Resize(Mode):
       out += [upsample_classes(x, p.height, p.width) for p, x in zip(chunk, logits)]
     return out
 
-  def sample(self, forward, params, split, n):
+  def sample(self, forward, params, split, n, devices):
+    del devices  # The whole sample in one call.
     images = split.images[:n]
     logits = self._logits(forward)(params, images)
     return {'image': images, 'label': split.labels[:n],
@@ -349,10 +351,12 @@ class Crop(Mode):
     return [decode.resize_mask(self._window_classes(forward, params, p.array, batch_size),
                                p.height, p.width) for p in pictures]
 
-  def sample(self, forward, params, split, n):
+  def sample(self, forward, params, split, n, devices):
     examples = [split[row] for row in range(n)]
+    # score's window batch: the window pass compiled for the evaluation serves the pictures.
     return {'image': [image for image, _ in examples], 'label': [l for _, l in examples],
-            'prediction': [self._window_classes(forward, params, image, tiles.WINDOW_BATCH)
+            'prediction': [self._window_classes(forward, params, image,
+                                                devices.local_batch_size)
                            for image, _ in examples]}
 
   def export(self):

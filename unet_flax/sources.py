@@ -237,8 +237,9 @@ class _FolderSource(Source):
     examples = self._folder.examples(split)
 
     def read(i):
-      _, labels = self._decode(examples[i], None)
-      return examples[i].image.name, decode.read_bytes(examples[i].image), labels
+      data = decode.read_bytes(examples[i].image)  # Read once; only its header is decoded here.
+      return examples[i].image.name, data, folder.decode_labels(
+          examples[i], data, self.num_classes, self.options, self._colours)
     return len(examples), read
 
 

@@ -44,7 +44,8 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) 
   return per_epoch
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.TrainState | None:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
+                       allow_nonempty_workdir: bool = True) -> steps.TrainState | None:
   """Trains and evaluates per the config; checkpoints, metrics and pictures go to `workdir`.
 
   Running it again with the same workdir resumes from the latest checkpoint, exactly: the step,
@@ -55,13 +56,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> steps.Trai
   Args:
     config: the run's config (checked by config.validate before anything is written).
     workdir: where the run's files go; relative to the current directory, `~` allowed.
+    allow_nonempty_workdir: False: a workdir holding files that are not a run's is refused
+      (workdir.check), as train.py does unless --allow_nonempty_workdir.
 
   Raises:
     UserError: for bad input (config, data, a workdir that does not fit), in one line.
   """
   config = config_lib.validate(config)
   devices = Devices(config.batch_size)
-  workdir = workdir_lib.check(workdir)
+  workdir = workdir_lib.check(workdir, allow_nonempty=allow_nonempty_workdir)
   mode = modes.get(config)
   # A pretrained encoder's weights are read once, into the first checkpoint: a resume never
   # needs them. Read here, so a missing package or a bad file stops before anything is written.
@@ -219,7 +222,7 @@ def _score_eval_split(forward, mode: modes.Mode, split, devices: Devices, config
   results = jax.device_get(metrics.scores(confusion))
   results['confusion_matrix'] = confusion
   n = min(config.num_prediction_images, len(split))
-  sample = (mode.sample(forward, params, split, n)
+  sample = (mode.sample(forward, params, split, n, devices)
             if n and jax.process_index() == 0 else None)
   return results, sample
 
