@@ -109,6 +109,19 @@ class _NoCheckpoints:
   latest_step = None
 
 
+@pytest.mark.parametrize('first_step, every, want', [
+    (0, 10, [1, 2, 4, 8, 10, 20, 30]),
+    (13, 10, [14, 15, 17, 20, 21, 30]),  # Resumed at 13: 1, 2, 4, 8 steps of this run.
+    (0, 1, list(range(1, 31))),
+    (0, 64, [1, 2, 4, 8, 16, 32, 64]),
+])
+def test_progress_lines_come_after_the_first_steps_then_every_log_every_steps(first_step, every,
+                                                                               want):
+  got = [s for s in range(first_step + 1, 31 if every < 64 else 65)
+         if train._logs_at(s, first_step, every)]
+  assert got == want
+
+
 @pytest.mark.parametrize('losses, counts, message', [
     ([1.0, np.nan, np.inf], [0, 1, 2], 'the loss is nan at step 8:'),
     ([1.0, 1.0, np.inf], [0, 0, 1], 'the loss is inf at step 9:'),

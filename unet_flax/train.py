@@ -150,6 +150,7 @@ def _train(config, mode: modes.Mode, per_epoch: int, train_data, eval_data, devi
   train_fn = train_fn.lower(state, _batch_shapes(mode, devices), dropout_rng).compile()
   report.text(f'compiled in {time.perf_counter() - started:.1f}s; training')
   report.start(step, total_steps)
+  first_step = step
   nonfinite = NonFiniteCheck(config.skip_nonfinite_updates,
                              int(jax.device_get(state.opt_state.total_notfinite)))
   history = []
@@ -163,7 +164,7 @@ def _train(config, mode: modes.Mode, per_epoch: int, train_data, eval_data, devi
     history.append(step_metrics)
     step += 1
     end_of_epoch = step % per_epoch == 0
-    log = step % config.log_every_steps == 0 or end_of_epoch
+    log = _logs_at(step, first_step, config.log_every_steps) or end_of_epoch
     stop = notice.stop(sync=log)  # With several processes, they agree at log steps.
     save = step % config.checkpoint_every_steps == 0 or end_of_epoch
     if log or save or stop:
@@ -186,6 +187,15 @@ def _train(config, mode: modes.Mode, per_epoch: int, train_data, eval_data, devi
   else:
     report.done(evaluated=True)
   return state
+
+
+def _logs_at(step: int, first_step: int, log_every_steps: int) -> bool:
+  """Whether a progress line follows `step`: every log_every_steps-th step, and before the first
+  of those, after 1, 2, 4, 8, ... steps of this run, so that a slow step (a big model on a CPU)
+  still shows its speed and ETA within a few steps of the compile. A function of the steps alone,
+  so every process logs (and syncs) at the same steps."""
+  done = step - first_step
+  return step % log_every_steps == 0 or (done < log_every_steps and done & (done - 1) == 0)
 
 
 def _evaluates_at(step: int, config, per_epoch: int, total_steps: int) -> bool:
