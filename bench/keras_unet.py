@@ -1,4 +1,4 @@
-# The chapter's U-Net in Keras, as the chapter writes it (unchanged), for bench/keras_peer.py's
+# The chapter's U-Net in Keras, as the chapter writes it (unchanged), for bench/peers.py's
 # side-by-side. Used by bench/keras_worker.py, in a TensorFlow virtual environment of its own.
 import time, sys, numpy as np
 import tensorflow as tf

@@ -1,7 +1,7 @@
-"""The chapter's Keras U-Net, timed on request: bench/keras_peer.py's other contender.
+"""The chapter's Keras U-Net, timed on request: bench/peers.py's other contender.
 
 Runs in a virtual environment of its own (pip install tensorflow-cpu pillow), never the project's.
-keras_peer.py starts it and sends one command a line on stdin; it answers one line on stdout:
+peers.py starts it and sends one command a line on stdin; it answers one line on stdout:
 
   step <policy> <calls>   -> seconds per train_on_batch call (policy: float32, mixed_bfloat16)
   matmul <dtype> <n>      -> GFLOP/s of TensorFlow's n x n x n matmul (float32, bfloat16)

@@ -1,23 +1,30 @@
-"""This project's train step against the chapter's Keras model, alternated in one run.
+"""This project's train step against the chapter's model in Keras and in PyTorch, alternated in
+one run.
 
   python3 -m venv ~/keras-peer && ~/keras-peer/bin/pip install tensorflow-cpu pillow
-  python bench/keras_peer.py --keras_python ~/keras-peer/bin/python [--batch 8] [--rounds 5]
+  python3 -m venv ~/torch-peer && ~/torch-peer/bin/pip install torch  # the CPU build will do
+  python bench/peers.py --keras_python ~/keras-peer/bin/python \
+      --torch_python ~/torch-peer/bin/python [--batch 8] [--rounds 5]
 
 Contenders, at batch 8 (default), 128x128, the default config's U-Net, per precision (float32;
-bfloat16 = the project's config.dtype 'bfloat16' and Keras's mixed_bfloat16 policy):
+bfloat16 = the project's config.dtype 'bfloat16', Keras's mixed_bfloat16 policy, PyTorch's
+torch.autocast('cpu', torch.bfloat16)):
 
   unet-flax xla     the trainer's step (steps.compile_steps), --conv_backend=xla
   unet-flax onednn  the same with 'onednn' (when ext/unet_flax_onednn is installed)
   keras             keras_unet.unet_model(3), Adam, train_on_batch, in its own process
-                    (bench/keras_worker.py under --keras_python: TensorFlow is never a
-                    dependency of this project)
+                    (bench/keras_worker.py under --keras_python)
+  torch             the same model in PyTorch, channels_last, Adam, in its own process
+                    (bench/torch_worker.py under --torch_python)
 
-Each round times every contender in turn (`calls` steps each; the order rotates from round to
-round), so all of them see the same machine load; the table gives medians over rounds, img/s,
-ratios to Keras and to the project's XLA step of the same precision, and the fraction of this
-machine's matmul limit for that precision: the best n x n x n matmul of jax, numpy (float32) and
-TensorFlow (oneDNN), timed in the same rounds (medians). FLOPs are the model's
-(speed.model_flops: the chapter's formulation), the same for every contender.
+TensorFlow and PyTorch are never dependencies of this project: each peer runs in a venv of its
+own; either may be left out. Each round times every contender in turn (`calls` steps each; the
+order rotates from round to round), so all of them see the same machine load; the table gives
+medians over rounds, img/s, ratios to the faster peer of the same precision and to the project's
+XLA step, and the fraction of this machine's matmul limit for that precision: the best n x n x n
+matmul of jax, numpy (float32) and the peers' (oneDNN), timed in the same rounds (medians).
+FLOPs are the model's (speed.model_flops: the chapter's formulation), the same for every
+contender.
 """
 
 import argparse
@@ -46,7 +53,11 @@ from unet_flax import steps  # noqa: E402
 from unet_flax.devices import Devices  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-KERAS_POLICY = {'float32': 'float32', 'bfloat16': 'mixed_bfloat16'}
+# What each peer's worker calls the precisions.
+PEERS = {
+    'keras': ('keras_worker.py', {'float32': 'float32', 'bfloat16': 'mixed_bfloat16'}),
+    'torch': ('torch_worker.py', {'float32': 'float32', 'bfloat16': 'bfloat16'}),
+}
 
 
 def default_config():
@@ -68,26 +79,28 @@ def cpu_model() -> str:
           f'{" ".join(extras) or "no AVX-512"}')
 
 
-class Keras:
-  """The Keras worker process: one command a line, one answer a line."""
+class Worker:
+  """A peer's worker process (PEERS): one command a line, one answer a line."""
 
-  def __init__(self, python: str, batch: int):
-    self.log = tempfile.NamedTemporaryFile('w+', prefix='keras_worker_', suffix='.log',
+  def __init__(self, peer: str, python: str, batch: int):
+    self.peer = peer
+    script, self.precisions = PEERS[peer]
+    self.log = tempfile.NamedTemporaryFile('w+', prefix=f'{peer}_worker_', suffix='.log',
                                            delete=False)
-    self.proc = subprocess.Popen([python, str(ROOT / 'bench' / 'keras_worker.py'), str(batch)],
+    self.proc = subprocess.Popen([python, str(ROOT / 'bench' / script), str(batch)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                  text=True)
 
   def _read(self) -> str:
     line = self.proc.stdout.readline()
     if not line:
-      raise RuntimeError(f'the Keras worker stopped; its log: {self.log.name}')
+      raise RuntimeError(f'the {self.peer} worker stopped; its log: {self.log.name}')
     return line.strip()
 
   def ready(self) -> str:
     line = self._read()
     if not line.startswith('ready'):
-      raise RuntimeError(f'Keras worker: {line} (log: {self.log.name})')
+      raise RuntimeError(f'{self.peer} worker: {line} (log: {self.log.name})')
     return line[len('ready '):]
 
   def ask(self, *command) -> float:
@@ -129,8 +142,10 @@ def project_step(config, batch_size: int, backend: str):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--keras_python', required=True,
-                      help="python of a venv with tensorflow-cpu (not this project's)")
+  parser.add_argument('--keras_python', help="python of a venv with tensorflow-cpu (not this "
+                      "project's); leave out to run without Keras")
+  parser.add_argument('--torch_python', help="python of a venv with torch (not this project's); "
+                      'leave out to run without PyTorch')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--backends', default='xla,onednn',
@@ -141,10 +156,12 @@ def main():
   args = parser.parse_args()
   dtypes = args.dtypes.split(',')
   backends = args.backends.split(',')
+  pythons = {'keras': args.keras_python, 'torch': args.torch_python}
 
   print(f'machine: {cpu_model()}; jax {jax.__version__}, {jax.devices()[0].platform}')
   print('command: python ' + ' '.join(shlex.quote(a) for a in sys.argv), flush=True)
-  keras = Keras(args.keras_python, args.batch)  # Builds its models while ours compile.
+  # The peers build their models while ours compile.
+  workers = {peer: Worker(peer, python, args.batch) for peer, python in pythons.items() if python}
   runners, flops = {}, {}
   for dtype in dtypes:
     for backend in backends:
@@ -154,9 +171,12 @@ def main():
       layers.resolve_backend(backend)  # Fails here, plainly, where oneDNN is asked but missing.
       runners[f'unet-flax {backend}', dtype], flops[dtype] = project_step(config, args.batch,
                                                                           backend)
-    runners['keras', dtype] = functools.partial(
-        lambda policy, calls: keras.ask('step', policy, calls), KERAS_POLICY[dtype])
-  print(f'keras worker: {keras.ready()}', flush=True)
+    for peer, worker in workers.items():
+      runners[peer, dtype] = functools.partial(
+          lambda worker, precision, calls: worker.ask('step', precision, calls),
+          worker, worker.precisions[dtype])
+  for peer, worker in workers.items():
+    print(f'{peer} worker: {worker.ready()}', flush=True)
 
   # The matmul limits are timed inside the rounds too, as contenders: the load moves.
   for dtype in dtypes:
@@ -171,9 +191,10 @@ def main():
         out = mm(a, a)
       jax.block_until_ready(out)
       return 2 * n ** 3 / ((time.perf_counter() - start) / calls) / 1e9
-    matmuls = {('jax', dtype): jax_matmul,
-               ('tensorflow', dtype): functools.partial(
-                   lambda dtype, n, calls: keras.ask('matmul', dtype, n), dtype, n)}
+    matmuls = {('jax', dtype): jax_matmul}
+    for peer, worker in workers.items():
+      matmuls[peer, dtype] = functools.partial(
+          lambda worker, dtype, n, calls: worker.ask('matmul', dtype, n), worker, dtype, n)
     if dtype == 'float32':
       matmuls['numpy', dtype] = lambda calls, n=n: bench.numpy_matmul_gflops(n, calls)
     runners.update({('matmul ' + k, d): f for (k, d), f in matmuls.items()})
@@ -198,21 +219,23 @@ def main():
   names = [name for name in names if not name[0].startswith('matmul')]
 
   print()
-  print('| contender | precision | step s (median) | img/s | vs Keras | vs unet-flax xla '
+  print('| contender | precision | step s (median) | img/s | vs the faster peer | vs unet-flax xla '
         '| GFLOP/s | of matmul limit |')
   print('| --- | --- | --- | --- | --- | --- | --- | --- |')
   for name in names:
     contender, dtype = name
     seconds = statistics.median(times[name])
-    keras_s = statistics.median(times['keras', dtype])
+    peer_s = min((statistics.median(times[peer, dtype]) for peer in workers), default=None)
+    vs_peer = f'{peer_s / seconds:.2f}x' if peer_s else '-'
     xla = times.get(('unet-flax xla', dtype))
     vs_xla = f'{statistics.median(xla) / seconds:.2f}x' if xla else '-'
     gflops = flops[dtype] / seconds / 1e9
     print(f'| {contender} | {dtype} | {seconds:.3f} | {args.batch / seconds:.2f} | '
-          f'{keras_s / seconds:.2f}x | {vs_xla} | {gflops:.1f} | {gflops / limits[dtype]:.1%} |')
+          f'{vs_peer} | {vs_xla} | {gflops:.1f} | {gflops / limits[dtype]:.1%} |')
   print(f'\nmodel: {flops[dtypes[0]] / 1e9:.1f} GFLOP per step at batch {args.batch}; matmul '
         'limits: ' + ', '.join(f'{d} {limits[d]:.1f} GFLOP/s' for d in dtypes))
-  keras.close()
+  for worker in workers.values():
+    worker.close()
 
 
 if __name__ == '__main__':
