@@ -1,8 +1,9 @@
 """Benchmark: python bench/speed.py [--config configs/default.py] [--batch_sizes 8,16,64]
 
 Prints, for the config's model at its image size: train-step img/s per batch size, the step's
-FLOPs (XLA's cost analysis) and achieved GFLOP/s, this machine's float32 matmul GFLOP/s measured in
-the same run (the limit) and the ratio of the two, eval img/s, compile times, and the input
+FLOPs (XLA's cost analysis) and achieved GFLOP/s, this machine's matmul GFLOP/s in config.dtype
+measured in the same run (the limit) and the ratio of the two, with --peak_tflops the model FLOP
+utilization (MFU) against the device's datasheet peak, eval img/s, compile times, and the input
 pipeline's cached-pass img/s. A table on stdout, and JSON (--json). Runs unchanged on CPU or GPU.
 
 Two FLOP counts are given: `model` counts the U-Net as the chapter defines it (transposed
@@ -16,12 +17,15 @@ config.crop_size) on a 4096x4096 image, in megapixels/s; --tiles_only times only
 
 `of target` is the achieved fraction divided by --target_fraction (0.85 by default: the train
 step at 85% of the matmul limit). Every forward pass is models.forward's, on the process's
-convolutions (--conv_backend).
+convolutions (--conv_backend); --upsample=conv_transpose times the chapter's nn.ConvTranspose
+form instead, to compare the two upsamplings.
 """
 
 import functools
 import json
+import pathlib
 import platform
+import sys
 import time
 
 import jax
@@ -31,19 +35,31 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from unet_flax import cli
-from unet_flax import input_pipeline
-from unet_flax import layers
-from unet_flax import models
-from unet_flax import steps
-from unet_flax import tiles
-from unet_flax.devices import Devices
+# The repository's root: config files import `configs.default`, as under train.py.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from unet_flax import cli  # noqa: E402
+from unet_flax import input_pipeline  # noqa: E402
+from unet_flax import layers  # noqa: E402
+from unet_flax import models  # noqa: E402
+from unet_flax import steps  # noqa: E402
+from unet_flax import tiles  # noqa: E402
+from unet_flax.devices import Devices  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'The model to measure.')
 flags.DEFINE_list('batch_sizes', ['8', '16', '64'], 'Train-step batch sizes.')
 flags.DEFINE_integer('repeats', 3, 'Timed steps per batch size (after one warm-up step).')
-flags.DEFINE_integer('matmul_size', 4096, 'n of the n x n x n float32 matmul that sets the limit.')
+flags.DEFINE_integer('matmul_size', 4096,
+                     "n of the n x n x n matmul (in config.dtype) that sets the limit.")
+flags.DEFINE_enum('upsample', 'phase', ['phase', 'conv_transpose'],
+                  "The chapter's U-Net's upsampling in the timed steps: 'phase' (models.Upsample, "
+                  "what every tool runs) or 'conv_transpose' (flax's nn.ConvTranspose, the "
+                  "chapter's form, always XLA's convolutions): same parameters and results.")
+flags.DEFINE_float('peak_tflops', 0.0,
+                   "The device's datasheet peak in config.dtype, TFLOP/s (e.g. an H100 SXM's "
+                   'dense bfloat16 989.4); if given, the table adds MFU = model FLOP/s / peak.',
+                   lower_bound=0.0)
 flags.DEFINE_integer('tiles_image', 0,
                      'If > 0, also time crop-mode predict (tiles.py: the sliding window at '
                      "config.crop_size, overlap config.tile_overlap) on one random image of this "
@@ -94,18 +110,33 @@ def _batch(config, batch_size: int, devices: Devices) -> dict:
   })
 
 
-def model_flops(config, state, batch) -> float:
-  """FLOPs of one train step of the chapter's formulation (nn.ConvTranspose upsampling)."""
-  # XLA's convolutions: its cost analysis counts no FLOPs in a custom call (oneDNN's).
+def chapters_forward(config) -> models.Forward:
+  """models.forward's contract, with the chapter's nn.ConvTranspose upsampling (where the model
+  has it) and XLA's convolutions: XLA's cost analysis counts no FLOPs in a custom call
+  (oneDNN's)."""
   module = models.create(config, layers.xla_layer)
-  if hasattr(module, 'fast_upsample'):  # The chapter's U-Net: its nn.ConvTranspose form.
+  if hasattr(module, 'fast_upsample'):  # The chapter's U-Net.
     module = module.clone(fast_upsample=False)
 
-  def chapters_forward(params, images, dropout_rng=None):
+  def forward(params, images, dropout_rng=None):
     train = dropout_rng is not None
     return module.apply({'params': params}, models.normalize(images), train=train,
                         rngs={'dropout': dropout_rng} if train else None)
-  step = functools.partial(steps.train_step, chapters_forward)
+  return forward
+
+
+def timed_forward(config) -> models.Forward:
+  """The forward pass the timed steps run (--upsample)."""
+  if FLAGS.upsample == 'conv_transpose':
+    if config.encoder in models.ENCODERS:
+      raise app.UsageError('--upsample=conv_transpose: only the chapter\'s U-Net has that form')
+    return chapters_forward(config)
+  return models.forward(config)
+
+
+def model_flops(config, state, batch) -> float:
+  """FLOPs of one train step of the chapter's formulation (nn.ConvTranspose upsampling)."""
+  step = functools.partial(steps.train_step, chapters_forward(config))
   lowered = jax.jit(step).lower(state, batch, jax.random.key(0))
   return lowered.cost_analysis()['flops']
 
@@ -117,7 +148,7 @@ def bench_train(config, batch_size: int, repeats: int) -> dict:
   state = jax.jit(functools.partial(steps.create_train_state, config),
                   out_shardings=devices.replicated)(jax.random.key(0))
   batch = {k: v for k, v in _batch(config, batch_size, devices).items() if k != 'mask'}
-  step, _ = steps.compile_steps(config, devices, models.forward(config))
+  step, _ = steps.compile_steps(config, devices, timed_forward(config))
   start = time.perf_counter()
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
   compile_seconds = time.perf_counter() - start
@@ -144,7 +175,7 @@ def bench_eval(config, batch_size: int, repeats: int) -> dict:
   devices = Devices(batch_size)
   state = jax.jit(functools.partial(steps.create_train_state, config),
                   out_shardings=devices.replicated)(jax.random.key(0))
-  evaluate = steps.compile_eval_step(config, devices, models.forward(config))
+  evaluate = steps.compile_eval_step(config, devices, timed_forward(config))
   batch = _batch(config, batch_size, devices)
   start = time.perf_counter()
   compiled = evaluate.lower(state.params, batch).compile()
@@ -218,32 +249,43 @@ def main(argv):
       'device': f'{jax.device_count()} x {device.device_kind} ({device.platform})',
       'host': platform.processor() or platform.machine(),
       'image_size': config.image_size, 'widths': list(config.widths), 'dtype': config.dtype,
-      'conv_backend': layers.backend(),
+      'conv_backend': layers.backend(), 'upsample': FLAGS.upsample,
   }
   print(f'unet-flax benchmark: {results["device"]}, {config.image_size}x{config.image_size}, '
-        f'widths {tuple(config.widths)}, {config.dtype}, {results["conv_backend"]} convolutions',
-        flush=True)
-  jax_limit = matmul_gflops(FLAGS.matmul_size, FLAGS.repeats)
-  numpy_limit = numpy_matmul_gflops(FLAGS.matmul_size, FLAGS.repeats)
+        f'widths {tuple(config.widths)}, {config.dtype}, {results["conv_backend"]} convolutions, '
+        f'{FLAGS.upsample} upsampling', flush=True)
+  jax_limit = matmul_gflops(FLAGS.matmul_size, FLAGS.repeats, jnp.dtype(config.dtype))
+  # numpy has no bfloat16 BLAS; on a GPU it is the host's.
+  numpy_limit = (numpy_matmul_gflops(FLAGS.matmul_size, FLAGS.repeats)
+                 if config.dtype == 'float32' and device.platform == 'cpu' else 0.0)
   limit = max(jax_limit, numpy_limit)
   results.update(matmul_gflops_per_second=limit, jax_matmul_gflops_per_second=jax_limit,
                  numpy_matmul_gflops_per_second=numpy_limit)
-  print(f'float32 matmul {FLAGS.matmul_size}^3: jax {jax_limit:.1f}, numpy {numpy_limit:.1f} '
-        f'GFLOP/s; the limit is the better, {limit:.1f}', flush=True)
+  print(f'{config.dtype} matmul {FLAGS.matmul_size}^3: jax {jax_limit:.1f}'
+        + (f', numpy {numpy_limit:.1f}' if numpy_limit else '')
+        + f' GFLOP/s; the limit is the better, {limit:.1f}', flush=True)
+  peak = FLAGS.peak_tflops * 1e3  # GFLOP/s
+  if peak:
+    results['peak_gflops_per_second'] = peak
+    print(f'datasheet peak (--peak_tflops): {peak:.0f} GFLOP/s; the measured matmul is '
+          f'{limit / peak:.1%} of it', flush=True)
 
   print(f'{"batch":>5} {"micro":>5} {"img/s":>9} {"step s":>8} {"model GFLOP":>11} '
-        f'{"xla GFLOP":>10} {"GFLOP/s":>8} {"of limit":>8} {"of target":>9} {"compile s":>9}',
-        flush=True)
+        f'{"xla GFLOP":>10} {"GFLOP/s":>8} {"of limit":>8} {"of target":>9} {"compile s":>9}'
+        + (f' {"MFU":>6}' if peak else ''), flush=True)
   results['train'] = []
   for batch_size in map(int, FLAGS.batch_sizes):
     r = bench_train(config, batch_size, FLAGS.repeats)
     r['fraction_of_matmul'] = r['gflops_per_second'] / limit
     r['fraction_of_target'] = r['fraction_of_matmul'] / FLAGS.target_fraction
+    if peak:
+      r['mfu'] = r['gflops_per_second'] / peak
     results['train'].append(r)
     print(f'{batch_size:>5} {r["microbatches"]:>5} {r["images_per_second"]:>9.2f} '
           f'{r["step_seconds"]:>8.3f} {r["model_gflop"]:>11.1f} {r["xla_gflop"]:>10.1f} '
           f'{r["gflops_per_second"]:>8.1f} {r["fraction_of_matmul"]:>8.1%} '
-          f'{r["fraction_of_target"]:>9.2f} {r["compile_seconds"]:>9.1f}', flush=True)
+          f'{r["fraction_of_target"]:>9.2f} {r["compile_seconds"]:>9.1f}'
+          + (f' {r["mfu"]:>6.1%}' if peak else ''), flush=True)
   results['target_fraction_of_matmul'] = FLAGS.target_fraction
 
   eval_batch = int(FLAGS.batch_sizes[-1])
