@@ -42,6 +42,16 @@ def test_upsample_classes_is_bilinear_resize_of_the_logits():
     np.testing.assert_array_equal(modes.upsample_classes(logits, height, width), expected)
 
 
+def test_predict_of_only_missing_files_is_refused_before_out_is_made(trained_workdir, tmp_path):
+  model = inference.load_model(trained_workdir)
+  out = tmp_path / 'masks'
+  with pytest.raises(errors.UserError,
+                     match=r'^none of the 2 images named exists \(the first: \S*typo\.jpg\); '
+                           r'check the paths \(nothing was written\)$'):
+    inference.predict_files(model, [str(tmp_path / 'typo.jpg'), str(tmp_path / 'other.jpg')], out)
+  assert not out.exists()
+
+
 def test_predict_cli_writes_masks_at_original_sizes_and_skips_unreadable(trained_workdir,
                                                                          tmp_path):
   photos = tmp_path / 'photos'
