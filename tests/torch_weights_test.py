@@ -225,7 +225,9 @@ def test_a_tensor_past_its_storage_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize('content,reason', [
-    (b'not a pickle at all', 'is not a PyTorch state_dict'),
+    (b'not a pickle at all', r'is not a PyTorch state_dict \(its bytes are no pickle torch.save '
+                             r'writes\); give a file written by torch.save'),
+    (b'hello\n', r'is not a PyTorch state_dict \(its bytes are no pickle'),
     (dumps(12345), 'is not a PyTorch state_dict .no PyTorch magic number'),
 ])
 def test_other_files_are_user_errors(tmp_path, content, reason):

@@ -34,6 +34,10 @@ STORAGE_DTYPES = {
 }
 
 
+class _Malformed(ValueError):
+  """What makes a readable pickle no state_dict of tensors, in words."""
+
+
 class _Refused(Exception):
   """A pickle named a callable outside the allowed few."""
 
@@ -50,7 +54,7 @@ _Tensor = collections.namedtuple('_Tensor', 'storage offset shape strides')
 
 def _ints(values) -> tuple[int, ...]:
   if not isinstance(values, tuple) or not all(type(v) is int and v >= 0 for v in values):
-    raise ValueError(f'a tensor has the size or stride {values!r}')
+    raise _Malformed(f'a tensor has the size or stride {values!r}')
   return values
 
 
@@ -61,7 +65,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
   size, stride = _ints(size), _ints(stride)
   if not isinstance(storage, _Storage) or type(storage_offset) is not int or len(size) != len(
       stride) or storage_offset < 0:
-    raise ValueError('a tensor is not a view of a storage')
+    raise _Malformed('a tensor is not a view of a storage')
   return _Tensor(storage, storage.offset + storage_offset, size, stride)
 
 
@@ -69,7 +73,7 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None) -> _Tenso
   """torch._utils._rebuild_parameter: an nn.Parameter is its data here."""
   del requires_grad, backward_hooks
   if not isinstance(data, _Tensor):
-    raise ValueError('a parameter holds no tensor')
+    raise _Malformed('a parameter holds no tensor')
   return data
 
 
@@ -95,11 +99,11 @@ class _Unpickler(pickle.Unpickler):
     # ('storage', storage type, key, location, numel[, view (key, offset, numel)]): legacy files
     # carry the view, zip files do not.
     if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != 'storage':
-      raise ValueError(f'unknown persistent id {str(pid)[:80]}')
+      raise _Malformed(f'unknown persistent id {str(pid)[:80]}')
     storage_type, key, _, numel = pid[1:5]
     view = pid[5] if len(pid) == 6 else None
     if not isinstance(storage_type, _StorageType) or not isinstance(key, str):
-      raise ValueError('a storage of an unknown type')
+      raise _Malformed('a storage of an unknown type')
     self.dtypes[key] = storage_type.dtype
     offset, numel = _ints((0, numel) if view is None else tuple(view[1:]))
     return _Storage(key, storage_type.dtype, offset, offset + numel)
@@ -109,7 +113,7 @@ def _read_storage(f, dtype: np.dtype) -> np.ndarray:
   """A legacy file's storage at f's position: its int64 count, then its elements."""
   count = int.from_bytes(f.read(8), 'little', signed=True)
   if count < 0:
-    raise ValueError(f'a storage of {count} elements')
+    raise _Malformed(f'a storage of {count} elements')
   size = count * dtype.itemsize
   if size > os.fstat(f.fileno()).st_size - f.tell():  # Before reading: no allocation of a lie.
     raise EOFError
@@ -119,9 +123,9 @@ def _read_storage(f, dtype: np.dtype) -> np.ndarray:
 def _load_legacy(f) -> tuple[object, dict]:
   unpickler = lambda: _Unpickler(f)
   if unpickler().load() != LEGACY_MAGIC_NUMBER:
-    raise ValueError('no PyTorch magic number')
+    raise _Malformed('no PyTorch magic number')
   if unpickler().load() != LEGACY_PROTOCOL_VERSION:
-    raise ValueError('an unknown PyTorch protocol version')
+    raise _Malformed('an unknown PyTorch protocol version')
   unpickler().load()  # System info: byte order and C type sizes; storages are little-endian.
   main = unpickler()
   state_dict = main.load()
@@ -134,10 +138,10 @@ def _load_legacy(f) -> tuple[object, dict]:
 def _load_zip(archive: zipfile.ZipFile) -> tuple[object, dict]:
   name = next((n for n in archive.namelist() if n.endswith('data.pkl')), None)
   if name is None:
-    raise ValueError('a zip file without data.pkl')
+    raise _Malformed('a zip file without data.pkl')
   prefix = name[:-len('data.pkl')]
   if f'{prefix}byteorder' in archive.namelist() and archive.read(f'{prefix}byteorder') != b'little':
-    raise ValueError('big-endian storages')
+    raise _Malformed('big-endian storages')
   with archive.open(name) as f:
     state_dict = _Unpickler(f).load()
   keys = {v.storage.key: v.storage.dtype for v in _tensors(state_dict).values()}
@@ -148,9 +152,9 @@ def _load_zip(archive: zipfile.ZipFile) -> tuple[object, dict]:
 def _tensors(state_dict) -> dict[str, _Tensor]:
   """The dict's tensors; raises ValueError for anything else."""
   if not isinstance(state_dict, dict):
-    raise ValueError(f'it holds a {type(state_dict).__name__}, not a dict')
+    raise _Malformed(f'it holds a {type(state_dict).__name__}, not a dict')
   if not all(isinstance(k, str) and isinstance(v, _Tensor) for k, v in state_dict.items()):
-    raise ValueError('it holds entries other than named tensors')
+    raise _Malformed('it holds entries other than named tensors')
   return dict(state_dict)
 
 
@@ -160,7 +164,7 @@ def _array(tensor: _Tensor, storage: np.ndarray) -> np.ndarray:
     return np.zeros(tensor.shape, storage.dtype)
   last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.strides))
   if last >= min(storage.size, tensor.storage.end):
-    raise ValueError('a tensor reaches past the end of its storage')
+    raise _Malformed('a tensor reaches past the end of its storage')
   return np.lib.stride_tricks.as_strided(
       storage[tensor.offset:], tensor.shape,
       [s * storage.itemsize for s in tensor.strides], writeable=False).copy()
@@ -195,6 +199,9 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
   except EOFError:
     raise errors.UserError(f'weights file {path} is cut short; copy or download it '
                            'again') from None
-  except Exception as e:  # pylint: disable=broad-except  (any malformed pickle: one line)
+  except _Malformed as e:
     raise errors.UserError(f'weights file {path} is not a PyTorch state_dict ({e}); '
                            f'{fix}') from None
+  except Exception:  # pylint: disable=broad-except  (pickle's own errors name its internals)
+    raise errors.UserError(f'weights file {path} is not a PyTorch state_dict (its bytes are no '
+                           f'pickle torch.save writes); {fix}') from None
