@@ -94,3 +94,13 @@ def test_an_unknown_split_or_configuration_is_one_line_that_keeps_the_data(tfds_
   with pytest.raises(errors.UserError, match=r'^config.dataset=synthetic_pets/smal names no '
                      r'configuration; use one of synthetic_pets/small, synthetic_pets/tiny'):
     sources.open_source('synthetic_pets/smal', tfds_dir, 3)
+
+
+def test_preparing_a_data_set_in_a_fresh_directory_logs_none_of_tfds_layout_warnings(tmp_path,
+                                                                                    caplog):
+  """tfds warns 'Variant folder ... has no dataset_info.json' while a data set is being made:
+  nothing a user can act on."""
+  with caplog.at_level('WARNING'):
+    source = sources.open_source('synthetic_pets/tiny', str(tmp_path), 3)
+  assert source.num_examples('train') == 24
+  assert [r.getMessage() for r in caplog.records if 'tensorflow_datasets' in r.pathname] == []

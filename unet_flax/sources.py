@@ -48,29 +48,33 @@ def _tfds_warnings_off():
 def _builder(dataset: str, data_dir: str | None, prepare: bool = True):
   """The tfds builder of `dataset`, prepared to array_record files if it is not yet (with
   prepare=False a data set not prepared yet is a UserError instead: nothing is written)."""
+  with _tfds_warnings_off():
+    builder = _tfds_builder(dataset, data_dir)
+    prepared = builder.is_prepared()
+    if not prepared and not prepare:
+      raise errors.UserError(
+          f'the data set {dataset} is not prepared in {data_dir}, the data_dir of the run\'s '
+          'config.json, and this tool writes nowhere but the workdir and --out; pass --data_dir '
+          'to prepare it where you choose')
+    if not prepared:  # Under a lock: other processes may be preparing it too.
+      preparation.prepare(builder, dataset)
+  return builder
+
+
+def _tfds_builder(dataset: str, data_dir: str | None):
+  """The tfds builder `dataset` names (synthetic_pets, the Pet archives or any tfds data set)."""
   if dataset.split('/')[0] == 'synthetic_pets':
     from unet_flax import synthetic  # pylint: disable=g-import-not-at-top  (registers it)
-    builder = synthetic.builder(dataset.partition('/')[2] or None, data_dir)
-  elif dataset.split(':')[0] == 'oxford_iiit_pet':
+    return synthetic.builder(dataset.partition('/')[2] or None, data_dir)
+  if dataset.split(':')[0] == 'oxford_iiit_pet':
     from unet_flax import pets  # pylint: disable=g-import-not-at-top
-    builder = pets.builder(data_dir)
-  else:
-    try:
-      builder = tfds.builder(dataset, data_dir=data_dir, file_format='array_record')
-    except tfds.core.registered.DatasetNotFoundError:
-      raise errors.UserError(
-          f'config.dataset={dataset!r} is not a tfds data set; use oxford_iiit_pet, '
-          'synthetic_pets/small, another tfds name, or folder:/path/to/data') from None
-  with _tfds_warnings_off():
-    prepared = builder.is_prepared()
-  if not prepared and not prepare:
+    return pets.builder(data_dir)
+  try:
+    return tfds.builder(dataset, data_dir=data_dir, file_format='array_record')
+  except tfds.core.registered.DatasetNotFoundError:
     raise errors.UserError(
-        f'the data set {dataset} is not prepared in {data_dir}, the data_dir of the run\'s '
-        'config.json, and this tool writes nowhere but the workdir and --out; pass --data_dir '
-        'to prepare it where you choose')
-  if not prepared:  # Under a lock: other processes may be preparing it too.
-    preparation.prepare(builder, dataset)
-  return builder
+        f'config.dataset={dataset!r} is not a tfds data set; use oxford_iiit_pet, '
+        'synthetic_pets/small, another tfds name, or folder:/path/to/data') from None
 
 
 def _file_name(example: dict, default: str) -> str:
