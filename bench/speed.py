@@ -141,14 +141,14 @@ def model_flops(config, state, batch) -> float:
   return lowered.cost_analysis()['flops']
 
 
-def bench_train(config, batch_size: int, repeats: int) -> dict:
+def bench_train(config, batch_size: int, repeats: int, forward: models.Forward) -> dict:
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
   devices = Devices(batch_size)
   state = jax.jit(functools.partial(steps.create_train_state, config),
                   out_shardings=devices.replicated)(jax.random.key(0))
   batch = {k: v for k, v in _batch(config, batch_size, devices).items() if k != 'mask'}
-  step, _ = steps.compile_steps(config, devices, timed_forward(config))
+  step, _ = steps.compile_steps(config, devices, forward)
   start = time.perf_counter()
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
   compile_seconds = time.perf_counter() - start
@@ -171,11 +171,11 @@ def bench_train(config, batch_size: int, repeats: int) -> dict:
   }
 
 
-def bench_eval(config, batch_size: int, repeats: int) -> dict:
+def bench_eval(config, batch_size: int, repeats: int, forward: models.Forward) -> dict:
   devices = Devices(batch_size)
   state = jax.jit(functools.partial(steps.create_train_state, config),
                   out_shardings=devices.replicated)(jax.random.key(0))
-  evaluate = steps.compile_eval_step(config, devices, timed_forward(config))
+  evaluate = steps.compile_eval_step(config, devices, forward)
   batch = _batch(config, batch_size, devices)
   start = time.perf_counter()
   compiled = evaluate.lower(state.params, batch).compile()
@@ -274,8 +274,9 @@ def main(argv):
         f'{"xla GFLOP":>10} {"GFLOP/s":>8} {"of limit":>8} {"of target":>9} {"compile s":>9}'
         + (f' {"MFU":>6}' if peak else ''), flush=True)
   results['train'] = []
+  forward = timed_forward(config)
   for batch_size in map(int, FLAGS.batch_sizes):
-    r = bench_train(config, batch_size, FLAGS.repeats)
+    r = bench_train(config, batch_size, FLAGS.repeats, forward)
     r['fraction_of_matmul'] = r['gflops_per_second'] / limit
     r['fraction_of_target'] = r['fraction_of_matmul'] / FLAGS.target_fraction
     if peak:
@@ -289,7 +290,7 @@ def main(argv):
   results['target_fraction_of_matmul'] = FLAGS.target_fraction
 
   eval_batch = int(FLAGS.batch_sizes[-1])
-  results['eval'] = bench_eval(config, eval_batch, FLAGS.repeats)
+  results['eval'] = bench_eval(config, eval_batch, FLAGS.repeats, forward)
   print(f'eval: {results["eval"]["images_per_second"]:.1f} img/s at batch {eval_batch} '
         f'(compile {results["eval"]["compile_seconds"]:.1f}s)', flush=True)
   results['input_cached_images_per_second'] = bench_cached_input(config, eval_batch)
