@@ -1,12 +1,15 @@
 """The extension's shared library, loaded; or an ImportError that says in one line why not.
 
-The package installs without its library where it cannot be built (CMakeLists.txt writes the
-reason into _unavailable.txt). unet-flax's `layers` takes an ImportError as "no extension" and
+The package installs without its library where it cannot be built: off x86-64 Linux
+(pyproject.toml), or without a C++ compiler (CMakeLists.txt writes the reason into
+_unavailable.txt). unet-flax's `layers` takes an ImportError as "no extension" and
 runs on XLA's convolutions; the extension's tests skip with the message.
 """
 
 import ctypes
 import pathlib
+import platform
+import sys
 
 _DIR = pathlib.Path(__file__).parent
 LIBRARY = _DIR / 'libunet_flax_onednn_ffi.so'
@@ -17,10 +20,14 @@ REINSTALL = 'python -m pip install --force-reinstall ./ext/unet_flax_onednn'
 def load() -> ctypes.CDLL:
   """The library, with libdnnl.so.3 (onednn-cpu-gomp) found through its RPATH."""
   if not LIBRARY.exists():
-    reason = (UNAVAILABLE.read_text().strip() if UNAVAILABLE.exists() else
-              f'{LIBRARY.name} is missing from {_DIR}')
-    raise ImportError(f'unet_flax_onednn was installed without its oneDNN library: {reason} '
-                      "(unet-flax runs on XLA's convolutions without it)")
+    if UNAVAILABLE.exists():  # No C++ compiler (CMakeLists.txt).
+      reason = UNAVAILABLE.read_text().strip()
+    elif (sys.platform, platform.machine()) != ('linux', 'x86_64'):  # pyproject.toml's override.
+      reason = f'it builds on x86-64 Linux only, and this is {sys.platform} {platform.machine()}'
+    else:
+      reason = f'{LIBRARY.name} is missing from {_DIR}'
+    raise ImportError(f'unet_flax_onednn was installed without its oneDNN library: {reason}; '
+                      "unet-flax runs on XLA's convolutions without it")
   try:
     return ctypes.CDLL(str(LIBRARY))
   except OSError as e:  # libdnnl.so.3 gone, say: the runtime package was uninstalled.
