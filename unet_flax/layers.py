@@ -90,11 +90,24 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def _onednn_layer() -> LayerFunction | None:
-  """The extension's layer function, or None where it is not installed."""
+  """The extension's layer function, or None where it is not installed or cannot load."""
   try:
     return importlib.import_module(ONEDNN_MODULE).layer
   except ImportError:
     return None
+
+
+def _onednn_missing() -> str:
+  """Why `_onednn_layer` is None: the extension is not installed, or its ImportError (installed
+  without its library: no C++ compiler, not x86-64 Linux)."""
+  try:
+    importlib.import_module(ONEDNN_MODULE)
+  except ImportError as e:
+    if isinstance(e, ModuleNotFoundError) and e.name == ONEDNN_MODULE:
+      return ('which is not installed: install it as docs/speed.md says (oneDNN convolutions on '
+              'CPUs)')
+    return f'which does not load here ({e})'
+  return 'which imports here but has no layer function'
 
 
 def resolve_backend(requested: str = 'auto') -> str:
@@ -119,9 +132,8 @@ def resolve_backend(requested: str = 'auto') -> str:
     raise errors.UserError(f"--conv_backend=onednn runs on CPUs only, and jax's backend here is "
                            f"{platform}; use auto or xla")
   if _onednn_layer() is None:
-    raise errors.UserError('--conv_backend=onednn needs the extension ext/unet_flax_onednn, '
-                           'which is not installed: build it as docs/speed.md says (oneDNN '
-                           'convolutions on CPUs), or use auto or xla')
+    raise errors.UserError(f'--conv_backend=onednn needs the extension ext/unet_flax_onednn, '
+                           f'{_onednn_missing()}; or use auto or xla')
   return 'onednn'
 
 

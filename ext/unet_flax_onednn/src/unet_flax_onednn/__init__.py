@@ -16,13 +16,14 @@ project's --conv_backend flag chooses it. `implementation` names the oneDNN kern
 
 import ctypes
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_LIB = ctypes.cdll.LoadLibrary(str(pathlib.Path(__file__).parent / 'libunet_flax_onednn_ffi.so'))
+from unet_flax_onednn import _library
+
+_LIB = _library.load()  # An ImportError, saying why, where it was installed without it.
 
 _TARGETS = {
     'unet_onednn_conv_fwd': 'UnetOnednnConvFwd',
