@@ -1,6 +1,7 @@
 """export.py's files: model.jax_export and model.onnx give the model's logits for any batch size,
 and docs/using.md's snippets segment a photo as predict does with jax or onnxruntime alone."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -239,6 +240,17 @@ def test_onnx_logits_equal_jax_for_any_batch_size(exported, trained_workdir):
     images = _pictures(batch, 16)
     _assert_close(_onnx_logits(exported / 'model.onnx', images),
                   np.asarray(jax.jit(restored.forward)(restored.params, images)))
+
+
+@NEEDS_ONNX
+def test_export_refuses_an_onnx_file_whose_logits_are_not_the_models(exported, trained_workdir):
+  restored = inference.load_model(trained_workdir)
+  other = dataclasses.replace(restored, params=jax.tree.map(lambda p: p * 1.5, restored.params))
+  data = (exported / 'model.onnx').read_bytes()
+  assert export.check_onnx(data, restored)['max_abs_logit_diff'] <= 1e-4
+  with pytest.raises(errors.UserError, match=r'model.onnx computes logits .* away from the jax '
+                                             r"model's in onnxruntime .*--formats=jax"):
+    export.check_onnx(data, other)
 
 
 @NEEDS_ONNX
