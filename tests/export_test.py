@@ -232,7 +232,7 @@ def _pictures(n: int, size: int) -> np.ndarray:
 def test_onnx_logits_equal_jax_for_any_batch_size(exported, trained_workdir):
   info = json.loads((exported / export.INFO_FILE).read_text())
   onnx_info = info['files']['onnx']
-  assert onnx_info['file'] == 'model.onnx' and onnx_info['format'] == 'ONNX, opset 17'
+  assert onnx_info['file'] == 'model.onnx' and onnx_info['format'] == 'ONNX, opset 18'
   assert onnx_info['checked']['max_abs_logit_diff'] <= 1e-4
   assert onnx_info['checked']['mask_agreement'] >= 0.999
   restored = inference.load_model(trained_workdir)

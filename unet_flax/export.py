@@ -53,9 +53,10 @@ INFO_FILE = 'model.json'
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names ('gpu' is not one).
 ONNX_FILE = 'model.onnx'
-# ONNX's operator set: 17 (2022) runs in every onnxruntime since 1.13, onnxruntime-web and
+# ONNX's operator set: 18 (2022) runs in every onnxruntime since 1.14, onnxruntime-web and
 # -mobile included; the U-Net needs nothing newer (Conv, Relu, ReduceMax, Concat, Reshape...).
-ONNX_OPSET = 17
+# Not 17: jax2onnx 0.13.0 writes ReduceMax's axes as an input, which only opset 18 allows.
+ONNX_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = 'images', 'logits'
 ONNX_INSTALL = "pip install -e '.[onnx]' (jax2onnx and onnxruntime)"
 # How far onnxruntime's logits may be from jax's on the check batch before export refuses the
