@@ -1,8 +1,10 @@
 """Exports a trained model: python export.py --workdir runs/pets --out model/
 
-Writes <out>/model.jax_export, the inference function serialized with jax.export (StableHLO;
-uint8 images [B, S, S, 3] -> float32 logits [B, S, S, K], parameters baked in), and
-<out>/model.json (image size, classes). unet_flax/export.py shows how to run it with jax alone.
+Writes the inference function (uint8 images [B, S, S, 3] -> float32 logits [B, S, S, K],
+parameters baked in) as <out>/model.jax_export (jax.export, StableHLO) and, where jax2onnx is
+installed (the onnx extra), <out>/model.onnx checked by onnxruntime; and <out>/model.json (image
+size, classes, the input mode's contract). docs/using.md shows how to run either without this
+package.
 """
 
 from absl import app
@@ -12,12 +14,15 @@ from unet_flax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
-flags.DEFINE_string('out', None, 'Directory for model.jax_export and model.json.')
+flags.DEFINE_string('out', None, 'Directory for model.jax_export, model.onnx and model.json.')
 flags.DEFINE_integer('step', None, 'Checkpoint step to export; default: the latest.')
 flags.DEFINE_integer('batch_size', None,
                      'A fixed batch size; default: symbolic (any batch size at call time).',
                      lower_bound=1)
-flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'Platforms to lower for.')
+flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'Platforms to lower model.jax_export for.')
+flags.DEFINE_list('formats', None,
+                  "Files to write: 'jax' (model.jax_export), 'onnx' (model.onnx, needs the onnx "
+                  "extra); default: jax, and onnx where its converter is installed.")
 flags.DEFINE_bool('overwrite', False, 'Replace the files of a non-empty --out.')
 flags.mark_flags_as_required(['workdir', 'out'])
 
@@ -27,9 +32,14 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   from unet_flax import export  # pylint: disable=g-import-not-at-top  (fast --help)
   info = export.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, batch_size=FLAGS.batch_size,
-                       overwrite=FLAGS.overwrite, platforms=tuple(FLAGS.platforms))
+                       overwrite=FLAGS.overwrite, platforms=tuple(FLAGS.platforms),
+                       formats=None if FLAGS.formats is None else tuple(FLAGS.formats))
+  files = ', '.join(f'{entry["file"]} ({", ".join(entry["platforms"])})' if name == 'jax'
+                    else f'{entry["file"]} (onnxruntime: logits within '
+                         f'{entry["checked"]["max_abs_logit_diff"]:.1g} of jax\'s)'
+                    for name, entry in info['files'].items())
   print(f'exported step {info["step"]} to {FLAGS.out}: input {info["input"]["shape"]} uint8, '
-        f'logits {info["output"]["shape"]} float32, for {", ".join(info["platforms"])}')
+        f'logits {info["output"]["shape"]} float32; {files}')
 
 
 if __name__ == '__main__':

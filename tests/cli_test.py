@@ -55,11 +55,13 @@ def test_every_tool_takes_relative_home_and_symlinked_paths_from_anywhere(tmp_pa
   assert scores['flip_tta'] is True and 'with flip TTA' in evaluated.stdout
   assert np.sum(scores['confusion_matrix']) == 12 * 16 * 16  # The tiny test split, once.
   exported = run_script('export.py', '--workdir=~/../somewhere/else/runs/tiny', '--out', 'model',
-                        '--platforms', 'cpu', cache=cache, cwd=here, HOME=home)
+                        '--platforms', 'cpu', '--formats', 'jax', cache=cache, cwd=here,
+                        HOME=home)
   assert exported.returncode == 0, exported.stderr
+  assert 'model.jax_export (cpu)' in exported.stdout
   info = json.loads((here / 'model' / 'model.json').read_text())
-  assert (info['step'], info['image_size'], info['platforms']) == (6, 16, ['cpu'])
-  assert (here / 'model' / info['file']).is_file()
+  assert (info['step'], info['image_size'], info['files']['jax']['platforms']) == (6, 16, ['cpu'])
+  assert list(info['files']) == ['jax'] and (here / 'model' / 'model.jax_export').is_file()
 
 
 def test_config_file_errors_name_the_file_and_line(tmp_path):

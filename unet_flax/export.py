@@ -1,16 +1,23 @@
-"""The trained model as one serialized StableHLO function (`jax.export`), usable without this code.
+"""The trained model as one inference function in files usable without this code.
 
-`export(workdir, out)` writes two files:
+`export(workdir, out)` writes the function in each of its formats (FORMATS), and model.json:
 
-  <out>/model.jax_export  the inference function: uint8 pictures [B, S, S, 3] -> float32 logits
-                          [B, S, S, K], the batch size B free (symbolic); the parameters are
-                          baked in as constants, lowered for CPU, CUDA and TPU. S is what the
-                          run's input mode feeds the network (modes.py): resize mode's
-                          image_size (whole photos, resized), crop mode's crop_size (windows).
-  <out>/model.json        S, num_classes K, class names, the checkpoint step, and under 'mode'
-                          what to do around the function to get what predict.py gets (resize
-                          mode: resize and upsample; crop mode: the sliding window's tiling,
-                          overlap, scale and weights), with image_max_value and ignore_label.
+  <out>/model.jax_export  'jax': the function serialized with jax.export (StableHLO), lowered for
+                          CPU, CUDA and TPU; runs with jax alone.
+  <out>/model.onnx        'onnx': the same function converted by jax2onnx to an ONNX graph
+                          (opset ONNX_OPSET), checked against jax by onnxruntime before it is
+                          written; runs with onnxruntime alone (servers, phones, browsers, C++).
+  <out>/model.json        S, num_classes K, class names, the checkpoint step, under 'files' each
+                          format's file, and under 'mode' what to do around the function to get
+                          what predict.py gets (resize mode: resize and upsample; crop mode: the
+                          sliding window's tiling, overlap, scale and weights), with
+                          image_max_value and ignore_label.
+
+The function, in every format: uint8 pictures [B, S, S, 3] -> float32 logits [B, S, S, K], the
+batch size B free (symbolic) unless fixed; the parameters baked in as constants. S is what the
+run's input mode feeds the network (modes.py Mode.export): resize mode's image_size (whole photos,
+resized), crop mode's crop_size (windows). Each format is one entry of FORMATS that lowers that
+one function; none builds the model another way.
 
 The parameters are baked in so that the artifact is one self-contained file: loading it needs
 only jax (no Flax, no orbax, no parameter tree to rebuild and keep in step with the function).
@@ -18,10 +25,16 @@ The price is a new export for every checkpoint, and a file as large as the param
 (about 31 MB for the default U-Net), which is what a parameter file beside it would weigh too.
 
 docs/using.md shows how to run it without this package, in an environment with only
-`jax flatbuffers pillow` installed, in either mode; tests/export_test.py runs those snippets.
+`jax flatbuffers pillow` or only `onnxruntime numpy pillow` installed, in either mode;
+tests/export_test.py and tests/onnx_export_test.py run those snippets.
 """
 
+import importlib.util
 import json
+import sys
+from collections.abc import Callable
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -39,29 +52,130 @@ INFO_FILE = 'model.json'
 # Lowered for each: the file then runs wherever the user's jax runs, not only where it was made.
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names ('gpu' is not one).
+ONNX_FILE = 'model.onnx'
+# ONNX's operator set: 18 (2022) runs in every onnxruntime since 1.14, onnxruntime-web and
+# -mobile included; the U-Net needs nothing newer (Conv, Relu, ReduceMax, Concat, Reshape...).
+# Not 17: jax2onnx 0.13.0 writes ReduceMax's axes as an input, which only opset 18 allows.
+ONNX_OPSET = 18
+ONNX_INPUT, ONNX_OUTPUT = 'images', 'logits'
+ONNX_INSTALL = "pip install -e '.[onnx]' (jax2onnx and onnxruntime)"
+# How far onnxruntime's logits may be from jax's on the check batch before export refuses the
+# file: float32 convolutions summed in another order differ by ~1e-6 of the logits' scale.
+ONNX_TOLERANCE = 1e-3
+
+
+def serving_function(model: inference.Model) -> tuple[Callable, tuple[int, int]]:
+  """(serve, (height, width)): the one function every format lowers, and its pictures' size.
+
+  serve(images [B, height, width, 3] uint8) -> logits [B, height, width, K] float32: the
+  model's plain forward pass (no flip TTA) with the parameters closed over, so that each
+  format bakes them in as constants; (height, width) is the input mode's (Mode.export).
+  """
+  # XLA's convolutions: no custom call (oneDNN's) that the loading process would lack.
+  forward = models.forward(model.config, layers.xla_layer)
+
+  def serve(images):
+    return forward(model.params, images)
+  return serve, model.mode.export()[0]
 
 
 def export_model(model: inference.Model, *, batch_size: int | None = None,
                  platforms=PLATFORMS) -> jax.export.Exported:
-  """The model's forward pass at its input mode's picture size, parameters baked in, as a
-  `jax.export.Exported`.
+  """serving_function(model) as a `jax.export.Exported`.
 
   Args:
     model: a restored model (inference.load_model).
     batch_size: a fixed batch size; None: symbolic, any batch size at call time.
     platforms: what to lower for.
   """
-  # XLA's convolutions: no custom call (oneDNN's) that the loading process would lack.
-  forward = models.forward(model.config, layers.xla_layer)
-
-  def serve(images):
-    """images: [B, h, w, 3] uint8 -> logits [B, h, w, K] float32."""
-    return forward(model.params, images)  # The closed-over params become constants.
-
+  serve, (height, width) = serving_function(model)
   batch = jax.export.symbolic_shape('b')[0] if batch_size is None else batch_size
-  height, width = model.mode.export()[0]
   spec = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)
   return jax.export.export(jax.jit(serve), platforms=platforms)(spec)
+
+
+def onnx_installed() -> bool:
+  """Whether the converter (jax2onnx) and the runtime that checks its output are importable."""
+  return all(importlib.util.find_spec(name) for name in ('jax2onnx', 'onnxruntime'))
+
+
+def _require_onnx() -> None:
+  if not onnx_installed():
+    raise errors.UserError(f'model.onnx needs jax2onnx and onnxruntime: {ONNX_INSTALL}, '
+                           'or pass --formats=jax')
+
+
+def onnx_model(model: inference.Model, *, batch_size: int | None = None) -> bytes:
+  """serving_function(model) converted by jax2onnx: a serialized ONNX ModelProto.
+
+  Its input 'images' is [B, S, S, 3] uint8 and its output 'logits' [B, S, S, K] float32, B
+  symbolic ('b') unless batch_size fixes it. Raises UserError naming the install if jax2onnx is
+  missing.
+  """
+  _require_onnx()
+  import jax2onnx  # pylint: disable=g-import-not-at-top  (optional: the onnx extra)
+  serve, (height, width) = serving_function(model)
+  spec = jax.ShapeDtypeStruct(('b' if batch_size is None else batch_size, height, width, 3),
+                              jnp.uint8)
+  proto = jax2onnx.to_onnx(serve, [spec], model_name='unet_flax', opset=ONNX_OPSET,
+                           input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+  return proto.SerializeToString()
+
+
+def check_onnx(data: bytes, model: inference.Model, batch_size: int | None = None) -> dict:
+  """Runs the ONNX model in onnxruntime and jax's forward pass on the same random pictures.
+
+  Returns {'max_abs_logit_diff': float, 'mask_agreement': float (argmax equal, a fraction of
+  pixels), 'images': how many, 'onnxruntime': its version}. Raises UserError if the logits
+  differ by more than ONNX_TOLERANCE times their largest magnitude (at least 1).
+  """
+  import onnxruntime  # pylint: disable=g-import-not-at-top  (optional: the onnx extra)
+  serve, (height, width) = serving_function(model)
+  images = np.random.default_rng(0).integers(
+      0, 256, (batch_size or 2, height, width, 3), np.uint8)
+  session = onnxruntime.InferenceSession(data, providers=['CPUExecutionProvider'])
+  got = session.run([ONNX_OUTPUT], {ONNX_INPUT: images})[0]
+  want = np.asarray(jax.jit(serve)(images))
+  diff = float(np.abs(got - want).max())
+  if not diff <= ONNX_TOLERANCE * max(1.0, float(np.abs(want).max())):
+    raise errors.UserError(f'model.onnx computes logits {diff:.3g} away from the jax model\'s '
+                           f'in onnxruntime {onnxruntime.__version__}; export with --formats=jax '
+                           'and report this with the versions of jax and jax2onnx')
+  return {'max_abs_logit_diff': diff,
+          'mask_agreement': float((got.argmax(-1) == want.argmax(-1)).mean()),
+          'images': len(images), 'onnxruntime': onnxruntime.__version__}
+
+
+def _jax_format(model, batch_size, platforms) -> tuple[str, bytes, dict]:
+  exported = export_model(model, batch_size=batch_size, platforms=platforms)
+  return MODEL_FILE, bytes(exported.serialize()), {
+      'file': MODEL_FILE,
+      'format': f'jax.export (StableHLO), calling convention {exported.calling_convention_version}',
+      'platforms': list(exported.platforms), 'jax_version': jax.__version__}
+
+
+def _onnx_format(model, batch_size, platforms) -> tuple[str, bytes, dict]:
+  del platforms  # onnxruntime picks its execution provider where the file is run.
+  data = onnx_model(model, batch_size=batch_size)
+  return ONNX_FILE, data, {
+      'file': ONNX_FILE, 'format': f'ONNX, opset {ONNX_OPSET}',
+      'input_name': ONNX_INPUT, 'output_name': ONNX_OUTPUT,
+      'jax2onnx_version': _version('jax2onnx'),
+      'checked': check_onnx(data, model, batch_size)}
+
+
+def _version(package: str) -> str:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  return metadata.version(package)
+
+
+# Each format: (model, batch_size, platforms) -> (file name, its bytes, its model.json entry).
+FORMATS = {'jax': _jax_format, 'onnx': _onnx_format}
+
+
+def default_formats() -> tuple[str, ...]:
+  """'jax', and 'onnx' where its converter is installed."""
+  return ('jax', 'onnx') if onnx_installed() else ('jax',)
 
 
 def _check_out(out: epath.Path, overwrite: bool) -> None:
@@ -70,7 +184,7 @@ def _check_out(out: epath.Path, overwrite: bool) -> None:
     raise errors.UserError(f'--out {out} is a file; pass a directory for the exported model')
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise errors.UserError(f'--out {out} is not empty; pass --overwrite to replace '
-                           f'{MODEL_FILE} and {INFO_FILE} there, or choose another --out')
+                           f'the model\'s files there, or choose another --out')
 
 
 def _write(out: epath.Path, files: dict[str, bytes | str]) -> None:
@@ -86,15 +200,18 @@ def _write(out: epath.Path, files: dict[str, bytes | str]) -> None:
 
 
 def export(workdir, out, *, step: int | None = None, batch_size: int | None = None,
-           overwrite: bool = False, platforms=PLATFORMS) -> dict:
-  """Writes <out>/model.jax_export and <out>/model.json for a checkpoint of `workdir`.
+           overwrite: bool = False, platforms=PLATFORMS,
+           formats: tuple[str, ...] | None = None) -> dict:
+  """Writes the model in each of `formats` and <out>/model.json for a checkpoint of `workdir`.
 
   Args:
     workdir: a training run's --workdir.
     out: the directory to write; refused if it holds files, unless `overwrite`.
     step: the checkpoint; None: the latest.
     batch_size: fixed batch size; None: symbolic.
-    platforms: what to lower for.
+    platforms: what the jax format is lowered for.
+    formats: names from FORMATS; None: default_formats(), saying on stderr when 'onnx' is left
+      out for want of its converter. An explicit 'onnx' without it is a UserError.
 
   Returns:
     The contents of model.json.
@@ -103,17 +220,27 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
   if unknown or not platforms:
     raise errors.UserError(f'--platforms {",".join(platforms)}: {", ".join(unknown) or "none"} '
                            f'not known; choose from {",".join(KNOWN_PLATFORMS)}')
+  if formats is None:
+    formats = default_formats()
+    if 'onnx' not in formats:
+      print(f'note: model.onnx not written: its converter is not installed ({ONNX_INSTALL})',
+            file=sys.stderr)
+  unknown = sorted(set(formats) - set(FORMATS))
+  if unknown or not formats:
+    raise errors.UserError(f'--formats {",".join(formats)}: {", ".join(unknown) or "none"} '
+                           f'not known; choose from {",".join(FORMATS)}')
+  if 'onnx' in formats:
+    _require_onnx()  # Before the checkpoint is read.
   out = paths.absolute(out)
   _check_out(out, overwrite)
   model = inference.load_model(workdir, step)
   config = model.config
-  exported = export_model(model, batch_size=batch_size, platforms=platforms)
+  written = {name: FORMATS[name](model, batch_size, platforms) for name in formats}
   batch = 'b' if batch_size is None else batch_size
   (height, width), contract = model.mode.export()
   k = config.num_classes
   info = {
-      'format': f'jax.export (StableHLO), calling convention {exported.calling_convention_version}',
-      'file': MODEL_FILE,
+      'files': {name: entry for name, (_, _, entry) in written.items()},
       'image_size': config.image_size,
       'num_classes': k,
       'class_names': list(config_lib.class_names(config)),
@@ -125,10 +252,8 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
       # 16-bit and float photos: the value shown as white (None: 65535, or 1 for floats <= 1).
       'image_max_value': config.image_max_value,
       'ignore_label': config.ignore_label,
-      'platforms': list(exported.platforms),
       'step': model.step,
-      'jax_version': jax.__version__,
   }
-  _write(out, {MODEL_FILE: bytes(exported.serialize()),
+  _write(out, {**{file: data for file, data, _ in written.values()},
                INFO_FILE: json.dumps(info, indent=2) + '\n'})
   return info
