@@ -120,6 +120,14 @@ GEOMETRIES = [
 ]
 
 
+def _passes(geometry) -> int:
+  """oneDNN calls of a convolution's forward and both gradients: a depthwise kernel wider than
+  3 taps has its weight gradient computed as 2 windows a side (2 x 2 calls for 5x5)."""
+  n, h, w, c, o, kh, kw, *_, groups = geometry
+  windows = (1 + (kh > 3)) * (1 + (kw > 3)) if groups == c == o else 1
+  return 2 + windows
+
+
 def _reference_geometry(x, w, padding, strides, groups):
   strides = (strides, strides) if isinstance(strides, int) else strides
   return jax.lax.conv_general_dilated(x, w, strides, padding,
@@ -155,7 +163,7 @@ def test_strided_and_grouped_conv_match_xla(geometry, dtype):
     y, vjp = jax.vjp(functools.partial(onednn.conv, padding=padding, strides=strides,
                                        groups=groups), x, w)
     return (y, *vjp(dy))
-  assert _ffi_calls(f, x, w, dy) == 3
+  assert _ffi_calls(f, x, w, dy) == _passes(geometry)
   y, dx, dw = jax.jit(f)(x, w, dy)
   assert y.dtype == dx.dtype == dw.dtype == dtype
   rtol = 1e-5 if dtype == jnp.float32 else 1e-2
@@ -187,7 +195,8 @@ def test_strided_and_grouped_layer_matches_xla(geometry, dtype, relu):
     y, vjp = jax.vjp(functools.partial(onednn.layer, padding=padding, relu=relu,
                                        strides=strides, groups=groups), x, w, b)
     return (y, *vjp(dy))
-  assert _ffi_calls(f, x, w, b, dy) == 3  # Fused forward, backward-data, backward-weights+bias.
+  # Fused forward, backward-data, backward-weights (the first window's with the bias's).
+  assert _ffi_calls(f, x, w, b, dy) == _passes(geometry)
   y, *grads = jax.jit(f)(x, w, b, dy)
   assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
   rtol = 1e-5 if dtype == jnp.float32 else 1e-2
@@ -196,6 +205,32 @@ def test_strided_and_grouped_layer_matches_xla(geometry, dtype, relu):
   _close(y, y_ref, rtol)
   for got, want in zip(grads, grads_ref):
     _close(got, want, rtol)
+
+
+@pytest.mark.parametrize('size', [4, 5, 6])
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('height', [11, 12])
+def test_wide_depthwise_weight_gradient_matches_xla(size, stride, height):
+  """A depthwise kernel of 4-6 taps a side, whose weight gradient is computed as 2 x 2 windows
+  of 3 taps over the padded input's rows and columns they read: against XLA's, at odd and even sizes (where 'SAME' pads
+  differently at the two ends), and each window's oneDNN kernel is the depthwise one."""
+  geometry = (2, height, 12, 8, 8, size, size, 'SAME', stride, 8)
+  x, w, _, dy, reference = _geometry_operands(geometry, jnp.float32)
+  dw_ref = jax.vjp(reference, x, w)[1](dy)[1]
+
+  def dw(x, w, dy):
+    return jax.vjp(functools.partial(onednn.conv, strides=stride, groups=8), x, w)[1](dy)[1]
+  assert _ffi_calls(dw, x, w, dy) == 4  # The windows (the unused forward and dx are dropped).
+  _close(jax.jit(dw)(x, w, dy), dw_ref, 1e-5)
+  pads = jax.lax.padtype_to_pads(x.shape[1:3], (size, size), (stride, stride), 'SAME')
+  padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  for offset_y, _ in onednn._depthwise_windows(size):
+    for offset_x, _ in onednn._depthwise_windows(size):
+      rows = onednn._window_input(padded, 1, offset_y, 3, stride, dy.shape[1])
+      window = onednn._window_input(rows, 2, offset_x, 3, stride, dy.shape[2])
+      impl = onednn.implementation('bwd_weights', jnp.float32, *window.shape, 8, 3, 3,
+                                   'VALID', stride, 8)
+      assert impl.startswith('jit_dw'), (offset_y, offset_x, impl)
 
 
 def test_groups_that_do_not_fit_are_rejected():

@@ -171,6 +171,60 @@ def conv_bwd_weights_bias(x: jax.Array, dy: jax.Array, kernel_size=(3, 3), paddi
       x, dy, **_attrs(padding, strides, groups)))
 
 
+# oneDNN's fast depthwise weight gradient (jit_dw) takes kernels of up to this many taps a side;
+# a larger one would fall to a generic grouped kernel, one channel at a time (10-20x slower).
+_DW_TAPS = 3
+
+
+def _depthwise_windows(size: int) -> list[tuple[int, slice]]:
+  """A kernel side of `size` taps as windows of at most _DW_TAPS: (offset, the window's taps
+  to keep), covering 0..size-1 once. Windows of 3 at offsets 0 and size - 3 (overlapping, so
+  that neither is shorter than 3 and each keeps its padding below its size)."""
+  if size <= _DW_TAPS:
+    return [(0, slice(0, size))]
+  if size > 2 * _DW_TAPS:
+    raise ValueError(f'unet_flax_onednn: depthwise kernels of up to {2 * _DW_TAPS} taps a side')
+  return [(0, slice(0, _DW_TAPS)), (size - _DW_TAPS, slice(2 * _DW_TAPS - size, _DW_TAPS))]
+
+
+def _window_input(padded, axis, offset, taps, stride, out):
+  """The rows (along `axis`) of the zero-padded input that a `taps`-tap window at `offset` of
+  the kernel reads for `out` outputs: a VALID convolution of them is that window's."""
+  return jax.lax.slice_in_dim(padded, offset, offset + (out - 1) * stride + taps, axis=axis)
+
+
+def _bwd_weights(x, dy, kernel_size, padding, strides, groups, bias: bool):
+  """conv_bwd_weights(_bias): dw [KH,KW,C/groups,O] float32 (and db [O] where bias).
+
+  A depthwise kernel wider than _DW_TAPS is computed as windows of 3 taps a side
+  (_depthwise_windows), each the weight gradient of a VALID convolution of the input's padded
+  rows and columns it reads: oneDNN's depthwise kernel takes at most 3 taps and 1 row of
+  padding a side.
+  """
+  windows = [_depthwise_windows(k) for k in kernel_size]
+  depthwise = groups == x.shape[3] == dy.shape[3]
+  if not depthwise or all(len(w) == 1 for w in windows):
+    if bias:
+      return conv_bwd_weights_bias(x, dy, kernel_size, padding, strides, groups)
+    return conv_bwd_weights(x, dy, kernel_size, padding, strides, groups), None
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  taps = [min(k, _DW_TAPS) for k in kernel_size]
+  valid = ((0, 0), (0, 0))
+  rows, db = [], None
+  for offset_y, keep_y in windows[0]:
+    window_rows = _window_input(padded, 1, offset_y, taps[0], strides[0], dy.shape[1])
+    row = []
+    for offset_x, keep_x in windows[1]:
+      window = _window_input(window_rows, 2, offset_x, taps[1], strides[1], dy.shape[2])
+      if bias and db is None:
+        dw, db = conv_bwd_weights_bias(window, dy, taps, valid, strides, groups)
+      else:
+        dw = conv_bwd_weights(window, dy, taps, valid, strides, groups)
+      row.append(dw[keep_y, keep_x])
+    rows.append(jnp.concatenate(row, axis=1))
+  return jnp.concatenate(rows, axis=0), db
+
+
 def conv(x: jax.Array, w: jax.Array, padding='SAME', strides=(1, 1),
          groups: int = 1) -> jax.Array:
   """A convolution, NHWC x HWIO -> NHWC, through oneDNN (forward and both gradients).
@@ -204,8 +258,8 @@ def _conv_bwd_rule(padding, strides, groups, residuals, dy):
   x, w = residuals
   dy = dy.astype(x.dtype)
   dx = conv_bwd_data(dy, w, padding, strides, groups, x.shape[1:3])
-  dw = conv_bwd_weights(x, dy, w.shape[:2], padding, strides, groups).astype(w.dtype)
-  return dx, dw
+  dw, _ = _bwd_weights(x, dy, w.shape[:2], padding, strides, groups, bias=False)
+  return dx, dw.astype(w.dtype)
 
 
 _conv.defvjp(_conv_fwd_rule, _conv_bwd_rule)
@@ -261,7 +315,7 @@ def _conv_bias_bwd_rule(padding, relu, strides, groups, residuals, dy):
   x, w, y = residuals
   dy = _through_relu(dy, y, x.dtype)
   dx = conv_bwd_data(dy, w, padding, strides, groups, x.shape[1:3])
-  dw, db = conv_bwd_weights_bias(x, dy, w.shape[:2], padding, strides, groups)
+  dw, db = _bwd_weights(x, dy, w.shape[:2], padding, strides, groups, bias=True)
   return dx, dw.astype(w.dtype), db.astype(x.dtype)  # b was cast to x's dtype.
 
 
