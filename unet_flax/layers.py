@@ -1,12 +1,12 @@
 """The layers under every model: one convolution contract, its XLA and oneDNN backends, and the
 XLA:CPU kernels the U-Net is made of.
 
-Every convolution of a model goes through one *layer function* (`LayerFunction`):
-relu?(conv(x, kernel) + bias), strided or grouped (depthwise) where the model asks. `xla_layer` is XLA's, on every platform; the optional extension
-ext/unet_flax_onednn provides oneDNN's, which computes the bias and the ReLU inside the
-convolution. Which one runs is a setting of the process, decided once (`select_backend`, the
-tools' --conv_backend flag), not of a run: the parameters do not depend on it, so a checkpoint
-trained on one backend restores, evaluates and predicts on the other.
+Every convolution of a model goes through one *layer function* (`LayerFunction`): relu?(conv(x,
+kernel) + bias), strided or grouped (depthwise) where the model asks. `xla_layer` is XLA's, on
+every platform; the optional extension ext/unet_flax_onednn provides oneDNN's, which computes the
+bias and the ReLU inside the convolution. Which one runs is a setting of the process, decided once
+(`select_backend`, the tools' --conv_backend flag), not of a run: the parameters do not depend on
+it, so a checkpoint trained on one backend restores, evaluates and predicts on the other.
 
 The rest are the pieces whose XLA:CPU forms are slow and are written here in a faster form with
 the same values and gradients: `add_bias` (its bias gradient summed in float32), `max_pool_2x2`

@@ -212,8 +212,9 @@ def test_strided_and_grouped_layer_matches_xla(geometry, dtype, relu):
 @pytest.mark.parametrize('height', [11, 12])
 def test_wide_depthwise_weight_gradient_matches_xla(size, stride, height):
   """A depthwise kernel of 4-6 taps a side, whose weight gradient is computed as 2 x 2 windows
-  of 3 taps over the padded input's rows and columns they read: against XLA's, at odd and even sizes (where 'SAME' pads
-  differently at the two ends), and each window's oneDNN kernel is the depthwise one."""
+  of 3 taps over the padded input's rows and columns they read: against XLA's, at odd and even
+  sizes (where 'SAME' pads differently at the two ends), and each window's oneDNN kernel is the
+  depthwise one."""
   geometry = (2, height, 12, 8, 8, size, size, 'SAME', stride, 8)
   x, w, _, dy, reference = _geometry_operands(geometry, jnp.float32)
   dw_ref = jax.vjp(reference, x, w)[1](dy)[1]
