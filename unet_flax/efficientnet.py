@@ -81,9 +81,9 @@ def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
 class FoldedConv(nn.Module):
   """A convolution with its batch norm folded in: relu6?(conv(x, kernel) + bias), 'SAME' padding.
 
-  Stride-1 convolutions that are not depthwise (the 1x1 expansions and projections) go through
-  `layer` (the project's LayerFunction, XLA's or oneDNN's); depthwise and strided ones through
-  jax.lax.conv_general_dilated.
+  Every one, strided and depthwise ones included, is one call of `layer` (the project's
+  LayerFunction, XLA's or oneDNN's), which adds the bias and applies the ReLU; the clip at 6 is
+  XLA's.
 
   Attributes:
     features: output channels.
@@ -110,15 +110,8 @@ class FoldedConv(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     padding = tuple(same_padding(n, k, self.stride) for n in x.shape[1:3])
-    if self.stride == 1 and not self.depthwise:
-      y = self.layer(x, kernel, bias, padding, self.relu6)
-    else:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, (self.stride, self.stride), padding,
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-          feature_group_count=x.shape[-1] if self.depthwise else 1)
-      y = layers.add_bias(y, bias)
-      y = nn.relu(y) if self.relu6 else y
+    y = self.layer(x, kernel, bias, padding, self.relu6, strides=(self.stride, self.stride),
+                   groups=x.shape[-1] if self.depthwise else 1)
     return jnp.minimum(y, 6) if self.relu6 else y
 
 
@@ -147,7 +140,7 @@ class EfficientNetLite0Encoder(nn.Module):
 
   Attributes:
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
-    layer: the stride-1 1x1 convolutions' function (`layers.layer_function`); not a parameter.
+    layer: every convolution's function (`layers.layer_function`); not a parameter.
   """
 
   dtype: Any = jnp.float32

@@ -1,12 +1,12 @@
 """The layers under every model: one convolution contract, its XLA and oneDNN backends, and the
 XLA:CPU kernels the U-Net is made of.
 
-Every stride-1 convolution of a model goes through one *layer function* (`LayerFunction`):
-relu?(conv(x, kernel) + bias). `xla_layer` is XLA's, on every platform; the optional extension
-ext/unet_flax_onednn provides oneDNN's, which computes the bias and the ReLU inside the
-convolution. Which one runs is a setting of the process, decided once (`select_backend`, the
-tools' --conv_backend flag), not of a run: the parameters do not depend on it, so a checkpoint
-trained on one backend restores, evaluates and predicts on the other.
+Every convolution of a model goes through one *layer function* (`LayerFunction`): relu?(conv(x,
+kernel) + bias), strided or grouped (depthwise) where the model asks. `xla_layer` is XLA's, on
+every platform; the optional extension ext/unet_flax_onednn provides oneDNN's, which computes the
+bias and the ReLU inside the convolution. Which one runs is a setting of the process, decided once
+(`select_backend`, the tools' --conv_backend flag), not of a run: the parameters do not depend on
+it, so a checkpoint trained on one backend restores, evaluates and predicts on the other.
 
 The rest are the pieces whose XLA:CPU forms are slow and are written here in a faster form with
 the same values and gradients: `add_bias` (its bias gradient summed in float32), `max_pool_2x2`
@@ -30,23 +30,28 @@ ONEDNN_MODULE = 'unet_flax_onednn'  # The optional extension: pip install ./ext/
 
 
 class LayerFunction(Protocol):
-  """A stride-1 convolution with its optional bias and ReLU, NHWC x HWIO.
+  """A convolution with its optional bias and ReLU, NHWC x HWIO, as lax.conv_general_dilated.
 
   Args:
     x: [N, H, W, C], or a pair ([N, H, W, Ca], [N, H, W, Cb]) to concatenate along channels
       (a decoder's [upsampled, skip]; oneDNN convolves each with its part of the kernel).
-    kernel: [KH, KW, C, O] of x's dtype (C = Ca + Cb for a pair).
+    kernel: [KH, KW, C / groups, O] of x's dtype (C = Ca + Cb for a pair).
     bias: [O] of x's dtype, or None.
     padding: ((top, bottom), (left, right)) zeros, or 'SAME' / 'VALID'.
     relu: apply max(0, .) to the result.
+    strides: (stride_h, stride_w).
+    groups: channel groups (lax's feature_group_count; C and O divisible by it): output channel
+      o sees the input channels of group o // (O / groups). A depthwise convolution has
+      groups = C = O.
 
   Returns:
-    relu?(conv(x, kernel) + bias): [N, H + top + bottom - KH + 1, W + left + right - KW + 1, O]
-    of x's dtype.
+    relu?(conv(x, kernel) + bias): [N, (H + top + bottom - KH) // stride_h + 1,
+    (W + left + right - KW) // stride_w + 1, O] of x's dtype.
   """
 
   def __call__(self, x: jax.Array | tuple[jax.Array, jax.Array], kernel: jax.Array,
-               bias: jax.Array | None, padding, relu: bool = False) -> jax.Array:
+               bias: jax.Array | None, padding, relu: bool = False,
+               strides: tuple[int, int] = (1, 1), groups: int = 1) -> jax.Array:
     ...
 
 # Keras's defaults, which the chapter relies on: glorot-uniform kernels and zero biases.
@@ -55,13 +60,15 @@ bias_init = nn.initializers.zeros
 
 
 def xla_layer(x: jax.Array | tuple[jax.Array, jax.Array], kernel: jax.Array,
-              bias: jax.Array | None, padding, relu: bool = False) -> jax.Array:
+              bias: jax.Array | None, padding, relu: bool = False,
+              strides: tuple[int, int] = (1, 1), groups: int = 1) -> jax.Array:
   """relu?(conv(x, kernel) + bias) in XLA: the `LayerFunction` of every platform (arguments and
   result as LayerFunction's; a pair is joined by `concatenate_channels`)."""
   if isinstance(x, tuple):
     x = concatenate_channels(*x)
-  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  y = jax.lax.conv_general_dilated(x, kernel, tuple(strides), padding,
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                   feature_group_count=groups)
   if bias is not None:
     y = add_bias(y, bias)
   return nn.relu(y) if relu else y

@@ -1,21 +1,25 @@
-// oneDNN stride-1 convolutions (any KHxKW kernel, explicit zero padding) as XLA FFI handlers.
+// oneDNN convolutions (any KHxKW kernel, strides, explicit zero padding, channel groups) as XLA
+// FFI handlers.
 //
 // Layouts as JAX passes them: activations NHWC, kernels HWIO (row-major, so XLA's default
 // layouts). float32, or bfloat16 in/out with float32 accumulation; the weight gradient is always
-// written as float32 (the Python side casts it to the kernel's dtype). Every handler takes the
-// padding as attributes pad_top, pad_bottom, pad_left, pad_right (>= 0), as
-// lax.conv_general_dilated's padding ((pad_top, pad_bottom), (pad_left, pad_right)); the output
-// is OH = H + pad_top + pad_bottom - KH + 1 rows (and likewise OW).
+// written as float32 (the Python side casts it to the kernel's dtype). Every handler takes as
+// attributes the padding pad_top, pad_bottom, pad_left, pad_right (>= 0), as
+// lax.conv_general_dilated's padding ((pad_top, pad_bottom), (pad_left, pad_right)), the strides
+// stride_h, stride_w (>= 1) and the channel groups `groups` (>= 1), as its window_strides and
+// feature_group_count: the kernel is [KH, KW, C / groups, O], and output channel o sees the
+// input channels of group o / (O / groups). The output is OH = (H + pad_top + pad_bottom - KH) /
+// stride_h + 1 rows (rounded down; likewise OW). A depthwise convolution is groups = C = O.
 //
-//   unet_onednn_conv_fwd(x[N,H,W,C], w[KH,KW,C,O]) -> y[N,OH,OW,O]            (x's dtype)
-//   unet_onednn_conv_bwd_data(dy[N,OH,OW,O], w[KH,KW,C,O]) -> dx[N,H,W,C]     (dy's dtype)
-//   unet_onednn_conv_bwd_weights(x[N,H,W,C], dy[N,OH,OW,O]) -> dw[KH,KW,C,O]  (float32)
+//   unet_onednn_conv_fwd(x[N,H,W,C], w[KH,KW,C/G,O]) -> y[N,OH,OW,O]            (x's dtype)
+//   unet_onednn_conv_bwd_data(dy[N,OH,OW,O], w[KH,KW,C/G,O]) -> dx[N,H,W,C]     (dy's dtype)
+//   unet_onednn_conv_bwd_weights(x[N,H,W,C], dy[N,OH,OW,O]) -> dw[KH,KW,C/G,O]  (float32)
 //
 // and the fused layer of the U-Net's blocks and logits, y = relu?(conv(x, w) + b), with the
 // bias gradient computed in the same pass over dy as the weight gradient:
 //
-//   unet_onednn_conv_bias_fwd(x[N,H,W,C], w[KH,KW,C,O], b[O]) -> y[N,OH,OW,O]  (attr relu: 0/1)
-//   unet_onednn_conv_bwd_weights_bias(x[N,H,W,C], dy[N,OH,OW,O]) -> dw[KH,KW,C,O], db[O]
+//   unet_onednn_conv_bias_fwd(x[N,H,W,C], w[KH,KW,C/G,O], b[O]) -> y[N,OH,OW,O] (attr relu: 0/1)
+//   unet_onednn_conv_bwd_weights_bias(x[N,H,W,C], dy[N,OH,OW,O]) -> dw[KH,KW,C/G,O], db[O]
 //                                                                     (both float32)
 //   unet_onednn_conv_bias_sum_fwd(x, w, b, acc[N,OH,OW,O]) -> y = relu?(conv(x, w) + b + acc),
 //                                 y aliasing acc: a convolution of two channel-concatenated
@@ -27,7 +31,8 @@
 //
 // Primitive descriptors and primitives are cached per shape and dtype. The kernel is given to
 // oneDNN in the layout it asks for (format_tag::any), through a reorder when that differs from
-// HWIO; activations stay NHWC.
+// HWIO (grouped: oneDNN's [G, O/G, C/G, KH, KW] dimensions over HWIO's memory, by strides);
+// activations stay NHWC.
 //
 // Threads: XLA calls a handler from any of its threads, while oneDNN's library-managed
 // scratchpad (its default) is tied to the thread that created the primitive ("primitives ...
@@ -58,12 +63,13 @@ dnnl::engine& Engine() {
 
 enum class Pass { kFwd, kBwdData, kBwdWeights };
 
-// A convolution's shape: input [N,H,W,C], kernel [KH,KW,C,O], padding; the output follows.
+// A convolution's shape: input [N,H,W,C], kernel [KH,KW,C/G,O], padding, strides, groups G;
+// the output follows.
 struct Shape {
-  int64_t n, h, w, c, o, kh, kw, pt, pb, pl, pr;
-  int64_t oh() const { return h + pt + pb - kh + 1; }
-  int64_t ow() const { return w + pl + pr - kw + 1; }
-  auto tie() const { return std::tie(n, h, w, c, o, kh, kw, pt, pb, pl, pr); }
+  int64_t n, h, w, c, o, kh, kw, pt, pb, pl, pr, sh = 1, sw = 1, g = 1;
+  int64_t oh() const { return (h + pt + pb - kh) / sh + 1; }
+  int64_t ow() const { return (w + pl + pr - kw) / sw + 1; }
+  auto tie() const { return std::make_tuple(n, h, w, c, o, kh, kw, pt, pb, pl, pr, sh, sw, g); }
 };
 
 // What a pass computes besides the convolution: a bias (forward: added; backward-weights: its
@@ -74,9 +80,7 @@ enum Fusion {
 };
 
 // (pass, dtype, fusion, shape)
-using Key = std::tuple<int, int, int, std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t,
-                                                 int64_t, int64_t, int64_t, int64_t, int64_t,
-                                                 int64_t>>;
+using Key = std::tuple<int, int, int, decltype(std::declval<Shape>().tie())>;
 
 struct Entry {
   dnnl::primitive conv;
@@ -102,15 +106,30 @@ std::map<Key, std::shared_ptr<Entry>>& Cache() {
   return *cache;
 }
 
+// The kernel's oneDNN dimensions: (O, C, KH, KW), or (G, O/G, C/G, KH, KW) for groups.
+dnnl::memory::dims KernelDims(const Shape& sh) {
+  if (sh.g == 1) return {sh.o, sh.c, sh.kh, sh.kw};
+  return {sh.g, sh.o / sh.g, sh.c / sh.g, sh.kh, sh.kw};
+}
+
+// The kernel as XLA holds it, HWIO [KH, KW, C/G, O] row-major, over KernelDims: output channel
+// (g, oc) is column g * O/G + oc.
+dnnl::memory::desc HwioKernel(const Shape& sh, dt type) {
+  const int64_t i = sh.c / sh.g, o = sh.o;
+  if (sh.g == 1) return dnnl::memory::desc(KernelDims(sh), type, tag::hwio);
+  return dnnl::memory::desc(KernelDims(sh), type,
+                            dnnl::memory::dims{o / sh.g, 1, o, sh.kw * i * o, i * o});
+}
+
 std::shared_ptr<Entry> Build(Pass pass, dt type, Fusion fusion, const Shape& sh) {
   auto& eng = Engine();
-  const int64_t n = sh.n, h = sh.h, w = sh.w, c = sh.c, o = sh.o, kh = sh.kh, kw = sh.kw;
-  const dnnl::memory::dims strides = {1, 1};
+  const int64_t n = sh.n, h = sh.h, w = sh.w, c = sh.c, o = sh.o;
+  const dnnl::memory::dims strides = {sh.sh, sh.sw};
   const dnnl::memory::dims pad_l = {sh.pt, sh.pl};
   const dnnl::memory::dims pad_r = {sh.pb, sh.pr};
   dnnl::memory::desc src({n, c, h, w}, type, tag::nhwc);
   dnnl::memory::desc dst({n, o, sh.oh(), sh.ow()}, type, tag::nhwc);
-  dnnl::memory::desc w_any({o, c, kh, kw}, type, tag::any);
+  dnnl::memory::desc w_any(KernelDims(sh), type, tag::any);
   const bool bias = fusion & kBias;
   dnnl::memory::desc b_md = bias ? dnnl::memory::desc({o}, type, tag::a) : dnnl::memory::desc();
   dnnl::primitive_attr attr = UserScratchpad();
@@ -129,7 +148,7 @@ std::shared_ptr<Entry> Build(Pass pass, dt type, Fusion fusion, const Shape& sh)
   if (pass == Pass::kFwd) {
     e->conv = dnnl::convolution_forward(fwd);
     e->conv_scratchpad = fwd.scratchpad_desc();
-    e->user_w = dnnl::memory::desc({o, c, kh, kw}, type, tag::hwio);
+    e->user_w = HwioKernel(sh, type);
     e->conv_w = fwd.weights_desc();
     e->impl = fwd.impl_info_str();
   } else if (pass == Pass::kBwdData) {
@@ -137,18 +156,18 @@ std::shared_ptr<Entry> Build(Pass pass, dt type, Fusion fusion, const Shape& sh)
                                                         pad_l, pad_r, fwd, UserScratchpad());
     e->conv = dnnl::convolution_backward_data(bwd);
     e->conv_scratchpad = bwd.scratchpad_desc();
-    e->user_w = dnnl::memory::desc({o, c, kh, kw}, type, tag::hwio);
+    e->user_w = HwioKernel(sh, type);
     e->conv_w = bwd.weights_desc();
     e->impl = bwd.impl_info_str();
   } else {
-    dnnl::memory::desc dw_any({o, c, kh, kw}, dt::f32, tag::any);
+    dnnl::memory::desc dw_any(KernelDims(sh), dt::f32, tag::any);
     dnnl::memory::desc db_md =
         bias ? dnnl::memory::desc({o}, dt::f32, tag::a) : dnnl::memory::desc();
     dnnl::convolution_backward_weights::primitive_desc bwd(
         eng, algo, src, dw_any, db_md, dst, strides, pad_l, pad_r, fwd, UserScratchpad());
     e->conv = dnnl::convolution_backward_weights(bwd);
     e->conv_scratchpad = bwd.scratchpad_desc();
-    e->user_w = dnnl::memory::desc({o, c, kh, kw}, dt::f32, tag::hwio);
+    e->user_w = HwioKernel(sh, dt::f32);
     e->conv_w = bwd.diff_weights_desc();
     e->impl = bwd.impl_info_str();
   }
@@ -196,11 +215,18 @@ struct Operands {
   ffi::Result<ffi::AnyBuffer>* db = nullptr;
 };
 
-ffi::Error Run(Pass pass, Fusion fusion, Operands ops, int64_t pt, int64_t pb, int64_t pl,
-               int64_t pr) {
+// The attributes every handler takes: padding, strides, groups.
+struct Geometry {
+  int64_t pt, pb, pl, pr, sh, sw, g;
+};
+
+ffi::Error Run(Pass pass, Fusion fusion, Operands ops, Geometry geo) {
   try {
-    if (pt < 0 || pb < 0 || pl < 0 || pr < 0) {
+    if (geo.pt < 0 || geo.pb < 0 || geo.pl < 0 || geo.pr < 0) {
       return ffi::Error::InvalidArgument("unet_onednn: padding must be >= 0");
+    }
+    if (geo.sh < 1 || geo.sw < 1 || geo.g < 1) {
+      return ffi::Error::InvalidArgument("unet_onednn: strides and groups must be >= 1");
     }
     ffi::AnyBuffer &a = ops.a, &b = ops.b;
     ffi::Result<ffi::AnyBuffer>& out = *ops.out;
@@ -215,26 +241,26 @@ ffi::Error Run(Pass pass, Fusion fusion, Operands ops, int64_t pt, int64_t pb, i
     if (ad.size() != 4 || bd.size() != 4 || od.size() != 4) {
       return ffi::Error::InvalidArgument("unet_onednn: operands must be rank 4");
     }
-    Shape sh{0, 0, 0, 0, 0, 0, 0, pt, pb, pl, pr};
-    // The tensor given as dy (bwd_data, bwd_weights) or returned as y (fwd): [N, OH, OW, O].
-    auto yd = od;
-    if (pass == Pass::kFwd) {  // a = x [N,H,W,C], b = w [KH,KW,C,O]
+    Shape sh{0, 0, 0, 0, 0, 0, 0, geo.pt, geo.pb, geo.pl, geo.pr, geo.sh, geo.sw, geo.g};
+    // The tensor given as dy (bwd_data, bwd_weights) or returned as y (fwd): [N, OH, OW, O],
+    // and the kernel (or its gradient): [KH, KW, C/G, O].
+    auto yd = od, kd = bd;
+    if (pass == Pass::kFwd) {  // a = x [N,H,W,C], b = w
       sh.n = ad[0]; sh.h = ad[1]; sh.w = ad[2]; sh.c = ad[3];
-      sh.kh = bd[0]; sh.kw = bd[1]; sh.o = bd[3];
-      if (bd[2] != sh.c) return ffi::Error::InvalidArgument("unet_onednn: C mismatch");
-    } else if (pass == Pass::kBwdData) {  // a = dy [N,OH,OW,O], b = w [KH,KW,C,O], out = dx
+    } else if (pass == Pass::kBwdData) {  // a = dy, b = w, out = dx [N,H,W,C]
       sh.n = od[0]; sh.h = od[1]; sh.w = od[2]; sh.c = od[3];
-      sh.kh = bd[0]; sh.kw = bd[1]; sh.o = bd[3];
       yd = ad;
-      if (bd[2] != sh.c) return ffi::Error::InvalidArgument("unet_onednn: C mismatch");
-    } else {  // a = x [N,H,W,C], b = dy [N,OH,OW,O], out = dw [KH,KW,C,O]
+    } else {  // a = x [N,H,W,C], b = dy, out = dw
       sh.n = ad[0]; sh.h = ad[1]; sh.w = ad[2]; sh.c = ad[3];
-      sh.kh = od[0]; sh.kw = od[1]; sh.o = od[3];
       yd = bd;
-      if (od[2] != sh.c) return ffi::Error::InvalidArgument("unet_onednn: C mismatch");
+      kd = od;
     }
-    if (yd[0] != sh.n || yd[1] != sh.oh() || yd[2] != sh.ow() || yd[3] != sh.o || sh.oh() < 1 ||
-        sh.ow() < 1) {
+    sh.kh = kd[0]; sh.kw = kd[1]; sh.o = kd[3];
+    if (sh.c % sh.g || sh.o % sh.g || kd[2] * sh.g != sh.c) {
+      return ffi::Error::InvalidArgument("unet_onednn: C mismatch (kernel [KH,KW,C/G,O])");
+    }
+    if (sh.h + sh.pt + sh.pb < sh.kh || sh.w + sh.pl + sh.pr < sh.kw || yd[0] != sh.n ||
+        yd[1] != sh.oh() || yd[2] != sh.ow() || yd[3] != sh.o) {
       return ffi::Error::InvalidArgument("unet_onednn: input/kernel/padding/output shape mismatch");
     }
     if (ops.bias && (ops.bias->element_type() != a.element_type() ||
@@ -307,48 +333,51 @@ ffi::Error Run(Pass pass, Fusion fusion, Operands ops, int64_t pt, int64_t pb, i
   }
 }
 
-ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t pt,
-               int64_t pb, int64_t pl, int64_t pr) {
-  return Run(Pass::kFwd, kNone, {x, w, nullptr, &y}, pt, pb, pl, pr);
+// The handlers' geometry attributes (the bindings' UNET_ONEDNN_GEOMETRY), as parameters.
+#define UNET_ONEDNN_GEOMETRY_PARAMS \
+  int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t sh, int64_t sw, int64_t g
+#define UNET_ONEDNN_GEO (Geometry{pt, pb, pl, pr, sh, sw, g})
+
+ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+               UNET_ONEDNN_GEOMETRY_PARAMS) {
+  return Run(Pass::kFwd, kNone, {x, w, nullptr, &y}, UNET_ONEDNN_GEO);
 }
 ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
-                   int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Run(Pass::kBwdData, kNone, {dy, w, nullptr, &dx}, pt, pb, pl, pr);
+                   UNET_ONEDNN_GEOMETRY_PARAMS) {
+  return Run(Pass::kBwdData, kNone, {dy, w, nullptr, &dx}, UNET_ONEDNN_GEO);
 }
 ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                      int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Run(Pass::kBwdWeights, kNone, {x, dy, nullptr, &dw}, pt, pb, pl, pr);
+                      UNET_ONEDNN_GEOMETRY_PARAMS) {
+  return Run(Pass::kBwdWeights, kNone, {x, dy, nullptr, &dw}, UNET_ONEDNN_GEO);
 }
 ffi::Error BiasFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer b,
-                   ffi::Result<ffi::AnyBuffer> y, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                   int64_t relu) {
+                   ffi::Result<ffi::AnyBuffer> y, UNET_ONEDNN_GEOMETRY_PARAMS, int64_t relu) {
   if (relu != 0 && relu != 1) return ffi::Error::InvalidArgument("unet_onednn: relu is 0 or 1");
-  return Run(Pass::kFwd, relu ? kBiasRelu : kBias, {x, w, &b, &y}, pt, pb, pl, pr);
+  return Run(Pass::kFwd, relu ? kBiasRelu : kBias, {x, w, &b, &y}, UNET_ONEDNN_GEO);
 }
 // y = relu?(conv(x, w) + b + y): y arrives holding the other half's convolution (the FFI call
 // aliases it to the output), for a convolution of two inputs concatenated along channels.
 ffi::Error BiasSumFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer b, ffi::AnyBuffer acc,
-                      ffi::Result<ffi::AnyBuffer> y, int64_t pt, int64_t pb, int64_t pl,
-                      int64_t pr, int64_t relu) {
+                      ffi::Result<ffi::AnyBuffer> y, UNET_ONEDNN_GEOMETRY_PARAMS, int64_t relu) {
   if (relu != 0 && relu != 1) return ffi::Error::InvalidArgument("unet_onednn: relu is 0 or 1");
   if (acc.untyped_data() != y->untyped_data()) {
     return ffi::Error::InvalidArgument("unet_onednn: the sum's operand must alias the output");
   }
-  return Run(Pass::kFwd, relu ? kBiasSumRelu : kBiasSum, {x, w, &b, &y}, pt, pb, pl, pr);
+  return Run(Pass::kFwd, relu ? kBiasSumRelu : kBiasSum, {x, w, &b, &y}, UNET_ONEDNN_GEO);
 }
 ffi::Error BwdWeightsBias(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                          ffi::Result<ffi::AnyBuffer> db, int64_t pt, int64_t pb, int64_t pl,
-                          int64_t pr) {
-  return Run(Pass::kBwdWeights, kBias, {x, dy, nullptr, &dw, &db}, pt, pb, pl, pr);
+                          ffi::Result<ffi::AnyBuffer> db, UNET_ONEDNN_GEOMETRY_PARAMS) {
+  return Run(Pass::kBwdWeights, kBias, {x, dy, nullptr, &dw, &db}, UNET_ONEDNN_GEO);
 }
 
 #define UNET_ONEDNN_BUFFER .Arg<ffi::AnyBuffer>()
-#define UNET_ONEDNN_PADDING                                                                 \
+#define UNET_ONEDNN_GEOMETRY                                                                \
   .Attr<int64_t>("pad_top").Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left")          \
-      .Attr<int64_t>("pad_right")
-// Two operands, one result, the padding.
+      .Attr<int64_t>("pad_right").Attr<int64_t>("stride_h").Attr<int64_t>("stride_w")      \
+      .Attr<int64_t>("groups")
+// Two operands, one result, the geometry.
 #define UNET_ONEDNN_BINDING \
-  ffi::Ffi::Bind() UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER.Ret<ffi::AnyBuffer>() UNET_ONEDNN_PADDING
+  ffi::Ffi::Bind() UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER.Ret<ffi::AnyBuffer>() UNET_ONEDNN_GEOMETRY
 
 }  // namespace
 
@@ -357,25 +386,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdData, BwdData, UNET_ONEDNN_BINDIN
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeights, BwdWeights, UNET_ONEDNN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBiasFwd, BiasFwd,  // x, w, b -> y
                               ffi::Ffi::Bind() UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER
-                                  UNET_ONEDNN_BUFFER.Ret<ffi::AnyBuffer>() UNET_ONEDNN_PADDING
+                                  UNET_ONEDNN_BUFFER.Ret<ffi::AnyBuffer>() UNET_ONEDNN_GEOMETRY
                                   .Attr<int64_t>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBiasSumFwd, BiasSumFwd,  // x, w, b, acc -> y
                               ffi::Ffi::Bind() UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER
                                   UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER.Ret<ffi::AnyBuffer>()
-                                  UNET_ONEDNN_PADDING.Attr<int64_t>("relu"));
+                                  UNET_ONEDNN_GEOMETRY.Attr<int64_t>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConvBwdWeightsBias, BwdWeightsBias,  // x, dy -> dw, db
                               ffi::Ffi::Bind() UNET_ONEDNN_BUFFER UNET_ONEDNN_BUFFER
                                   .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-                                  UNET_ONEDNN_PADDING);
+                                  UNET_ONEDNN_GEOMETRY);
 
 // Which oneDNN implementation a pass would use at a shape ("fwd"/"bwd_data"/"bwd_weights"),
 // for the benchmark's report. Returns a thread-local string, valid until the next call.
 extern "C" const char* unet_onednn_impl(int pass, int bf16, int64_t n, int64_t h, int64_t w,
                                         int64_t c, int64_t o, int64_t kh, int64_t kw, int64_t pt,
-                                        int64_t pb, int64_t pl, int64_t pr) {
+                                        int64_t pb, int64_t pl, int64_t pr, int64_t stride_h,
+                                        int64_t stride_w, int64_t groups) {
   static thread_local std::string result;
   try {
-    Shape sh{n, h, w, c, o, kh, kw, pt, pb, pl, pr};
+    Shape sh{n, h, w, c, o, kh, kw, pt, pb, pl, pr, stride_h, stride_w, groups};
     result = Get(static_cast<Pass>(pass), bf16 ? dt::bf16 : dt::f32, kNone, sh)->impl;
   } catch (const std::exception& err) {
     result = std::string("error: ") + err.what();

@@ -2,6 +2,8 @@
 
 The U-Net's shapes: 3x3 'SAME' (ConvBlocks), 1x1 (logits) and the upsampling's four phase
 kernels with their explicit padding (2x2, 2x1, 1x2, 1x1; layers.Upsample); odd sizes, batch 1.
+The pretrained encoder's (efficientnet.py): depthwise 3x3 and 5x5 (groups = channels), stride 2
+with TensorFlow's 'SAME' padding (one more at the bottom and the right), the 3-channel stem.
 
 python -m pytest ext/unet_flax_onednn/tests (skipped where the extension is not installed).
 """
@@ -14,6 +16,8 @@ import numpy as np
 import pytest
 
 onednn = pytest.importorskip('unet_flax_onednn')
+
+from unet_flax import layers  # noqa: E402
 
 EVEN, ODD, NONE = (1, 0), (0, 0), (0, 0)  # Upsample's paddings of its even and odd phases.
 SHAPES = [  # (N, H, W, C, O, KH, KW, padding)
@@ -97,6 +101,147 @@ def test_weight_gradient_is_float32(dtype, shape):
   _, vjp_ref = jax.vjp(functools.partial(_reference, padding=padding),
                        x.astype(jnp.float32), w.astype(jnp.float32))
   _close(dw, vjp_ref(dy.astype(jnp.float32))[1], 1e-5)  # f32 accumulation and output.
+
+
+# (N, H, W, C, O, KH, KW, padding, strides, groups): EfficientNet-Lite0's convolutions at 16x16,
+# widths 4-8, and other strided and grouped ones. efficientnet.same_padding: a stride-2 3x3 of an
+# even size pads (0, 1), a 5x5 (1, 2); at stride 1 (1, 1) and (2, 2).
+GEOMETRIES = [
+    (2, 16, 16, 3, 8, 3, 3, ((0, 1), (0, 1)), 2, 1),  # The stem.
+    (2, 16, 16, 8, 8, 3, 3, ((1, 1), (1, 1)), 1, 8),  # Depthwise 3x3.
+    (2, 16, 16, 8, 8, 5, 5, ((2, 2), (2, 2)), 1, 8),  # Depthwise 5x5.
+    (2, 16, 16, 8, 8, 3, 3, ((0, 1), (0, 1)), 2, 8),  # Depthwise 3x3, stride 2.
+    (2, 16, 16, 8, 8, 5, 5, ((1, 2), (1, 2)), 2, 8),  # Depthwise 5x5, stride 2.
+    (1, 14, 13, 4, 4, 5, 5, 'SAME', 2, 4),  # XLA's 'SAME' pads rows (1, 2), columns (2, 2).
+    (1, 9, 11, 6, 4, 3, 3, 'SAME', (2, 1), 2),  # Two groups of 3 -> 2, unequal strides.
+    (2, 8, 8, 4, 8, 3, 3, 'SAME', 1, 4),  # A channel multiplier of 2.
+    (1, 16, 16, 4, 6, 3, 3, 'VALID', 3, 1),  # Rows that no window reaches get no gradient.
+    (2, 16, 16, 8, 4, 1, 1, 'VALID', 2, 1),  # A strided 1x1 (a ResNet shortcut).
+]
+
+
+def _passes(geometry) -> int:
+  """oneDNN calls of a convolution's forward and both gradients: a depthwise kernel wider than
+  3 taps has its weight gradient computed as 2 windows a side (2 x 2 calls for 5x5)."""
+  n, h, w, c, o, kh, kw, *_, groups = geometry
+  windows = (1 + (kh > 3)) * (1 + (kw > 3)) if groups == c == o else 1
+  return 2 + windows
+
+
+def _reference_geometry(x, w, padding, strides, groups):
+  strides = (strides, strides) if isinstance(strides, int) else strides
+  return jax.lax.conv_general_dilated(x, w, strides, padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      feature_group_count=groups,
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _geometry_operands(geometry, dtype):
+  n, h, w, c, o, kh, kw, padding, strides, groups = geometry
+  keys = jax.random.split(jax.random.key(h * w + c * o + kh * groups), 4)
+  x = jax.random.normal(keys[0], (n, h, w, c), jnp.float32).astype(dtype)
+  kernel = jax.random.normal(keys[1], (kh, kw, c // groups, o), jnp.float32).astype(dtype)
+  bias = jax.random.normal(keys[2], (o,), jnp.float32).astype(dtype)
+  reference = functools.partial(_reference_geometry, padding=padding, strides=strides,
+                                groups=groups)
+  dy = jax.random.normal(keys[3], jax.eval_shape(reference, x, kernel).shape).astype(dtype)
+  return x, kernel, bias, dy, reference
+
+
+@pytest.mark.parametrize('geometry', GEOMETRIES, ids=str)
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_strided_and_grouped_conv_match_xla(geometry, dtype):
+  """conv with strides and groups: output, input gradient and kernel gradient, jitted, against
+  XLA's float32 convolution of the same (rounded) operands; all three passes are oneDNN's."""
+  dtype = jnp.dtype(dtype)
+  x, w, _, dy, reference = _geometry_operands(geometry, dtype)
+  *_, padding, strides, groups = geometry
+  y_ref, vjp_ref = jax.vjp(reference, x.astype(jnp.float32), w.astype(jnp.float32))
+  dx_ref, dw_ref = vjp_ref(dy.astype(jnp.float32))
+
+  def f(x, w, dy):
+    y, vjp = jax.vjp(functools.partial(onednn.conv, padding=padding, strides=strides,
+                                       groups=groups), x, w)
+    return (y, *vjp(dy))
+  assert _ffi_calls(f, x, w, dy) == _passes(geometry)
+  y, dx, dw = jax.jit(f)(x, w, dy)
+  assert y.dtype == dx.dtype == dw.dtype == dtype
+  rtol = 1e-5 if dtype == jnp.float32 else 1e-2
+  _close(y, y_ref, rtol)
+  _close(dx, dx_ref, rtol)
+  _close(dw, dw_ref, rtol)
+
+
+@pytest.mark.parametrize('geometry', [GEOMETRIES[0], GEOMETRIES[3], GEOMETRIES[4], GEOMETRIES[6]],
+                         ids=str)
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('relu', [False, True])
+def test_strided_and_grouped_layer_matches_xla(geometry, dtype, relu):
+  """The layer function on the encoder's convolutions: relu?(conv(x, w) + b) in one oneDNN call
+  (three with the gradients), and the gradients of x, w and b, against XLA's layer."""
+  dtype = jnp.dtype(dtype)
+  x, w, b, dy, _ = _geometry_operands(geometry, dtype)
+  *_, padding, strides, groups = geometry
+  strides = (strides, strides) if isinstance(strides, int) else strides
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+  reference = functools.partial(layers.xla_layer, padding=padding, relu=relu, strides=strides,
+                                groups=groups)
+  y_ref, vjp_ref = jax.vjp(lambda *v: reference(*v).astype(jnp.float32),
+                           *(v.astype(jnp.float32) for v in (x, w, b)))
+  grads_ref = vjp_ref(dy.astype(jnp.float32))
+
+  def f(x, w, b, dy):
+    y, vjp = jax.vjp(functools.partial(onednn.layer, padding=padding, relu=relu,
+                                       strides=strides, groups=groups), x, w, b)
+    return (y, *vjp(dy))
+  # Fused forward, backward-data, backward-weights (the first window's with the bias's).
+  assert _ffi_calls(f, x, w, b, dy) == _passes(geometry)
+  y, *grads = jax.jit(f)(x, w, b, dy)
+  assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+  rtol = 1e-5 if dtype == jnp.float32 else 1e-2
+  if relu:
+    assert (y_ref == 0).any() and (y_ref > 0).any()  # The mask matters.
+  _close(y, y_ref, rtol)
+  for got, want in zip(grads, grads_ref):
+    _close(got, want, rtol)
+
+
+@pytest.mark.parametrize('size', [4, 5, 6])
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('height', [11, 12])
+def test_wide_depthwise_weight_gradient_matches_xla(size, stride, height):
+  """A depthwise kernel of 4-6 taps a side, whose weight gradient is computed as 2 x 2 windows
+  of 3 taps over the padded input's rows and columns they read: against XLA's, at odd and even
+  sizes (where 'SAME' pads differently at the two ends), and each window's oneDNN kernel is the
+  depthwise one."""
+  geometry = (2, height, 12, 8, 8, size, size, 'SAME', stride, 8)
+  x, w, _, dy, reference = _geometry_operands(geometry, jnp.float32)
+  dw_ref = jax.vjp(reference, x, w)[1](dy)[1]
+
+  def dw(x, w, dy):
+    return jax.vjp(functools.partial(onednn.conv, strides=stride, groups=8), x, w)[1](dy)[1]
+  assert _ffi_calls(dw, x, w, dy) == 4  # The windows (the unused forward and dx are dropped).
+  _close(jax.jit(dw)(x, w, dy), dw_ref, 1e-5)
+  pads = jax.lax.padtype_to_pads(x.shape[1:3], (size, size), (stride, stride), 'SAME')
+  padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  for offset_y, _ in onednn._depthwise_windows(size):
+    for offset_x, _ in onednn._depthwise_windows(size):
+      rows = onednn._window_input(padded, 1, offset_y, 3, stride, dy.shape[1])
+      window = onednn._window_input(rows, 2, offset_x, 3, stride, dy.shape[2])
+      impl = onednn.implementation('bwd_weights', jnp.float32, *window.shape, 8, 3, 3,
+                                   'VALID', stride, 8)
+      assert impl.startswith('jit_dw'), (offset_y, offset_x, impl)
+
+
+def test_groups_that_do_not_fit_are_rejected():
+  x = jnp.zeros((1, 8, 8, 6))
+  with pytest.raises(ValueError, match='groups'):
+    onednn.conv(x, jnp.zeros((3, 3, 2, 4)), groups=2)  # 6 channels are 2 groups of 3, not 2.
+  with pytest.raises(ValueError, match='groups'):
+    onednn.conv(x, jnp.zeros((3, 3, 1, 4)), groups=6)  # 4 outputs do not split into 6 groups.
+  with pytest.raises(ValueError, match='strides'):
+    onednn.conv(x, jnp.zeros((3, 3, 6, 4)), strides=0)
 
 
 def test_mixed_dtypes_rejected():

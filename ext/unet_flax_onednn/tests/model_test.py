@@ -101,23 +101,70 @@ def test_unet_loss_and_gradients_match_xla(batch):
     _close(_at(grads_o, path), g, 1e-5)
 
 
+# The EfficientNet-Lite0 U-Net: the stem, 16 blocks of expansion (not the first), depthwise and
+# projection; 5 decoder levels of 4 upsampling phases and 2 convolutions, the first of 4 of them
+# on [upsampled, skip] as two calls; the logits. The 9 blocks with 5x5 depthwise kernels compute
+# their weight gradient as 4 windows of 3x3 (unet_flax_onednn._bwd_weights): 3 more calls each.
+PRETRAINED_FORWARD_CONVS = (1 + 16 * 3 - 1) + 5 * (4 + 2) + 4 + 1
+PRETRAINED_WINDOW_CALLS = 9 * 3
+
+
+def _pretrained_config(dtype='float32'):
+  """The EfficientNet-Lite0 U-Net at the smallest size its encoder takes (32x32)."""
+  config = _config(dtype)
+  config.encoder = 'efficientnet_lite0'
+  config.image_size = 32
+  return config_lib.validate(config)
+
+
+def _pretrained_batch(n):
+  rng = np.random.default_rng(n)
+  return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+          rng.integers(0, 3, (n, 32, 32)).astype(np.int32))
+
+
+def _pretrained_params(config):
+  """Fixed random params with He-like scales, so that activations neither vanish nor reach the
+  ReLU6 clip everywhere through 16 blocks."""
+  shapes = jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(0))
+  rng = np.random.default_rng(0)
+
+  def init(s):
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+    return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in) if len(s.shape) > 1 else 0.1, s.shape),
+                       s.dtype)
+  return jax.tree.map(init, shapes)
+
+
+def test_pretrained_unet_runs_every_convolution_in_onednn_and_matches_xla():
+  """The encoder's stem (stride 2), depthwise (3x3, 5x5, strides 1 and 2) and 1x1 convolutions
+  go through the process's layer function like the decoder's: no XLA convolution is left in the
+  oneDNN path's loss and gradient, which match XLA's in float32."""
+  config = _pretrained_config()
+  images, labels = _pretrained_batch(2)
+  params = _pretrained_params(config)
+  (loss_x, grads_x), _ = _loss_and_grads(config, 'xla', params, images, labels)
+  (loss_o, grads_o), calls = _loss_and_grads(config, 'onednn', params, images, labels)
+  text = jax.jit(_forward(config, 'onednn')).lower(params, images).as_text()
+  assert 'convolution' not in text.replace('unet_onednn_conv', '')
+  # The images' gradient is never computed.
+  assert calls == 3 * PRETRAINED_FORWARD_CONVS - 1 + PRETRAINED_WINDOW_CALLS
+  _close(loss_o, loss_x, 1e-5)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads_x):
+    _close(_at(grads_o, path), g, 1e-5)
+
+
 def _flat(tree):
   return np.concatenate([np.asarray(v, np.float32).ravel() for v in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize('batch', [1, 2])
-def test_unet_bfloat16_is_as_accurate_as_xla(batch):
-  """In bfloat16 the two paths round differently (oneDNN adds the bias and applies the ReLU
-  before its one rounding; XLA rounds the convolution, then the sum), and 19 layers carry the
-  differences on, so neither is the other's reference: both are held to the float32 result.
-  The oneDNN path's relative error of the loss and of all gradients together must be no worse
-  than XLA's own bfloat16 path's (within 25%) and under 3%."""
-  images, labels = _batch(batch)
-  params = _params(_config())
-  (loss, grads), _ = _loss_and_grads(_config(), 'xla', params, images, labels)
+def _assert_bfloat16_as_accurate_as_xla(config_of, params, images, labels):
+  """Both paths' bfloat16 loss and gradients against XLA's float32: the oneDNN path's relative
+  errors no worse than XLA's own bfloat16 path's (within 25%) and under 3%."""
+  (loss, grads), _ = _loss_and_grads(config_of('float32'), 'xla', params, images, labels)
   errors = {}
   for backend in ('xla', 'onednn'):
-    (loss_b, grads_b), calls = _loss_and_grads(_config('bfloat16'), backend, params, images,
+    (loss_b, grads_b), calls = _loss_and_grads(config_of('bfloat16'), backend, params, images,
                                                labels)
     assert (calls > 0) == (backend == 'onednn')
     errors[backend] = (abs(float(loss_b) - float(loss)) / abs(float(loss)),
@@ -125,6 +172,23 @@ def test_unet_bfloat16_is_as_accurate_as_xla(batch):
   for xla_error, onednn_error in zip(errors['xla'], errors['onednn']):
     assert onednn_error <= max(1.25 * xla_error, 2e-3), errors
     assert onednn_error < 3e-2, errors
+
+
+@pytest.mark.parametrize('batch', [1, 2])
+def test_unet_bfloat16_is_as_accurate_as_xla(batch):
+  """In bfloat16 the two paths round differently (oneDNN adds the bias and applies the ReLU
+  before its one rounding; XLA rounds the convolution, then the sum), and 19 layers carry the
+  differences on, so neither is the other's reference: both are held to the float32 result."""
+  images, labels = _batch(batch)
+  _assert_bfloat16_as_accurate_as_xla(_config, _params(_config()), images, labels)
+
+
+def test_pretrained_unet_bfloat16_is_as_accurate_as_xla():
+  """The same for the EfficientNet-Lite0 U-Net, whose depthwise and strided convolutions are
+  oneDNN's too (XLA computes its depthwise ones in float32 and rounds once)."""
+  images, labels = _pretrained_batch(2)
+  _assert_bfloat16_as_accurate_as_xla(_pretrained_config, _pretrained_params(_pretrained_config()),
+                                      images, labels)
 
 
 def _at(tree, path):
