@@ -84,6 +84,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
       if jax.process_index() == 0:
         print(f'data: {described}', flush=True)
         absent = reporting.absent_classes(mode.labels_in_memory(train_data), config.class_names)
+        if absent and not train_data.all_cached:  # The masks read on the fly are not counted.
+          absent += (f' (counted in the {train_data.num_cached:,} training masks in memory, of '
+                     f'{len(train_data):,})')
         if absent:
           print(absent, file=sys.stderr, flush=True)
       notice.check()
