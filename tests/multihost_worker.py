@@ -31,8 +31,8 @@ def main(port: str, process_id: str, data_dir: str, out: str):
   eval_data = mode.read_split(source, EVAL_SPLIT, shard=True)
   params = jax.device_put(fixed_state(config).params, devices.replicated)
   confusion = mode.score(models.forward(config), params, eval_data, devices)
-  train_images, train_labels = train_data.stack(range(len(train_data)))
-  eval_images, eval_labels = eval_data.stack(range(len(eval_data)))
+  train_images, train_labels = train_data.stack()
+  eval_images, eval_labels = eval_data.stack()
   np.savez(out, devices=jax.device_count(), processes=jax.process_count(),
            train_images=train_images, train_labels=train_labels,
            train_total=train_data.num_examples, eval_images=eval_images,

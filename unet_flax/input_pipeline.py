@@ -76,10 +76,10 @@ class Split(Sequence):
   def all_cached(self) -> bool:
     return all(example is not None for example in self.cached)
 
-  def stack(self, rows: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(images [b, S, S, 3] uint8, labels [b, S, S] uint8) of `rows` of a split of one size
-    (resize mode's); rows not in memory are decoded here."""
-    rows = list(rows)
+  def stack(self, rows: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images [b, S, S, 3] uint8, labels [b, S, S] uint8) of `rows` (all by default) of a split
+    of one size (resize mode's); rows not in memory are decoded here."""
+    rows = list(range(len(self)) if rows is None else rows)
     images = np.empty((len(rows), *self.size, 3), np.uint8)
     labels = np.empty((len(rows), *self.size), np.uint8)
     for i, row in enumerate(rows):

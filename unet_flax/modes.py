@@ -375,11 +375,14 @@ class Crop(Mode):
   def score(self, forward, params, split, devices, keep=None):
     """The split's confusion matrix at native resolution (after scale): each image whole
     through the sliding window, on this host, in windows of the devices' local batch size.
-    Every process scores the whole split (read_splits gives each all of it)."""
+    Every process scores the whole split (read_splits gives each all of it); the examples not in
+    memory are decoded in worker threads, a few ahead."""
     k = self.config.num_classes
     total = np.zeros((k, k), np.int64)
-    for row in range(len(split)):
-      image, labels = split[row]
+    examples = input_pipeline.made_ahead(split.__getitem__, range(len(split)),
+                                         in_workers=not split.all_cached,
+                                         num_threads=self.config.input_threads)
+    for row, (image, labels) in enumerate(examples):
       predicted = self._window_classes(forward, params, image, devices.local_batch_size)
       confusion = metrics.host_confusion_matrices(labels[None], predicted[None], k,
                                                   self.config.ignore_label)[0]
