@@ -104,6 +104,9 @@ def input_rate(source, args, grain: str | None = None) -> tuple[float, float]:
 
   if grain:
     import grain as grain_lib  # pylint: disable=g-import-not-at-top
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS(sys.argv[:1])  # Grain's workers read absl flags (their defaults).
     threads = os.cpu_count() or 1
     dataset = grain_lib.MapDataset.range(steps).map(make)
     if grain == 'threads':

@@ -136,12 +136,19 @@ def test_load_split_keeps_what_the_budget_holds_and_decodes_the_rest_alike(tiny_
   source = sources.source_of(tiny_config)
   example_bytes = 16 * 16 * 4  # uint8 RGB image and its labels.
   whole = input_pipeline.load_split(source, 'train', image_size=16)
+  assert whole.all_cached and whole.cached_bytes == whole.held_bytes == 24 * example_bytes
+  # Larger than its budget: nothing decoded before training; the first 5 examples decoded (by
+  # the worker threads that make the batches) are kept, no more.
   part = input_pipeline.load_split(source, 'train', image_size=16,
                                    cache_bytes=5 * example_bytes + example_bytes - 1)
-  assert whole.all_cached and whole.cached_bytes == 24 * example_bytes
-  assert part.num_cached == 5 and part.cached[:5] == [c for c in part.cached if c is not None]
-  assert part.cached_bytes == 5 * example_bytes
-  for a, b in zip(whole.stack(), part.stack()):
+  assert part.num_cached == 0 and (part.held_rows, part.held_bytes) == (5, 5 * example_bytes)
+  batches = list(input_pipeline.train_batches(part, 4, seed=0, epoch=0, process_index=0,
+                                              num_threads=3))
+  assert part.num_cached == 5 and part.cached_bytes == 5 * example_bytes
+  for a, b in zip(batches, input_pipeline.train_batches(whole, 4, seed=0, epoch=0,
+                                                         process_index=0), strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  for a, b in zip(whole.stack(), part.stack()):  # Kept rows and rows decoded again: the same.
     np.testing.assert_array_equal(a, b)
 
 

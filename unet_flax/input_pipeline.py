@@ -4,8 +4,9 @@ knows about models.
 One store serves both input modes (modes.py): a `Split` is one process's shard of a split whose
 decoded examples are kept in memory while their total stays under a byte budget
 (config.cache_bytes) and decoded again each time they are drawn past it. `decode_split` fills
-it, in parallel over the cores, before training; resize mode's rows are [S, S] (`load_split`),
-crop mode's are each picture's native size (crops.py). When every example is held, later epochs
+it, in parallel over the cores, before training, or (a resize-mode shard larger than its budget)
+as the examples are first decoded, so that training starts at once; resize mode's rows are
+[S, S] (`load_split`), crop mode's each picture's native size (crops.py). When every example is held, later epochs
 only gather rows; else the batches are made in worker threads a few ahead of the device
 (`made_ahead`), where an example past the budget is read and checked (sizes, mask values) each
 time it is drawn.
@@ -22,6 +23,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -34,6 +36,27 @@ PREFETCH_BATCHES = 4  # Batches made ahead when some examples are not in memory 
 
 # split index -> (image [H, W, 3] uint8, labels [H, W] uint8), decoded as a Split's rows hold them.
 ReadFn = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+class Keep:
+  """The bytes a split may still keep of the examples decoded on the fly, shared by the worker
+  threads that decode them.
+
+  Attributes:
+    rows: how many rows the budget holds (their sizes are alike).
+  """
+
+  def __init__(self, budget: int, rows: int):
+    self.left, self.rows = budget, rows
+    self._lock = threading.Lock()
+
+  def offer(self, cached: list, row: int, example: tuple[np.ndarray, np.ndarray]) -> None:
+    """Keeps `example` as cached[row] if the budget still holds it."""
+    size = example[0].nbytes + example[1].nbytes
+    with self._lock:
+      if cached[row] is None and size <= self.left:
+        cached[row] = example
+        self.left -= size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,20 +72,26 @@ class Split(Sequence):
     cached: each row's (image, labels), or None for rows decoded when asked for.
     read: split index -> (image, labels), for the rows that are not cached.
     size: (S, S) of every row where all are alike (resize mode's), else None.
+    keep: where rows decoded on the fly are kept in memory until a budget is spent (a shard
+      larger than its budget, of rows alike); None: `cached` is what it is.
   """
   num_examples: int
   indices: Sequence[int]
   cached: list
   read: ReadFn
   size: tuple[int, int] | None = None
+  keep: Keep | None = None
 
   def __len__(self):
     return len(self.indices)
 
   def __getitem__(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-    if self.cached[row] is not None:
-      return self.cached[row]
-    return self.read(self.indices[row])
+    example = self.cached[row]
+    if example is None:
+      example = self.read(self.indices[row])
+      if self.keep is not None:
+        self.keep.offer(self.cached, row, example)
+    return example
 
   @property
   def cached_bytes(self) -> int:
@@ -75,6 +104,18 @@ class Split(Sequence):
   @property
   def all_cached(self) -> bool:
     return all(example is not None for example in self.cached)
+
+  @property
+  def held_rows(self) -> int:
+    """The rows in memory, or that will be once decoded (`keep`)."""
+    return self.num_cached if self.keep is None else self.keep.rows
+
+  @property
+  def held_bytes(self) -> int:
+    """The bytes of `held_rows`."""
+    if self.keep is None:
+      return self.cached_bytes
+    return self.keep.rows * self.size[0] * self.size[1] * 4
 
   def stack(self, rows: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images [b, S, S, 3] uint8, labels [b, S, S] uint8) of `rows` (all by default) of a split
@@ -90,25 +131,30 @@ class Split(Sequence):
 def decode_split(read: ReadFn, num_examples: int, *, cache_bytes: int, process_index: int = 0,
                  process_count: int = 1, num_threads: int = 0,
                  size: tuple[int, int] | None = None) -> Split:
-  """This process's shard of a split, its first examples decoded in parallel into memory until
-  `cache_bytes` are held; the rest are left to be decoded when drawn.
+  """This process's shard of a split, in memory up to `cache_bytes`, the rest decoded when drawn.
+
+  A shard that fits, and one whose examples' sizes are not known (size None: crop mode), has its
+  first examples decoded here, in parallel, until one does not fit: they are checked before
+  training. A shard of examples alike (size) larger than the budget has none decoded here: the
+  examples the budget holds are kept as they are first decoded (`Keep`), in the workers that
+  make the batches, so that training starts at once whatever the data set's size.
 
   Args:
     read: split index -> (image, labels) (it raises UserError naming the file).
     num_examples: examples in the whole split.
     cache_bytes: the most bytes of decoded examples to hold.
-    size: (S, S) of every example where all are alike (resize mode's): then exactly the
-      examples that fit are decoded; else (None) examples are decoded until one does not fit.
+    size: (S, S) of every example where all are alike (resize mode's), else None.
   """
   indices = range(process_index, num_examples, process_count)
   cached = [None] * len(indices)
+  if size is not None and len(indices) * size[0] * size[1] * 4 > cache_bytes:
+    rows = cache_bytes // (size[0] * size[1] * 4)
+    return Split(num_examples, indices, cached, read, size, Keep(cache_bytes, rows))
   threads = num_threads or os.cpu_count() or 1
-  limit = len(indices) if size is None else min(len(indices),
-                                                 cache_bytes // (size[0] * size[1] * 4))
   held = 0
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    for start in range(0, limit, 4 * threads):
-      rows = range(start, min(start + 4 * threads, limit))
+    for start in range(0, len(indices), 4 * threads):
+      rows = range(start, min(start + 4 * threads, len(indices)))
       # map: in order, and the first worker error is re-raised here.
       for row, (image, labels) in zip(rows, pool.map(lambda r: read(indices[r]), rows)):
         if held + image.nbytes + labels.nbytes > cache_bytes:
@@ -121,8 +167,9 @@ def decode_split(read: ReadFn, num_examples: int, *, cache_bytes: int, process_i
 def load_split(source: sources.Source, split: str, *, image_size: int, process_index: int = 0,
                process_count: int = 1, num_threads: int = 0,
                cache_bytes: int = 2 * 1024 ** 3) -> Split:
-  """This process's shard of `split` resized to image_size x image_size: as many examples as
-  `cache_bytes` hold decoded into memory, in parallel, the rest decoded when drawn.
+  """This process's shard of `split` resized to image_size x image_size, in memory up to
+  `cache_bytes` (all of it decoded here in parallel if it fits; else kept as first decoded,
+  `decode_split`), the rest decoded when drawn.
 
   Threads, not processes: most of a decode is in Pillow's C decoders and resize, which release
   the GIL, and worker processes would each import tfds first (bench/input_pipeline.py times both;

@@ -119,7 +119,7 @@ class Mode(abc.ABC):
     started = time.perf_counter()
     train = self.read_split(source, config.train_split, shard=True)
     evaluation = self.read_split(source, config.eval_split, shard=self.shards_eval,
-                                 cache_bytes=max(config.cache_bytes - train.cached_bytes, 0))
+                                 cache_bytes=max(config.cache_bytes - train.held_bytes, 0))
     return train, evaluation, (
         f'{self.describe_data(train, evaluation)}; {_held(train, evaluation)}, read in '
         f'{time.perf_counter() - started:.1f}s')
@@ -176,13 +176,15 @@ class Mode(abc.ABC):
 
 def _held(train: input_pipeline.Split, evaluation: input_pipeline.Split) -> str:
   """How much of the splits is in memory, and that the rest is decoded on the fly."""
-  held = (train.cached_bytes + evaluation.cached_bytes) / 2 ** 20
+  held = (train.held_bytes + evaluation.held_bytes) / 2 ** 20
   if train.all_cached and evaluation.all_cached:
     return f'all in memory ({held:,.1f} MiB)'
-  parts = [f'{split.num_cached:,} of {len(split):,} {name} ({split.num_cached / len(split):.0%})'
+  parts = [f'{split.held_rows:,} of {len(split):,} {name} ({split.held_rows / len(split):.0%})'
            for name, split in (('train', train), ('eval', evaluation)) if len(split)]
-  return (f'{held:,.1f} MiB in memory: {", ".join(parts)}; the rest decoded on the fly in worker '
-          'threads (config.cache_bytes)')
+  later = any(split.keep is not None and split.keep.rows for split in (train, evaluation))
+  return (f'{held:,.1f} MiB in memory: {", ".join(parts)}'
+          + (', kept as they are first decoded' if later else '')
+          + '; the rest decoded on the fly in worker threads (config.cache_bytes)')
 
 
 # Resize mode.
