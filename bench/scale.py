@@ -13,6 +13,8 @@ most, so that the one evaluation at the end stays short), then prints:
     the fly, in one worker thread per core), without the model; with --grain, also the same
     batches made by Grain's thread pool (MapDataset(...).to_iter_dataset(ReadOptions)) instead
     of input_pipeline.made_ahead;
+  * the budget filled: the pipeline (no model) run until the default budget (or --cache_bytes)
+    is full or the epoch ends, and this process's peak RSS;
   * train.py on the folder for --steps steps (one epoch, its evaluation at the end), with the
     default budget unless --cache_bytes: its peak RSS, the seconds from start to its data line
     (source opened, budget checked, the cached part decoded), to the compiled step and to the
@@ -129,6 +131,19 @@ def input_rate(source, args, grain: str | None = None) -> tuple[float, float]:
   return count / wall, (_cpu_seconds() - cpu) / count
 
 
+def fill(source, args) -> tuple[int, float, float]:
+  """Batches of the pipeline with the budget (no model) until the budget is full or the epoch
+  ends: (rows kept, GiB kept, peak RSS of this process in GiB)."""
+  budget = {} if args.cache_bytes is None else {'cache_bytes': args.cache_bytes}
+  split = input_pipeline.load_split(source, 'train', image_size=args.image_size, **budget)
+  for _ in input_pipeline.train_batches(split, args.batch_size, seed=0, epoch=0,
+                                        process_index=0):
+    if split.num_cached >= split.held_rows:
+      break
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+  return split.num_cached, split.cached_bytes / 2 ** 30, peak
+
+
 def _cpu_seconds() -> float:
   """CPU seconds of this process and of its children that have ended."""
   children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -207,6 +222,12 @@ def main():
       rate, cpu = input_rate(source, args, grain=how)
       print(f'input, streamed, Grain {how}: {rate:,.0f} img/s ({cpu * 1e3:.1f} ms CPU an image)',
             flush=True)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+  started = time.perf_counter()
+  kept, kept_gib, peak = fill(source, args)
+  print(f'budget filled by the pipeline: {kept:,} examples, {kept_gib:.2f} GiB kept in '
+        f'{time.perf_counter() - started:.0f}s; peak RSS {peak:.2f} GiB (before: {before:.2f})',
+        flush=True)
   if not args.no_train:
     got = train(root, args)
     print(f'train.py: {got["data_line"]}', flush=True)

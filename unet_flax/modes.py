@@ -60,6 +60,7 @@ class Mode(abc.ABC):
   """How the pictures of a run's config meet the network (see the module's docstring)."""
 
   name: str
+  shards_eval: bool  # Whether each process reads only its shard of the eval split (else all).
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -73,9 +74,6 @@ class Mode(abc.ABC):
   def _logits(self, forward: models.Forward):
     """forward jitted for inference: (params, images [B, h, w, 3] uint8) -> [B, h, w, K]."""
     return self._cached(('logits', forward), lambda: jax.jit(forward))
-
-  # Whether each process reads only its shard of the eval split (else all of it).
-  shards_eval: bool
 
   @abc.abstractmethod
   def read_split(self, source: sources.Source, split: str, *, shard: bool = False,
