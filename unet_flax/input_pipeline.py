@@ -5,11 +5,11 @@ One store serves both input modes (modes.py): a `Split` is one process's shard o
 decoded examples are kept in memory while their total stays under a byte budget
 (config.cache_bytes) and decoded again each time they are drawn past it. `decode_split` fills
 it, in parallel over the cores, before training, or (a resize-mode shard larger than its budget)
-as the examples are first decoded, so that training starts at once; resize mode's rows are
-[S, S] (`load_split`), crop mode's each picture's native size (crops.py). When every example is held, later epochs
-only gather rows; else the batches are made in worker threads a few ahead of the device
-(`made_ahead`), where an example past the budget is read and checked (sizes, mask values) each
-time it is drawn.
+as the examples are first decoded, so that training starts at once. Resize mode's rows are
+[S, S] (`load_split`), crop mode's each picture's native size (crops.py). When every example is
+held, later epochs only gather rows; else the batches are made in worker threads a few ahead of
+the device (`made_ahead`), where an example not in memory is read and checked (sizes, mask
+values) each time it is drawn.
 
 Each process reads only its own shard of a split (examples process_index::process_count), so a
 TPU pod host never touches the others' data. A train batch is a function of (seed, epoch, step,
