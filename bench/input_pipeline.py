@@ -90,7 +90,7 @@ def augment_ms(split, batch_size: int, options: augment.Options, repeats: int):
   default device; interleaved, so that both see the same load. Medians."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  size = split.images.shape[1]
+  size = split.size[0]
 
   def one(image, label, key):
     k_side, k_top, k_left, k_flip, k_bright, k_contrast = jax.random.split(key, 6)
@@ -115,7 +115,7 @@ def augment_ms(split, batch_size: int, options: augment.Options, repeats: int):
 
   fn = jax.jit(lambda images, labels, key: jax.vmap(one)(
       images, labels, jax.random.split(key, images.shape[0])))
-  host_images, host_labels = split.images[:batch_size], split.labels[:batch_size]
+  host_images, host_labels = split.stack(range(batch_size))
   images, labels = jax.device_put(host_images), jax.device_put(host_labels)
   jax.block_until_ready(fn(images, labels, jax.random.key(0)))  # Compiles.
   host, device = [], []
@@ -170,8 +170,7 @@ def main():
                          for _ in range(args.repeats)], axis=0)
   print(f'augmented pass:              {augmented[0]:8,.0f} img/s  ({augmented[1]:,.0f} img per '
         f'CPU second; {options})')
-  print(f'cache: {split.images.nbytes + split.labels.nbytes:,} bytes '
-        f'({split.images.nbytes:,} images + {split.labels.nbytes:,} labels, uint8)')
+  print(f'cache: {split.cached_bytes:,} bytes of images and labels (uint8)')
   if args.device_augment:
     import jax  # pylint: disable=g-import-not-at-top
     host_ms, device_ms = augment_ms(split, args.batch_size, options, args.repeats)

@@ -186,12 +186,13 @@ def bench_eval(config, batch_size: int, repeats: int, forward: models.Forward) -
 
 
 def bench_cached_input(config, batch_size: int, num_examples: int = 2048) -> float:
-  """img/s of the cached pass: batches gathered from in-memory uint8 arrays."""
+  """img/s of the cached pass: batches gathered from uint8 examples in memory."""
   rng = np.random.default_rng(0)
   size = config.image_size
-  split = input_pipeline.Split(
-      rng.integers(0, 256, (num_examples, size, size, 3), np.uint8),
-      rng.integers(0, config.num_classes, (num_examples, size, size), np.uint8), num_examples)
+  examples = [(rng.integers(0, 256, (size, size, 3), np.uint8),
+               rng.integers(0, config.num_classes, (size, size), np.uint8))
+              for _ in range(num_examples)]
+  split = input_pipeline.Split(num_examples, range(num_examples), examples, None, (size, size))
   start = time.perf_counter()
   n = sum(len(b['image']) for b in input_pipeline.train_batches(
       split, batch_size, seed=0, epoch=0, process_index=0))

@@ -104,14 +104,14 @@ def test_evaluate_with_flip_tta_scores_the_mean_softmax_of_image_and_mirror(tmp_
   source = sources.source_of(tiny_config)
   data = input_pipeline.load_split(source, 'test', image_size=16)
   originals = sources.originals(source, 'test')
-  logits = reference_flip_tta_logits(forward, data.images).astype(np.float32)
+  logits = reference_flip_tta_logits(forward, data.stack()[0]).astype(np.float32)
 
   printed = []
   network = evaluation.evaluate_workdir(workdir, out=tmp_path, worst_k=2, flip_tta=True,
                                 log=printed.append)
   assert network['flip_tta'] is True and network['resolution'] == 'network'
   assert "at the network's 16x16 resolution (as the trainer evaluates), with flip TTA" in printed[0]
-  expected = metrics.host_confusion_matrices(data.labels, logits.argmax(-1), 3).sum(axis=0)
+  expected = metrics.host_confusion_matrices(data.stack()[1], logits.argmax(-1), 3).sum(axis=0)
   np.testing.assert_array_equal(network['confusion_matrix'], expected)
   # Its files are beside the plain evaluation's, not over them.
   assert json.loads((tmp_path / 'step_1_flip_tta.json').read_text()) == network
@@ -135,7 +135,7 @@ def test_evaluate_with_flip_tta_scores_the_mean_softmax_of_image_and_mirror(tmp_
   # where float32 and the float64 reference may part (measured: 1 pixel, 2 counts); no TTA moves
   # thousands.
   assert np.abs(np.subtract(original['confusion_matrix'], expected)).sum() <= 10
-  no_tta = upsampled_counts(np.asarray(forward(data.images)))
+  no_tta = upsampled_counts(np.asarray(forward(data.stack()[0])))
   assert np.abs(no_tta - expected).sum() > 1000
   _assert_pictures(original, tmp_path / 'step_1_original_flip_tta')
 
@@ -153,11 +153,11 @@ def test_a_run_with_ema_is_scored_with_the_average_as_the_trainer_did_or_its_wei
   matrices = []
   for ema in (True, False):
     _, params = checkpoints.restore_params(workdir, tiny_config, ema=ema)
-    predicted = np.asarray(forward(params, data.images)).argmax(-1)
+    predicted = np.asarray(forward(params, data.stack()[0])).argmax(-1)
     report = evaluation.evaluate_workdir(workdir, out=tmp_path, worst_k=0, ema=ema, log=printed.append)
     assert report['ema'] is ema
     np.testing.assert_array_equal(report['confusion_matrix'],
-                                  metrics.host_confusion_matrices(data.labels, predicted, 3).sum(axis=0))
+                                  metrics.host_confusion_matrices(data.stack()[1], predicted, 3).sum(axis=0))
     matrices.append(report['confusion_matrix'])
   assert trainer['mean_iou'] == pytest.approx(
       json.loads((tmp_path / 'step_2.json').read_text())['mean_iou'])

@@ -31,15 +31,16 @@ def test_examples_decode_like_pil_bilinear_and_nearest_without_a_shift(data):
   split = _read(data, 'train')
   stems = folder.Folder(str(data)).stems('train')
   assert len(split) == split.num_examples == len(stems) == 8
+  images, labels = split.stack()
   for row, stem in enumerate(stems):
     h, w, fmt = FOLDER_EXAMPLES[stem]
     image = Image.open(data / 'images' / (stem + FOLDER_SUFFIX[fmt])).convert('RGB')
-    np.testing.assert_array_equal(split.images[row],
+    np.testing.assert_array_equal(images[row],
                                   np.asarray(image.resize((16, 16), Image.BILINEAR)))
     mask = Image.fromarray(np.asarray(Image.open(data / 'masks' / (stem + '.png'))))
-    np.testing.assert_array_equal(split.labels[row],
+    np.testing.assert_array_equal(labels[row],
                                   np.asarray(mask.resize((16, 16), Image.NEAREST)))
-  assert set(np.unique(split.labels)) == {0, 1, 2}  # Values as they are: no trimap shift.
+  assert set(np.unique(labels)) == {0, 1, 2}  # Values as they are: no trimap shift.
 
 
 def test_without_lists_the_split_is_a_fixed_80_20(data):
@@ -103,13 +104,13 @@ def test_a_colour_mask_and_a_bad_list_line_are_user_errors(data):
 
 def test_grey_masks_saved_as_rgb_or_with_alpha_are_read(data):
   stems = folder.Folder(str(data)).stems('train')
-  want = _read(data).labels
+  want = _read(data).stack()[1]
   for stem in stems:
     path = data / 'masks' / (stem + '.png')
     grey = np.asarray(Image.open(path))
     mode = 'RGB' if stem == stems[0] else 'LA'
     Image.fromarray(grey).convert(mode).save(path)
-  np.testing.assert_array_equal(_read(data).labels, want)
+  np.testing.assert_array_equal(_read(data).stack()[1], want)
 
 
 def test_missing_directories_are_user_errors(tmp_path):

@@ -1,9 +1,12 @@
 """Exact resume under SIGKILL at random moments (marker `kill`; CI runs it with the suite).
 
   python -m pytest -m kill            # only this; UNET_FLAX_KILLS=8 for more kills
+  UNET_FLAX_KILL_CACHE_BYTES=0 python -m pytest -m kill   # the killed runs fully streamed
 
 Trains the tests' tiny config (widths 4-8, 16x16, 2 epochs of 3 steps, a checkpoint every 2
-steps) once without a break, then again in a fresh workdir where a SIGKILL lands at random times
+steps) once without a break, every example in memory; then again in a fresh workdir, with half of
+the train examples in memory and the rest and the eval split decoded on the fly in worker threads
+(config.cache_bytes; UNET_FLAX_KILL_CACHE_BYTES sets it), where a SIGKILL lands at random times
 chosen by a seeded generator (during start-up and compile, mid-step, mid-save, during
 evaluation), the same command rerun after each kill, and a last run to the end. Passes when the
 interrupted workdir's final checkpoint is bit for bit the uninterrupted one's and every step was
@@ -28,10 +31,17 @@ from tests.conftest import script_env
 from tests.conftest import tiny_overrides
 
 
-def _train(workdir, data_dir, cache, kill_after: float | None) -> tuple[int, str]:
+# Half of the tiny train split's 24 examples of 16x16x4 bytes: memory and disk both serve batches.
+HALF_CACHED = 12 * 16 * 16 * 4
+
+
+def _train(workdir, data_dir, cache, kill_after: float | None,
+           cache_bytes: int | None = None) -> tuple[int, str]:
   """Runs train.py; with kill_after, SIGKILLs it that many seconds after it starts."""
   command = script_command('train.py', '--config', ROOT / 'configs' / 'quickstart.py',
-                           f'--workdir={workdir}', *tiny_overrides(data_dir))
+                           f'--workdir={workdir}', *tiny_overrides(data_dir),
+                           *([f'--config.cache_bytes={cache_bytes}']
+                             if cache_bytes is not None else []))
   process = subprocess.Popen(command, cwd=ROOT, env=script_env(cache), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
   try:
@@ -56,6 +66,7 @@ def _final_params(workdir) -> list[np.ndarray]:
 def test_random_sigkills_then_a_rerun_end_in_the_uninterrupted_runs_checkpoint(tmp_path,
                                                                                  tfds_dir):
   kills = int(os.environ.get('UNET_FLAX_KILLS', '3'))
+  cache_bytes = int(os.environ.get('UNET_FLAX_KILL_CACHE_BYTES', str(HALF_CACHED)))
   rng = np.random.default_rng(int(os.environ.get('UNET_FLAX_KILL_SEED', '0')))
   cache = tmp_path / 'cache'
   code, out = _train(tmp_path / 'reference', tfds_dir, cache, None)  # Compiles, caches.
@@ -69,11 +80,12 @@ def test_random_sigkills_then_a_rerun_end_in_the_uninterrupted_runs_checkpoint(t
   for i in range(kills):
     # Anywhere from start-up to the end of a whole run.
     kill_after = float(rng.uniform(0.05, 1.0) * reference_seconds)
-    code, out = _train(workdir, tfds_dir, cache, kill_after)
+    code, out = _train(workdir, tfds_dir, cache, kill_after, cache_bytes)
     last = [l for l in out.splitlines() if l.strip()][-1:] or ['(no output)']
     print(f'kill {i + 1}: after {kill_after:.1f}s, exit {code}, last line: {last[0][:90]}')
-  code, out = _train(workdir, tfds_dir, cache, None)
+  code, out = _train(workdir, tfds_dir, cache, None, cache_bytes)
   assert code == 0, out
+  assert 'decoded on the fly' in out  # The streamed path ran.
   steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
            if json.loads(l)['split'] == 'train']
   assert steps == list(range(1, 7))

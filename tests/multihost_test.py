@@ -47,7 +47,7 @@ def test_two_processes_read_each_example_once_and_evaluate_like_one(tmp_path, tf
     assert [int(g[f'{prefix}_total']) for g in got] == [whole.num_examples] * 2
     union = sum((_rows(g[f'{prefix}_images'], g[f'{prefix}_labels']) for g in got), [])
     assert len(set(union)) == len(union) == whole.num_examples  # Each example once...
-    assert set(union) == set(_rows(whole.images, whole.labels))  # ...and all of them.
+    assert set(union) == set(_rows(*whole.stack()))  # ...and all of them.
 
   state = fixed_state(config)
   forward = models.forward(config)

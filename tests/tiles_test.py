@@ -16,6 +16,7 @@ from unet_flax import decode
 from unet_flax import errors
 from unet_flax import evaluation
 from unet_flax import inference
+from unet_flax import input_pipeline
 from unet_flax import metrics
 from unet_flax import models
 from unet_flax import modes
@@ -126,7 +127,7 @@ def _split(sizes, seed=0):
   rng = np.random.default_rng(seed)
   examples = [(rng.integers(0, 256, (h, w, 3), np.uint8),
                rng.integers(0, K, (h, w), np.uint8)) for h, w in sizes]
-  return crops.NativeSplit(len(examples), range(len(examples)), examples, None)
+  return input_pipeline.Split(len(examples), range(len(examples)), examples, None)
 
 
 def test_crops_cut_image_and_mask_together_and_pad_masks_with_the_ignore_label():
@@ -157,8 +158,8 @@ def test_crop_batches_are_a_function_of_their_seeds_so_resume_crops_the_same():
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
   # Not in memory: decoded on the fly in threads, ahead of the consumer; the same batches.
-  uncached = crops.NativeSplit(4, range(4), [split.cached[0], None, None, split.cached[3]],
-                               lambda i: ('x', *split.cached[i]))
+  uncached = input_pipeline.Split(4, range(4), [split.cached[0], None, None, split.cached[3]],
+                                  lambda i: split.cached[i])
   for a, b in zip(whole, crops.crop_batches(uncached, 2, num_threads=2, **kwargs)):
     np.testing.assert_array_equal(a['image'], b['image'])
   other_epoch = next(iter(crops.crop_batches(split, 2, **{**kwargs, 'epoch': 2})))

@@ -224,3 +224,40 @@ def test_a_pretrained_encoders_weights_go_into_the_first_checkpoint_and_are_neve
   photo = tmp_path / 'photo.png'
   Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(photo)
   assert inference.predict_files(model, [str(photo)], tmp_path / 'masks') == []
+
+
+def test_a_run_decoding_on_the_fly_trains_and_scores_as_one_holding_everything(
+    tmp_path, tiny_config, trained_workdir, capsys):
+  """The tiny run with no example in memory (cache_bytes=0: train and eval decoded in worker
+  threads each time they are drawn) ends in the trained_workdir's checkpoint, bit for bit, and
+  its evaluations are the same confusion matrices and IoUs."""
+  tiny_config.cache_bytes = 0
+  state = train.train_and_evaluate(tiny_config, tmp_path)
+  assert ('data: 24 train and 12 eval examples at 16x16; 0.0 MiB in memory: 0 of 24 train (0%), '
+          '0 of 12 eval (0%); the rest decoded on the fly in worker threads (config.cache_bytes)'
+          in capsys.readouterr().out)
+  streamed, cached = _records(tmp_path), _records(trained_workdir)
+  assert [r['split'] for r in streamed].count('eval') == 2
+  for a, b in zip(streamed, cached, strict=True):
+    assert a['step'] == b['step'] and a['split'] == b['split']
+    for key in ('loss', 'mean_iou', 'confusion_matrix'):
+      assert a.get(key) == b.get(key), key
+  from unet_flax import inference  # pylint: disable=g-import-not-at-top
+  for a, b in zip(jax.tree.leaves(state.params),
+                  jax.tree.leaves(inference.load_model(trained_workdir).params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_budget_beyond_free_memory_is_refused_before_anything_is_written(tmp_path, tiny_config,
+                                                                           monkeypatch):
+  from unet_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(input_pipeline, 'memory_available', lambda: 20_000)
+  tiny_config.cache_bytes = 10 ** 9
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(tiny_config, tmp_path / 'run')
+  assert str(raised.value) == (
+      'the 24 train and 12 eval examples (at 16x16) take 36.0 KiB decoded, and '
+      'config.cache_bytes=1000000000 would hold 36.0 KiB of them: more than the 19.5 KiB of '
+      'memory this machine has free; set config.cache_bytes=10000 or less (the examples past it '
+      'are decoded on the fly)')
+  assert not (tmp_path / 'run').exists()

@@ -66,8 +66,9 @@ def defaults() -> ml_collections.ConfigDict:
   config.crop_size = 256  # 'crop' mode: the side of train crops and inference windows.
   config.scale = 1.0  # 'crop' mode: images (bilinear) and masks (nearest) are rescaled by it first.
   config.tile_overlap = 0.25  # 'crop' mode: the fraction of a window its neighbour shares.
-  # 'crop' mode: decoded images and masks kept in memory up to this many bytes; the rest are
-  # decoded on the fly in worker threads, ahead of the device.
+  # Decoded images and masks (train split first, then eval) kept in memory up to this many
+  # bytes, in both modes; the rest are decoded on the fly in worker threads, ahead of the device.
+  # More than the machine has free is refused before anything is written.
   config.cache_bytes = 2 * 1024 ** 3
   config.num_classes = 3  # Trimap classes: 0 pet, 1 background, 2 border.
   # The classes' names, one per class; None: the data set's own (Pet's three, a folder's
@@ -86,7 +87,7 @@ def defaults() -> ml_collections.ConfigDict:
   # 16-bit and float images: the value shown as white, e.g. 4095 for 12-bit microscopy; None:
   # 65535 for 16-bit, 1 for float images up to 1, else 255.
   config.image_max_value = ml_collections.config_dict.placeholder(float)
-  config.input_threads = 0  # Decode/resize threads for the first pass; 0: one per core.
+  config.input_threads = 0  # Decode/resize threads (into memory, and on the fly); 0: one a core.
   # Train-batch augmentation on the host (unet_flax/augment.py); all off: the chapter's recipe.
   config.augment_flip = False  # Flip image and mask left-right together, half of the examples.
   config.augment_min_scale = 1.0  # Crop a random square of side >= this x the image; 1: none.

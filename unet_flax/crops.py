@@ -1,20 +1,17 @@
 """Crop mode's data: images and masks at native resolution (after config.scale), random crops.
 
 `load_native_split` decodes this process's shard of a split at each example's stored size,
-rescaled by config.scale, and keeps the uint8 arrays in memory (a list: sizes differ) while their
-total stays under a byte budget (config.cache_bytes); the examples past it are decoded again
-each time they are drawn. `crop_batches` gives one epoch of train batches: one random
+rescaled by config.scale, into input_pipeline's store: kept in memory (a list: sizes differ)
+while their total stays under a byte budget (config.cache_bytes), the examples past it decoded
+again each time they are drawn. `crop_batches` gives one epoch of train batches: one random
 crop_size x crop_size crop per example, image and mask cut together, drawn from (seed, epoch,
 step, process) so that a resumed run crops exactly as an uninterrupted one. Images smaller than
 the crop are padded (images with 0, masks with config.ignore_label, which then counts nothing).
-Batches that need decoding are made in worker threads, a bounded number ahead of the device.
+Batches that need decoding are made in worker threads, a bounded number ahead of the device
+(input_pipeline.made_ahead).
 """
 
-import collections
-import concurrent.futures
-import dataclasses
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -24,39 +21,6 @@ from unet_flax import input_pipeline
 from unet_flax import sources
 
 _SALT = 0xC209  # Keeps the crop stream apart from the shuffle's and the augmentation's.
-PREFETCH_BATCHES = 4  # Batches decoded ahead when some examples are not in memory.
-
-
-@dataclasses.dataclass(frozen=True)
-class NativeSplit(Sequence):
-  """One process's shard of a split at native resolution (after scale), partly in memory.
-
-  split[row] -> (image [H, W, 3] uint8, labels [H, W] uint8 in [0, K) or the ignore label).
-
-  Attributes:
-    num_examples: examples in the whole split, over all processes.
-    indices: the split's index of each row of this shard.
-    cached: each row's (image, labels), or None for rows decoded when asked for.
-    read: split index -> (file name, image, labels) at the stored size.
-    scale: applied to what `read` gives (images bilinear, masks nearest).
-  """
-  num_examples: int
-  indices: Sequence[int]
-  cached: list
-  read: Callable[[int], tuple[str, np.ndarray, np.ndarray]]
-  scale: float = 1.0
-
-  def __len__(self):
-    return len(self.indices)
-
-  def __getitem__(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-    if self.cached[row] is not None:
-      return self.cached[row]
-    return _scaled(self.read(self.indices[row]), self.scale)
-
-  @property
-  def cached_bytes(self) -> int:
-    return sum(image.nbytes + labels.nbytes for image, labels in filter(None, self.cached))
 
 
 def _scaled(example, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -66,29 +30,18 @@ def _scaled(example, scale: float) -> tuple[np.ndarray, np.ndarray]:
 
 def load_native_split(source: sources.Source, split: str, *, scale: float = 1.0,
                       cache_bytes: int = 2 * 1024 ** 3, process_index: int = 0,
-                      process_count: int = 1, num_threads: int = 0) -> NativeSplit:
-  """Decodes this process's shard of `split` at native resolution, in parallel, into memory
-  until `cache_bytes` are held; later examples are left to be decoded when drawn.
+                      process_count: int = 1, num_threads: int = 0) -> input_pipeline.Split:
+  """This process's shard of `split` at native resolution (after scale): decoded in parallel
+  into memory until `cache_bytes` are held; later examples are left to be decoded when drawn.
 
   Raises:
     UserError: naming the file, for an example that cannot be read (those decoded here).
   """
   originals = sources.originals(source, split)
-  indices = range(process_index, originals.num_examples, process_count)
-  cached = [None] * len(indices)
-  threads = num_threads or os.cpu_count() or 1
-  held = 0
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    for start in range(0, len(indices), 4 * threads):
-      rows = range(start, min(start + 4 * threads, len(indices)))
-      for row, example in zip(rows, pool.map(lambda r: _scaled(originals.read(indices[r]), scale),
-                                             rows)):
-        size = example[0].nbytes + example[1].nbytes
-        if held + size > cache_bytes:
-          return NativeSplit(originals.num_examples, indices, cached, originals.read, scale)
-        cached[row] = example
-        held += size
-  return NativeSplit(originals.num_examples, indices, cached, originals.read, scale)
+  return input_pipeline.decode_split(
+      lambda i: _scaled(originals.read(i), scale), originals.num_examples,
+      cache_bytes=cache_bytes, process_index=process_index, process_count=process_count,
+      num_threads=num_threads)
 
 
 def crop_rng(seed: int, epoch: int, step: int, process_index: int) -> np.random.Generator:
@@ -117,7 +70,7 @@ def random_crop(image: np.ndarray, labels: np.ndarray, crop_size: int, rng: np.r
   return out_image, out_labels
 
 
-def crop_batch(split: NativeSplit, rows: np.ndarray, *, crop_size: int, ignore_label: int,
+def crop_batch(split: input_pipeline.Split, rows: np.ndarray, *, crop_size: int, ignore_label: int,
                seed: int, epoch: int, step: int, process_index: int,
                augmentation: augment.Options = augment.Options()) -> dict:
   """The batch of `rows`: a random crop of each, then the augmentations (augment.py).
@@ -137,7 +90,7 @@ def crop_batch(split: NativeSplit, rows: np.ndarray, *, crop_size: int, ignore_l
   return {'image': images, 'label': labels}
 
 
-def crop_batches(split: NativeSplit, batch_size: int, *, crop_size: int, ignore_label: int,
+def crop_batches(split: input_pipeline.Split, batch_size: int, *, crop_size: int, ignore_label: int,
                  seed: int, epoch: int, process_index: int, first_step: int = 0,
                  num_steps: int | None = None, augmentation: augment.Options = augment.Options(),
                  num_threads: int = 0) -> Iterator[dict]:
@@ -145,8 +98,8 @@ def crop_batches(split: NativeSplit, batch_size: int, *, crop_size: int, ignore_
   `first_step`. Arguments as input_pipeline.train_batches, plus the crop's.
 
   When every example is in memory the batches are made here; else in `num_threads` worker
-  threads (0: one per core), at most PREFETCH_BATCHES ahead. Either way each batch is a function
-  of (seed, epoch, step, process) alone.
+  threads (0: one per core), a few ahead (input_pipeline.made_ahead). Either way each batch is a
+  function of (seed, epoch, step, process) alone.
 
   Yields:
     {'image': [b, crop, crop, 3] uint8, 'label': [b, crop, crop] uint8}.
@@ -155,25 +108,9 @@ def crop_batches(split: NativeSplit, batch_size: int, *, crop_size: int, ignore_
   num_steps = len(split) // batch_size if num_steps is None else num_steps
 
   def make(step):
-    positions = np.arange(step * batch_size, (step + 1) * batch_size) % len(order)
-    return crop_batch(split, np.sort(order[positions]), crop_size=crop_size,
-                      ignore_label=ignore_label, seed=seed, epoch=epoch, step=step,
-                      process_index=process_index, augmentation=augmentation)
+    return crop_batch(split, input_pipeline.batch_rows(order, step, batch_size),
+                      crop_size=crop_size, ignore_label=ignore_label, seed=seed, epoch=epoch,
+                      step=step, process_index=process_index, augmentation=augmentation)
 
-  if all(example is not None for example in split.cached):
-    for step in range(first_step, num_steps):
-      yield make(step)
-    return
-  with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
-    ahead = collections.deque()
-    steps = iter(range(first_step, num_steps))
-    for step in steps:
-      ahead.append(pool.submit(make, step))
-      if len(ahead) >= PREFETCH_BATCHES:
-        break
-    while ahead:
-      batch = ahead.popleft().result()  # Re-raises a worker's error here.
-      for step in steps:
-        ahead.append(pool.submit(make, step))
-        break
-      yield batch
+  return input_pipeline.made_ahead(make, range(first_step, num_steps),
+                                   in_workers=not split.all_cached, num_threads=num_threads)

@@ -247,6 +247,9 @@ def _classes(stored: np.ndarray, path, num_classes: int, options: decode.Options
     for c in found.tolist():
       labels[code == c] = table[c]
     return labels
+  if (options.mask_values is None and np.issubdtype(stored.dtype, np.unsignedinteger)
+      and stored.size and stored.max() < num_classes):
+    return stored.astype(np.uint8, copy=False)  # Classes as stored: the common case, checked fast.
   values = stored.astype(np.int64)
   if options.mask_values is not None:
     mapping = dict(options.mask_values)

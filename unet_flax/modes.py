@@ -60,6 +60,7 @@ class Mode(abc.ABC):
   """How the pictures of a run's config meet the network (see the module's docstring)."""
 
   name: str
+  shards_eval: bool  # Whether each process reads only its shard of the eval split (else all).
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -76,23 +77,58 @@ class Mode(abc.ABC):
 
   @abc.abstractmethod
   def read_split(self, source: sources.Source, split: str, *, shard: bool = False,
-                 cache_bytes: int | None = None) -> Sequence:
-    """A split in memory, as the trainer trains and scores on it: split[row] -> (image, labels).
+                 cache_bytes: int | None = None) -> input_pipeline.Split:
+    """A split as the trainer trains and scores on it (input_pipeline.Split: split[row] ->
+    (image, labels)), in memory up to `cache_bytes`, the rest decoded when drawn.
 
     Args:
       source: the run's data set.
       split: e.g. 'train', 'test[:50%]'.
       shard: only this process's examples (process_index::process_count); else all of them.
-      cache_bytes: crop mode's memory budget (default config.cache_bytes).
+      cache_bytes: the memory budget of its decoded examples (default config.cache_bytes).
     """
 
   @abc.abstractmethod
-  def read_splits(self, source: sources.Source) -> tuple[Sequence, Sequence, str]:
-    """(this process's shard of the train split, the eval split, a line describing them)."""
+  def decoded_bytes(self, num_examples: int) -> int | None:
+    """The bytes of `num_examples` examples decoded as the rows hold them, where known before
+    decoding; else None."""
 
   @abc.abstractmethod
-  def labels_in_memory(self, split) -> list[np.ndarray]:
+  def describe_data(self, train: input_pipeline.Split, evaluation: input_pipeline.Split) -> str:
+    """What the run trains and scores on, for the run's first line about its data."""
+
+  def read_splits(self, source: sources.Source
+                  ) -> tuple[input_pipeline.Split, input_pipeline.Split, str]:
+    """(this process's shard of the train split, the eval split, a line describing them).
+
+    Both are held in memory up to config.cache_bytes together, train first; the rest is decoded
+    on the fly. A budget larger than the memory this machine has free is refused first, before
+    anything is decoded (input_pipeline.check_budget).
+    """
+    config = self.config
+    count = jax.process_count()
+    shard = lambda n: -(-n // count)  # The largest process's share.
+    num_train = source.num_examples(config.train_split)
+    num_eval = source.num_examples(config.eval_split)
+    num_held = shard(num_train) + (shard(num_eval) if self.shards_eval else num_eval)
+    input_pipeline.check_budget(
+        config.cache_bytes, self.decoded_bytes(num_held),
+        f'the {num_train:,} train and {num_eval:,} eval examples ({self.describe_data_size()})')
+    started = time.perf_counter()
+    train = self.read_split(source, config.train_split, shard=True)
+    evaluation = self.read_split(source, config.eval_split, shard=self.shards_eval,
+                                 cache_bytes=max(config.cache_bytes - train.held_bytes, 0))
+    return train, evaluation, (
+        f'{self.describe_data(train, evaluation)}; {_held(train, evaluation)}, read in '
+        f'{time.perf_counter() - started:.1f}s')
+
+  @abc.abstractmethod
+  def describe_data_size(self) -> str:
+    """The size examples are decoded at, e.g. 'at 256x256'."""
+
+  def labels_in_memory(self, split: input_pipeline.Split) -> list[np.ndarray]:
     """The label arrays of a split that are in memory (nothing is decoded for this)."""
+    return [labels for _, labels in filter(None, split.cached)]
 
   @abc.abstractmethod
   def batch_shape(self) -> tuple[int, int]:
@@ -134,6 +170,19 @@ class Mode(abc.ABC):
   @abc.abstractmethod
   def describe(self) -> str:
     """The resolution a `score` is at, for reports."""
+
+
+def _held(train: input_pipeline.Split, evaluation: input_pipeline.Split) -> str:
+  """How much of the splits is in memory, and that the rest is decoded on the fly."""
+  held = (train.held_bytes + evaluation.held_bytes) / 2 ** 20
+  if train.all_cached and evaluation.all_cached:
+    return f'all in memory ({held:,.1f} MiB)'
+  parts = [f'{split.held_rows:,} of {len(split):,} {name} ({split.held_rows / len(split):.0%})'
+           for name, split in (('train', train), ('eval', evaluation)) if len(split)]
+  later = any(split.keep is not None and split.keep.rows for split in (train, evaluation))
+  return (f'{held:,.1f} MiB in memory: {", ".join(parts)}'
+          + (', kept as they are first decoded' if later else '')
+          + '; the rest decoded on the fly in worker threads (config.cache_bytes)')
 
 
 # Resize mode.
@@ -187,24 +236,26 @@ class Resize(Mode):
   """Every picture squashed to config.image_size x image_size (input_pipeline.py)."""
 
   name = 'resize'
+  shards_eval = True
 
   def read_split(self, source, split, *, shard=False, cache_bytes=None):
+    config = self.config
     return input_pipeline.load_split(
-        source, split, image_size=self.config.image_size,
+        source, split, image_size=config.image_size,
         process_index=jax.process_index() if shard else 0,
-        process_count=jax.process_count() if shard else 1, num_threads=self.config.input_threads)
+        process_count=jax.process_count() if shard else 1, num_threads=config.input_threads,
+        cache_bytes=config.cache_bytes if cache_bytes is None else cache_bytes)
 
-  def read_splits(self, source):
+  def decoded_bytes(self, num_examples):
+    return num_examples * self.config.image_size ** 2 * 4  # uint8 RGB image and its labels.
+
+  def describe_data_size(self):
     size = self.config.image_size
-    started = time.perf_counter()
-    train = self.read_split(source, self.config.train_split, shard=True)
-    evaluation = self.read_split(source, self.config.eval_split, shard=True)
-    return train, evaluation, (
-        f'{train.num_examples} train and {evaluation.num_examples} eval examples at {size}x{size}'
-        f', decoded in {time.perf_counter() - started:.1f}s')
+    return f'at {size}x{size}'
 
-  def labels_in_memory(self, split):
-    return [split.labels]
+  def describe_data(self, train, evaluation):
+    return (f'{train.num_examples} train and {evaluation.num_examples} eval examples '
+            f'{self.describe_data_size()}')
 
   def batch_shape(self):
     return self.config.image_size, self.config.image_size
@@ -213,7 +264,8 @@ class Resize(Mode):
     return input_pipeline.train_batches(
         split, batch_size, seed=self.config.seed, epoch=epoch, process_index=process_index,
         first_step=first_step, num_steps=num_steps,
-        augmentation=augment.Options.from_config(self.config))
+        augmentation=augment.Options.from_config(self.config),
+        num_threads=self.config.input_threads)
 
   def _eval_step(self, forward, devices):
     return self._cached(('eval', forward, devices),
@@ -230,7 +282,8 @@ class Resize(Mode):
     eval_step, add = self._eval_step(forward, devices), self._add(devices)
     k = self.config.num_classes
     total = jax.device_put(jnp.zeros((k, k), jnp.int32), devices.replicated)
-    batches = input_pipeline.eval_batches(split, devices.local_batch_size, jax.process_count())
+    batches = input_pipeline.eval_batches(split, devices.local_batch_size, jax.process_count(),
+                                          self.config.input_threads)
     for i, batch in enumerate(devices.prefetch(batches)):
       out = eval_step(params, batch)
       total = add(total, out['confusion'])
@@ -257,9 +310,9 @@ class Resize(Mode):
 
   def sample(self, forward, params, split, n, devices):
     del devices  # The whole sample in one call.
-    images = split.images[:n]
+    images, labels = split.stack(range(n))
     logits = self._logits(forward)(params, images)
-    return {'image': images, 'label': split.labels[:n],
+    return {'image': images, 'label': labels,
             'prediction': np.asarray(jnp.argmax(logits, axis=-1))}
 
   def export(self):
@@ -282,6 +335,7 @@ class Crop(Mode):
   (crops.py, tiles.py)."""
 
   name = 'crop'
+  shards_eval = False  # Each process scores the whole eval split on its host.
 
   def read_split(self, source, split, *, shard=False, cache_bytes=None):
     return crops.load_native_split(
@@ -290,25 +344,16 @@ class Crop(Mode):
         process_index=jax.process_index() if shard else 0,
         process_count=jax.process_count() if shard else 1, num_threads=self.config.input_threads)
 
-  def read_splits(self, source):
-    """The train shard and the whole eval split (each process scores all of it on its host),
-    in memory up to config.cache_bytes together, train first."""
-    config = self.config
-    started = time.perf_counter()
-    train = self.read_split(source, config.train_split, shard=True)
-    evaluation = self.read_split(source, config.eval_split,
-                                 cache_bytes=config.cache_bytes - train.cached_bytes)
-    held = train.cached_bytes + evaluation.cached_bytes
-    uncached = sum(x is None for x in train.cached) + sum(x is None for x in evaluation.cached)
-    return train, evaluation, (
-        f'{train.num_examples} train and {evaluation.num_examples} eval examples at native '
-        f'resolution (scale {config.scale:g}), {config.crop_size}x{config.crop_size} crops; '
-        f'{held / 2**20:.1f} MiB in memory'
-        + (f', {uncached} decoded on the fly (config.cache_bytes)' if uncached else '')
-        + f', read in {time.perf_counter() - started:.1f}s')
+  def decoded_bytes(self, num_examples):
+    return None  # Each picture's own size: known once decoded.
 
-  def labels_in_memory(self, split):
-    return [labels for _, labels in filter(None, split.cached)]
+  def describe_data_size(self):
+    return f'at native resolution, scale {self.config.scale:g}'
+
+  def describe_data(self, train, evaluation):
+    config = self.config
+    return (f'{train.num_examples} train and {evaluation.num_examples} eval examples '
+            f'{self.describe_data_size()}, {config.crop_size}x{config.crop_size} crops')
 
   def batch_shape(self):
     return self.config.crop_size, self.config.crop_size
@@ -330,11 +375,14 @@ class Crop(Mode):
   def score(self, forward, params, split, devices, keep=None):
     """The split's confusion matrix at native resolution (after scale): each image whole
     through the sliding window, on this host, in windows of the devices' local batch size.
-    Every process scores the whole split (read_splits gives each all of it)."""
+    Every process scores the whole split (read_splits gives each all of it); the examples not in
+    memory are decoded in worker threads, a few ahead."""
     k = self.config.num_classes
     total = np.zeros((k, k), np.int64)
-    for row in range(len(split)):
-      image, labels = split[row]
+    examples = input_pipeline.made_ahead(split.__getitem__, range(len(split)),
+                                         in_workers=not split.all_cached,
+                                         num_threads=self.config.input_threads)
+    for row, (image, labels) in enumerate(examples):
       predicted = self._window_classes(forward, params, image, devices.local_batch_size)
       confusion = metrics.host_confusion_matrices(labels[None], predicted[None], k,
                                                   self.config.ignore_label)[0]

@@ -83,7 +83,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
       train_data, eval_data, described = mode.read_splits(source)
       if jax.process_index() == 0:
         print(f'data: {described}', flush=True)
-        absent = reporting.absent_classes(mode.labels_in_memory(train_data), config.class_names)
+        # Counted in the masks in memory: none when the data set is larger than the budget.
+        absent = train_data.num_cached and reporting.absent_classes(
+            mode.labels_in_memory(train_data), config.class_names)
+        if absent and not train_data.all_cached:
+          absent += (f' (counted in the {train_data.num_cached:,} training masks in memory, of '
+                     f'{len(train_data):,})')
         if absent:
           print(absent, file=sys.stderr, flush=True)
       notice.check()
