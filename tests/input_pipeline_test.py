@@ -79,7 +79,6 @@ def test_augmented_batches_resume_exactly():
 @pytest.mark.parametrize('num_examples', [5, 12, 13])
 @pytest.mark.parametrize('process_count', [1, 2])
 def test_eval_batches_pad_and_mask_every_example_exactly_once(num_examples, process_count):
-  whole = _split(num_examples)
   seen, batch_counts = [], set()
   for p in range(process_count):
     # The first shard's rows in memory, the second's decoded on the fly.
