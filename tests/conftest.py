@@ -2,12 +2,15 @@
 with it, batches and states for step tests, a folder data set, pictures' colours, and running the
 repository's scripts as subprocesses. Test files import these; never each other's helpers."""
 
+import atexit
 import functools
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -23,6 +26,13 @@ from unet_flax import runtime  # pylint: disable=g-import-not-at-top,wrong-impor
 # The XLA:CPU flags train.py uses, before JAX starts: in-process runs then compute with the same
 # kernels as the train.py subprocesses they are compared with, bit for bit.
 runtime.configure_xla_cpu()
+# One compile cache for the session's in-process runs, as train.py keeps one: the many tests that
+# train the tiny config compile the same steps, and XLA then compiles each once. The scripts the
+# tests run keep caches of their own (script_env).
+_COMPILE_CACHE = tempfile.mkdtemp(prefix='unet_flax_test_compile_cache_')
+atexit.register(shutil.rmtree, _COMPILE_CACHE, True)
+os.environ['UNET_FLAX_CACHE'] = _COMPILE_CACHE
+runtime.enable_compilation_cache()
 
 
 @pytest.fixture(scope='session')
