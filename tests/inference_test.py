@@ -91,8 +91,9 @@ def test_predict_cli_writes_masks_at_original_sizes_and_skips_unreadable(trained
 def test_predict_refuses_an_out_that_is_a_file(trained_workdir, tmp_path):
   model = inference.load_model(trained_workdir)
   (tmp_path / 'masks').write_text('')
+  Image.fromarray(gradient_picture(12, 14)).save(tmp_path / 'x.jpg')
   with pytest.raises(errors.UserError, match='--out .*masks is a file'):
-    inference.predict_files(model, ['x.jpg'], tmp_path / 'masks')
+    inference.predict_files(model, [str(tmp_path / 'x.jpg')], tmp_path / 'masks')
   with pytest.raises(errors.UserError, match=r'a/x.jpg and b/x.png would both write'):
     inference.predict_files(model, ['a/x.jpg', 'b/x.png'], tmp_path / 'out')
 

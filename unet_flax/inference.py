@@ -225,11 +225,11 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
   """
   stderr = stderr or sys.stderr
   config = model.config
+  outputs = dict(zip(paths, _output_paths(paths, paths_lib.absolute(out), overwrite)))
   if not any(os.path.lexists(path) for path in paths):
     what = (f'{paths[0]} does not exist' if len(paths) == 1 else
             f'none of the {len(paths)} images named exists (the first: {paths[0]})')
     raise errors.UserError(f'{what}; check the paths (nothing was written)')
-  outputs = dict(zip(paths, _output_paths(paths, paths_lib.absolute(out), overwrite)))
   out = paths_lib.make_output_dir(out, '--out')
   failed = []
   batch_size = max(1, min(batch_size, len(paths)))
