@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_unet import unet_model  # noqa: E402
+import peer_protocol  # noqa: E402
 
 
 def build(policy, batch):
@@ -60,23 +61,14 @@ def main():
   batch = int(sys.argv[1])
   models = {policy: build(policy, batch) for policy in ('float32', 'mixed_bfloat16')}
   keras.mixed_precision.set_global_policy('float32')
-  print(f'ready tensorflow {tf.__version__} keras {keras.__version__}', flush=True)
-  for line in sys.stdin:
-    command, *args = line.split()
-    if command == 'step':
-      model, x, y = models[args[0]]
-      calls = int(args[1])
-      start = time.perf_counter()
-      for _ in range(calls):
-        model.train_on_batch(x, y)
-      print((time.perf_counter() - start) / calls, flush=True)
-    elif command == 'matmul':
-      dtype = {'float32': tf.float32, 'bfloat16': tf.bfloat16}[args[0]]
-      print(matmul_gflops(dtype, int(args[1])), flush=True)
-    elif command == 'quit':
-      return
-    else:
-      print(f'error: unknown command {command}', flush=True)
+  dtypes = {'float32': tf.float32, 'bfloat16': tf.bfloat16}
+
+  def step(policy):
+    model, x, y = models[policy]
+    return lambda: model.train_on_batch(x, y)
+  peer_protocol.serve({policy: step(policy) for policy in models},
+                      lambda dtype, n: matmul_gflops(dtypes[dtype], n),
+                      f'tensorflow {tf.__version__} keras {keras.__version__}')
 
 
 if __name__ == '__main__':

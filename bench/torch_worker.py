@@ -21,6 +21,8 @@ import time
 import torch
 from torch import nn
 
+import peer_protocol  # bench/, beside this file
+
 
 def _two_convs(cin, cout):
   return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(),
@@ -94,23 +96,9 @@ def matmul_gflops(dtype, n):
 def main():
   batch = int(sys.argv[1])
   steps = {precision: build(precision, batch) for precision in ('float32', 'bfloat16')}
-  print(f'ready torch {torch.__version__}, {torch.get_num_threads()} threads', flush=True)
-  for line in sys.stdin:
-    command, *args = line.split()
-    if command == 'step':
-      step, calls = steps[args[0]], int(args[1])
-      start = time.perf_counter()
-      for _ in range(calls):
-        step()
-      print((time.perf_counter() - start) / calls, flush=True)
-    elif command == 'matmul':
-      dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args[0]]
-      print(matmul_gflops(dtype, int(args[1])), flush=True)
-    elif command == 'quit':
-      return
-    else:
-      print(f'error: unknown command {command}', flush=True)
-
+  dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
+  peer_protocol.serve(steps, lambda dtype, n: matmul_gflops(dtypes[dtype], n),
+                      f'torch {torch.__version__}, {torch.get_num_threads()} threads')
 
 if __name__ == '__main__':
   main()

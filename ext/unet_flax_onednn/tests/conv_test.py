@@ -196,15 +196,7 @@ def test_strided_and_grouped_layer_matches_xla(geometry, dtype, relu):
                                        strides=strides, groups=groups), x, w, b)
     return (y, *vjp(dy))
   # Fused forward, backward-data, backward-weights (the first window's with the bias's).
-  assert _ffi_calls(f, x, w, b, dy) == _passes(geometry)
-  y, *grads = jax.jit(f)(x, w, b, dy)
-  assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
-  rtol = 1e-5 if dtype == jnp.float32 else 1e-2
-  if relu:
-    assert (y_ref == 0).any() and (y_ref > 0).any()  # The mask matters.
-  _close(y, y_ref, rtol)
-  for got, want in zip(grads, grads_ref):
-    _close(got, want, rtol)
+  _check_layer(f, (x, w, b, dy), _passes(geometry), y_ref, grads_ref, dtype, relu)
 
 
 @pytest.mark.parametrize('size', [4, 5, 6])
@@ -250,6 +242,20 @@ def test_mixed_dtypes_rejected():
     onednn.conv(x, w.astype(jnp.bfloat16))
 
 
+def _check_layer(f, operands, calls, y_ref, grads_ref, dtype, relu):
+  """f(*operands) -> (y, *gradients) makes `calls` oneDNN calls, keeps `dtype`, and is within
+  1e-5 (float32) or 1e-2 (bfloat16) of the reference's output and gradients."""
+  assert _ffi_calls(f, *operands) == calls
+  y, *grads = jax.jit(f)(*operands)
+  assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+  rtol = 1e-5 if dtype == jnp.float32 else 1e-2
+  if relu:
+    assert (y_ref == 0).any() and (y_ref > 0).any()  # The mask matters.
+  _close(y, y_ref, rtol)
+  for got, want in zip(grads, grads_ref):
+    _close(got, want, rtol)
+
+
 def _ffi_calls(fn, *args) -> int:
   return jax.jit(fn).lower(*args).as_text().count('unet_onednn_conv')
 
@@ -274,15 +280,8 @@ def test_conv_bias_matches_xla(shape, dtype, relu):
   def f(x, w, b, dy):
     y, vjp = jax.vjp(functools.partial(onednn.conv_bias, padding=padding, relu=relu), x, w, b)
     return (y, *vjp(dy))
-  assert _ffi_calls(f, x, w, b, dy) == 3  # Fused forward, backward-data, backward-weights+bias.
-  y, *grads = jax.jit(f)(x, w, b, dy)
-  assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
-  rtol = 1e-5 if dtype == jnp.float32 else 1e-2
-  if relu:
-    assert (y_ref == 0).any() and (y_ref > 0).any()  # The mask matters.
-  _close(y, y_ref, rtol)
-  for got, want in zip(grads, grads_ref):
-    _close(got, want, rtol)
+  # Fused forward, backward-data, backward-weights+bias.
+  _check_layer(f, (x, w, b, dy), 3, y_ref, grads_ref, dtype, relu)
 
 
 def test_conv_bias_weight_and_bias_gradients_are_float32():
