@@ -14,14 +14,12 @@ image_size, 4 bytes a pixel; crop mode: at most config.cache_bytes).
 """
 
 import argparse
-import functools
 import importlib
 import json
 import pathlib
 import resource
 import subprocess
 import sys
-import time
 import types
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,36 +56,19 @@ def measure(name: str, num_steps: int, backend: str) -> dict:
   """Compiles and times `name`'s train step in this process; -> figures (see the module doc)."""
   from unet_flax import runtime  # pylint: disable=g-import-not-at-top
   runtime.configure_xla_cpu()
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import speed  # pylint: disable=g-import-not-at-top  (bench/speed.py, beside this file)
   from unet_flax import layers  # pylint: disable=g-import-not-at-top
   from unet_flax import models  # pylint: disable=g-import-not-at-top
-  from unet_flax import steps  # pylint: disable=g-import-not-at-top
-  from unet_flax.devices import Devices  # pylint: disable=g-import-not-at-top
   layers.select_backend(backend)
   config = _config(name)
   config.encoder_weights = None  # Random weights: the same speed, no package needed.
   side = config.crop_size if config.input_mode == 'crop' else config.image_size
-  devices = Devices(config.batch_size)
-  rng = np.random.default_rng(0)
-  batch = devices.put({
-      'image': rng.integers(0, 256, (config.batch_size, side, side, 3), np.uint8),
-      'label': rng.integers(0, config.num_classes, (config.batch_size, side, side), np.uint8)})
   train_examples = _split_examples(config, config.train_split)
   per_epoch = config.steps_per_epoch or train_examples // config.batch_size
-  state = jax.jit(functools.partial(steps.create_train_state, config, steps_per_epoch=per_epoch),
-                  out_shardings=devices.replicated)(jax.random.key(0))
-  step, _ = steps.compile_steps(config, devices, models.forward(config))
-  start = time.perf_counter()
-  compiled = step.lower(state, batch, jax.random.key(0)).compile()
-  compile_seconds = time.perf_counter() - start
-  state, _ = compiled(state, batch, jax.random.key(0))  # Warm-up.
-  jax.block_until_ready(state)
-  start = time.perf_counter()
-  for _ in range(num_steps):
-    state, _ = compiled(state, batch, jax.random.key(0))
-  jax.block_until_ready(state)
-  seconds = (time.perf_counter() - start) / num_steps
+  batch_config = config.copy_and_resolve_references()
+  batch_config.image_size = side  # speed.train_step's batch: a crop mode's crops.
+  timed = speed.train_step(batch_config, config.batch_size, models.forward(config), per_epoch)
+  seconds = timed.run(num_steps)
   if config.input_mode == 'crop':
     data_bytes = config.cache_bytes
   else:
@@ -96,7 +77,7 @@ def measure(name: str, num_steps: int, backend: str) -> dict:
   return {
       'config': name, 'batch_size': config.batch_size, 'side': side,
       'mode': config.input_mode, 'dtype': config.dtype, 'backend': layers.backend(),
-      'steps': per_epoch * config.num_epochs, 'compile_seconds': compile_seconds,
+      'steps': per_epoch * config.num_epochs, 'compile_seconds': timed.compile_seconds,
       'images_per_second': config.batch_size / seconds,
       'train_hours': per_epoch * config.num_epochs * seconds / 3600,
       'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,

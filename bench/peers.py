@@ -44,13 +44,10 @@ runtime.configure_xla_cpu()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import speed as bench  # noqa: E402  (bench/speed.py, beside this file)
 from unet_flax import layers  # noqa: E402
 from unet_flax import models  # noqa: E402
-from unet_flax import steps  # noqa: E402
-from unet_flax.devices import Devices  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # What each peer's worker calls the precisions.
@@ -116,28 +113,11 @@ class Worker:
 
 
 def project_step(config, batch_size: int, backend: str):
-  """A function running `calls` train steps of config's model, and the model's FLOPs per step."""
-  devices = Devices(batch_size)
-  rng = np.random.default_rng(0)
-  batch = devices.put({
-      'image': rng.integers(0, 256, (batch_size, 128, 128, 3), np.uint8),
-      'label': rng.integers(0, 3, (batch_size, 128, 128), np.uint8)})
-  state = jax.jit(functools.partial(steps.create_train_state, config),
-                  out_shardings=devices.replicated)(jax.random.key(0))
-  flops = bench.model_flops(config, state, batch)
+  """A function running `calls` train steps of config's model (speed.train_step's), and the
+  model's FLOPs per step."""
   forward = models.forward(config, layers.layer_function(backend))
-  step, _ = steps.compile_steps(config, devices, forward)
-  compiled = step.lower(state, batch, jax.random.key(0)).compile()
-  holder = [compiled(state, batch, jax.random.key(0))[0]]  # Warm-up.
-  jax.block_until_ready(holder[0])
-
-  def run(calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-      holder[0], _ = compiled(holder[0], batch, jax.random.key(0))
-    jax.block_until_ready(holder[0])
-    return (time.perf_counter() - start) / calls
-  return run, flops
+  timed = bench.train_step(config, batch_size, forward)
+  return timed.run, bench.model_flops(config, timed.state, timed.batch)
 
 
 def main():

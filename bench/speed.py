@@ -21,12 +21,14 @@ convolutions (--conv_backend); --upsample=conv_transpose times the chapter's nn.
 form instead, to compare the two upsamplings.
 """
 
+import dataclasses
 import functools
 import json
 import pathlib
 import platform
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -141,33 +143,55 @@ def model_flops(config, state, batch) -> float:
   return lowered.cost_analysis()['flops']
 
 
-def bench_train(config, batch_size: int, repeats: int, forward: models.Forward) -> dict:
+@dataclasses.dataclass
+class TrainStep:
+  """The trainer's step of a config's model on one random batch, compiled (`train_step`)."""
+  compiled: Any
+  state: steps.TrainState  # The state after the last step run.
+  batch: dict
+  compile_seconds: float
+
+  def run(self, calls: int) -> float:
+    """Seconds a step over `calls` steps, each from the state the last one left."""
+    start = time.perf_counter()
+    for _ in range(calls):
+      self.state, _ = self.compiled(self.state, self.batch, jax.random.key(0))
+    jax.block_until_ready(self.state)
+    return (time.perf_counter() - start) / calls
+
+
+def train_step(config, batch_size: int, forward: models.Forward,
+               steps_per_epoch: int | None = None) -> TrainStep:
+  """The trainer's train step (steps.compile_steps, microbatches included) of config's model at
+  batch_size and config.image_size, on random data, compiled (timed) and run once to warm up."""
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
   devices = Devices(batch_size)
-  state = jax.jit(functools.partial(steps.create_train_state, config),
+  state = jax.jit(functools.partial(steps.create_train_state, config,
+                                    steps_per_epoch=steps_per_epoch),
                   out_shardings=devices.replicated)(jax.random.key(0))
   batch = {k: v for k, v in _batch(config, batch_size, devices).items() if k != 'mask'}
   step, _ = steps.compile_steps(config, devices, forward)
   start = time.perf_counter()
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
-  compile_seconds = time.perf_counter() - start
-  xla_flops = compiled.cost_analysis()['flops']
-  flops = model_flops(config, state, batch)
+  timed = TrainStep(compiled, state, batch, time.perf_counter() - start)
+  timed.run(1)  # Warm-up.
+  return timed
 
-  def run(state):
-    return compiled(state, batch, jax.random.key(0))[0]
-  jax.block_until_ready(state := run(state))  # Warm-up.
-  start = time.perf_counter()
-  for _ in range(repeats):
-    state = run(state)
-  jax.block_until_ready(state)
-  seconds = (time.perf_counter() - start) / repeats
+
+def bench_train(config, batch_size: int, repeats: int, forward: models.Forward) -> dict:
+  timed = train_step(config, batch_size, forward)
+  xla_flops = timed.compiled.cost_analysis()['flops']
+  flops = model_flops(config, timed.state, timed.batch)
+  seconds = timed.run(repeats)
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch_size
+  microbatches = steps.num_microbatches(config, Devices(batch_size))
   return {
-      'batch_size': batch_size, 'microbatches': steps.num_microbatches(config, devices),
+      'batch_size': batch_size, 'microbatches': microbatches,
       'step_seconds': seconds, 'images_per_second': batch_size / seconds,
-      'compile_seconds': compile_seconds, 'model_gflop': flops / 1e9, 'xla_gflop': xla_flops / 1e9,
-      'gflops_per_second': flops / seconds / 1e9,
+      'compile_seconds': timed.compile_seconds, 'model_gflop': flops / 1e9,
+      'xla_gflop': xla_flops / 1e9, 'gflops_per_second': flops / seconds / 1e9,
   }
 
 
