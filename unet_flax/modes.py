@@ -93,9 +93,10 @@ class Mode(abc.ABC):
     """The bytes of `num_examples` examples decoded as the rows hold them, where known before
     decoding; else None."""
 
-  @abc.abstractmethod
   def describe_data(self, train: input_pipeline.Split, evaluation: input_pipeline.Split) -> str:
     """What the run trains and scores on, for the run's first line about its data."""
+    return (f'{train.num_examples} train and {evaluation.num_examples} eval examples '
+            f'{self.describe_data_size()}')
 
   def read_splits(self, source: sources.Source
                   ) -> tuple[input_pipeline.Split, input_pipeline.Split, str]:
@@ -253,10 +254,6 @@ class Resize(Mode):
     size = self.config.image_size
     return f'at {size}x{size}'
 
-  def describe_data(self, train, evaluation):
-    return (f'{train.num_examples} train and {evaluation.num_examples} eval examples '
-            f'{self.describe_data_size()}')
-
   def batch_shape(self):
     return self.config.image_size, self.config.image_size
 
@@ -351,9 +348,8 @@ class Crop(Mode):
     return f'at native resolution, scale {self.config.scale:g}'
 
   def describe_data(self, train, evaluation):
-    config = self.config
-    return (f'{train.num_examples} train and {evaluation.num_examples} eval examples '
-            f'{self.describe_data_size()}, {config.crop_size}x{config.crop_size} crops')
+    crop = self.config.crop_size
+    return f'{super().describe_data(train, evaluation)}, {crop}x{crop} crops'
 
   def batch_shape(self):
     return self.config.crop_size, self.config.crop_size
