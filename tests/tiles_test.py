@@ -192,6 +192,20 @@ def test_native_bytes_read_from_the_headers_are_the_bytes_held_once_decoded(tmp_
         decoded = sum(image.nbytes + labels.nbytes for image, labels in held.cached)
         assert crops.native_bytes(source, split, **shard) == decoded, (source.name, split, shard)
 
+  # A file whose header cannot be read: the line its decode gives, for the first in the order.
+  (data / 'images' / 'owl_02.png').write_bytes(b'not an image')
+  (data / 'masks' / 'dog_02.png').write_bytes(b'')
+  messages = []
+  for split in ('train', 'test'):
+    for read in (crops.native_bytes, crops.load_native_split):
+      with pytest.raises(errors.UserError) as raised:
+        read(folder, split, num_threads=3)
+      messages.append(str(raised.value))
+  assert messages[0] == messages[1] and messages[2] == messages[3], messages
+  assert {m.split(': ', 1)[1] for m in messages} == {
+      'cannot decode (not an image, or a format PIL does not read); remove or replace the file',
+      'the file is empty (0 bytes); remove or replace it'}, messages
+
 
 # stem: (height, width); not square, one smaller than a crop.
 _FOLDER = {'a': (40, 56), 'b': (24, 20), 'c': (40, 56)}

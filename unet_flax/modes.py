@@ -346,7 +346,8 @@ class Crop(Mode):
   def decoded_bytes(self, source, split, *, shard):
     return crops.native_bytes(source, split, scale=self.config.scale,
                               process_index=jax.process_index() if shard else 0,
-                              process_count=jax.process_count() if shard else 1)
+                              process_count=jax.process_count() if shard else 1,
+                              num_threads=self.config.input_threads)
 
   def describe_data_size(self):
     return f'at native resolution, scale {self.config.scale:g}'
