@@ -10,7 +10,8 @@ methods and never ask which mode they have:
   'crop' (`Crop`): native resolution (after config.scale); training on random crop_size crops,
       and every picture classified whole with the sliding window of overlapping tiles (tiles.py).
 
-Each provides: reading the splits (`read_splits`, `read_split`), the train batches and their
+Each provides: reading the splits (`read_splits`, `read_split`) and their size decoded, known
+before decoding (`decoded_bytes`: the memory check's estimate), the train batches and their
 compiled shape (`train_batches`, `batch_shape`), scoring a split (`score`: confusion matrices),
 a photo as the network takes it and its classes at its own size (`picture`, `classes`), the
 pictures of each evaluation (`sample`) and what export lowers (`export`). Every forward pass is
@@ -103,8 +104,9 @@ class Mode(abc.ABC):
     """(this process's shard of the train split, the eval split, a line describing them).
 
     Both are held in memory up to config.cache_bytes together, train first; the rest is decoded
-    on the fly. A budget larger than the memory this machine has free is refused first, before
-    anything is decoded (input_pipeline.check_budget).
+    on the fly. Where what the budget would hold of them (`decoded_bytes`, known before decoding)
+    is more than the memory this machine has free, the run is refused first, before anything is
+    decoded (input_pipeline.check_budget).
     """
     config = self.config
     started = time.perf_counter()
