@@ -189,3 +189,46 @@ def test_read_bytes_refuses_a_fifo_at_once(tmp_path):
   assert str(raised.value) == (f'{tmp_path / "pipe.png"}: not a regular file (a FIFO); only '
                                'regular files are read as images: remove it or replace it with '
                                'the file')
+
+
+def test_stored_size_reads_the_header_alone_and_refuses_as_decode_does(tmp_path, monkeypatch):
+  turned = Image.fromarray(gradient_picture(5, 9))
+  exif = turned.getexif()
+  exif[0x0112] = 6  # Shown 9x5: the same pixels, which is what stored_size is for.
+  turned.save(tmp_path / 'turned.jpg', exif=exif)
+  Image.fromarray(np.full((7, 3), 40000, np.uint16)).save(tmp_path / 'deep.png')
+  Image.fromarray(gradient_picture(6, 11)).save(tmp_path / 'colour.tif')
+  decoded = {name: decode.decode(decode.read_bytes(tmp_path / name), None, 'picture', name)
+             for name in ('turned.jpg', 'deep.png', 'colour.tif')}
+  # No pixel decoded: every format's load (TIFF's its own) fails from here on.
+  from PIL import ImageFile  # pylint: disable=g-import-not-at-top
+  for owner in (Image.Image, ImageFile.ImageFile):
+    monkeypatch.setattr(owner, 'load', lambda self: 1 / 0)
+  for name, array in decoded.items():
+    height, width = decode.stored_size(tmp_path / name, name)
+    assert decode.stored_size((tmp_path / name).read_bytes(), name) == (height, width)
+    assert height * width == array.shape[0] * array.shape[1] and array.shape[2] == 3
+  assert decode.stored_size(tmp_path / 'turned.jpg', '') == (5, 9)
+  monkeypatch.undo()
+
+  def message(run):
+    with pytest.raises(errors.UserError) as raised:
+      run()
+    return str(raised.value)
+  # Headers that cannot be read: decode's line for the same bytes, read_bytes's for the same path.
+  for name in ('empty file', 'not an image'):
+    data, _, _ = BROKEN[name]
+    assert message(lambda: decode.stored_size(data, NAME)) == message(lambda: _picture(data))
+    (tmp_path / 'broken.png').write_bytes(data)
+    assert (message(lambda: decode.stored_size(tmp_path / 'broken.png', 'broken.png'))
+            == message(lambda: decode.decode(decode.read_bytes(tmp_path / 'broken.png'), None,
+                                             'picture', 'broken.png')))
+  import os  # pylint: disable=g-import-not-at-top
+  os.mkfifo(tmp_path / 'pipe.png')  # Refused at once: a FIFO's open would wait for a writer.
+  for path in (tmp_path / 'gone.png', tmp_path / 'pipe.png', tmp_path):
+    assert (message(lambda: decode.stored_size(path, path))
+            == message(lambda: decode.read_bytes(path)))
+  monkeypatch.setenv('UNET_FLAX_MAX_PIXELS', '20')
+  assert (message(lambda: decode.stored_size(tmp_path / 'colour.tif', 'colour.tif'))
+          == message(lambda: decode.decode((tmp_path / 'colour.tif').read_bytes(), None, 'picture',
+                                           'colour.tif')))

@@ -162,7 +162,7 @@ def test_a_budget_beyond_free_memory_is_refused_with_the_estimate(monkeypatch):
       'hold 8.0 GiB of them: more than the 3.0 GiB of memory this machine has free; set '
       'config.cache_bytes=1610612736 or less (the examples past it are decoded on the fly)')
   monkeypatch.setattr(input_pipeline, 'memory_available', lambda: None)
-  input_pipeline.check_budget(8 * 2 ** 30, None, 'x')  # Unknown memory: not refused.
+  input_pipeline.check_budget(8 * 2 ** 30, 10 * 2 ** 30, 'x')  # Unknown memory: not refused.
 
 
 def test_a_worker_error_reaches_the_consumer_and_stops_the_pool():

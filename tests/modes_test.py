@@ -12,13 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import FOLDER_CLASSES
+from tests.conftest import FOLDER_EXAMPLES
 from tests.conftest import gradient_picture
+from tests.conftest import write_folder_data
 from unet_flax import decode
+from unet_flax import errors
 from unet_flax import evaluation
+from unet_flax import input_pipeline
 from unet_flax import inference
 from unet_flax import metrics
 from unet_flax import models
 from unet_flax import modes
+from unet_flax import sources
 from unet_flax import train
 
 
@@ -116,3 +122,36 @@ def test_every_mode_is_an_entry_of_the_registry_with_the_whole_interface(tiny_co
   padded[0, :12, :10] = image
   direct = np.asarray(models.forward(tiny_config)(params, padded))[0, :12, :10].argmax(-1)
   np.testing.assert_array_equal(classes, direct)
+
+
+def test_crop_modes_budget_is_weighed_from_the_files_headers(tmp_path, tiny_config, monkeypatch):
+  """A crop-mode run of a few small pictures is not refused on a machine with little memory free
+  (the budget itself, 2 GiB by default, was weighed against it: its pictures' sizes were not
+  known before decoding), and one whose pictures take more than is free is refused, with the
+  estimate read from the headers before any picture is decoded."""
+  data = write_folder_data(tmp_path / 'data')  # 10 pictures of 16-24 px a side.
+  tiny_config.update({'dataset': f'folder:{data}', 'data_dir': None,
+                      'num_classes': FOLDER_CLASSES, 'input_mode': 'crop', 'crop_size': 16,
+                      'ignore_label': 255})
+  assert tiny_config.cache_bytes == 2 * 2 ** 30
+  mode, source = modes.get(tiny_config), sources.source_of(tiny_config)
+  monkeypatch.setattr(input_pipeline, 'memory_available', lambda: 2 ** 20)
+  train_data, eval_data, _ = mode.read_splits(source)
+  assert train_data.all_cached and eval_data.all_cached
+  # RGB and labels, uint8: 4 bytes a pixel.
+  held = 4 * sum(height * width for height, width, _ in FOLDER_EXAMPLES.values())
+  assert train_data.cached_bytes + eval_data.cached_bytes == held == 15_840
+
+  monkeypatch.setattr(input_pipeline, 'memory_available', lambda: 10_000)
+  with monkeypatch.context() as no_decode:
+    no_decode.setattr(decode, 'decode', lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(errors.UserError) as raised:
+      mode.read_splits(source)
+  assert str(raised.value) == (
+      'the 8 train and 2 eval examples (at native resolution, scale 1) take 15.5 KiB decoded, and '
+      'config.cache_bytes=2147483648 would hold 15.5 KiB of them: more than the 9.8 KiB of '
+      'memory this machine has free; set config.cache_bytes=5000 or less (the examples past it '
+      'are decoded on the fly)')
+  tiny_config.scale = 0.5  # A quarter of the pixels: fits.
+  train_data, eval_data, _ = modes.get(tiny_config).read_splits(source)
+  assert train_data.cached_bytes + eval_data.cached_bytes < 10_000

@@ -9,7 +9,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests.conftest import FOLDER_CLASSES
 from tests.conftest import reference_flip_tta_logits
+from tests.conftest import write_folder_data
 from unet_flax import config as config_lib
 from unet_flax import crops
 from unet_flax import decode
@@ -164,6 +166,45 @@ def test_crop_batches_are_a_function_of_their_seeds_so_resume_crops_the_same():
     np.testing.assert_array_equal(a['image'], b['image'])
   other_epoch = next(iter(crops.crop_batches(split, 2, **{**kwargs, 'epoch': 2})))
   assert not np.array_equal(other_epoch['image'], whole[0]['image'])
+
+
+def test_native_bytes_read_from_the_headers_are_the_bytes_held_once_decoded(tmp_path, tfds_dir):
+  """The memory check's estimate of crop mode (from the files' headers alone) against the arrays
+  load_native_split holds: folder pictures of sizes, formats and modes that differ (one turned by
+  its EXIF, one 16-bit), rescaled and sharded; and the tfds records of synthetic_pets/tiny."""
+  data = write_folder_data(tmp_path / 'data')
+  turned = Image.fromarray(_image(12, 30))
+  exif = turned.getexif()
+  exif[0x0112] = 6  # Shown 30x12: its mask is 30x12.
+  turned.save(data / 'images' / 'turned.jpg', exif=exif)
+  Image.fromarray(np.zeros((30, 12), np.uint8)).save(data / 'masks' / 'turned.png')
+  Image.fromarray(np.full((13, 29), 40000, np.uint16)).save(data / 'images' / 'deep.png')
+  Image.fromarray(np.ones((13, 29), np.uint8)).save(data / 'masks' / 'deep.png')
+  folder = sources.open_source(f'folder:{data}', None, FOLDER_CLASSES)
+  synthetic = sources.open_source('synthetic_pets/tiny', tfds_dir, K)
+  for source in (folder, synthetic):
+    for split in ('train', 'test'):
+      for scale, process_index, process_count in ((1.0, 0, 1), (0.37, 1, 3), (1.3, 0, 2)):
+        shard = dict(scale=scale, process_index=process_index, process_count=process_count)
+        held = crops.load_native_split(source, split, cache_bytes=2 ** 40, **shard)
+        assert held.all_cached and len(held) == len(range(process_index, source.num_examples(
+            split), process_count))
+        decoded = sum(image.nbytes + labels.nbytes for image, labels in held.cached)
+        assert crops.native_bytes(source, split, **shard) == decoded, (source.name, split, shard)
+
+  # A file whose header cannot be read: the line its decode gives, for the first in the order.
+  (data / 'images' / 'owl_02.png').write_bytes(b'not an image')
+  (data / 'masks' / 'dog_02.png').write_bytes(b'')
+  messages = []
+  for split in ('train', 'test'):
+    for read in (crops.native_bytes, crops.load_native_split):
+      with pytest.raises(errors.UserError) as raised:
+        read(folder, split, num_threads=3)
+      messages.append(str(raised.value))
+  assert messages[0] == messages[1] and messages[2] == messages[3], messages
+  assert {m.split(': ', 1)[1] for m in messages} == {
+      'cannot decode (not an image, or a format PIL does not read); remove or replace the file',
+      'the file is empty (0 bytes); remove or replace it'}, messages
 
 
 # stem: (height, width); not square, one smaller than a crop.

@@ -261,3 +261,25 @@ def test_a_budget_beyond_free_memory_is_refused_before_anything_is_written(tmp_p
       'memory this machine has free; set config.cache_bytes=10000 or less (the examples past it '
       'are decoded on the fly)')
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_crop_mode_budget_beyond_free_memory_is_refused_with_the_headers_estimate(
+    tmp_path, tiny_config, monkeypatch):
+  """Crop mode's estimate is its pictures' decoded size, read from their headers (here the
+  tiny data set's native 96-320 px pictures), not the budget: the default 2 GiB of it."""
+  from unet_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from unet_flax import sources  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(input_pipeline, 'memory_available', lambda: 20_000)
+  tiny_config.update({'input_mode': 'crop', 'crop_size': 16, 'ignore_label': 255})
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(tiny_config, tmp_path / 'run')
+  assert str(raised.value) == (
+      'the 24 train and 12 eval examples (at native resolution, scale 1) take 6.3 MiB decoded, '
+      'and config.cache_bytes=2147483648 would hold 6.3 MiB of them: more than the 19.5 KiB of '
+      'memory this machine has free; set config.cache_bytes=10000 or less (the examples past it '
+      'are decoded on the fly)')
+  assert not (tmp_path / 'run').exists()
+  source = sources.source_of(tiny_config)
+  decoded = sum(image.nbytes + labels.nbytes for split in ('train', 'test')
+                for _, image, labels in sources.originals(source, split))
+  assert decoded / 2 ** 20 == pytest.approx(6.3, abs=0.05)

@@ -3,14 +3,18 @@
 `load_native_split` decodes this process's shard of a split at each example's stored size,
 rescaled by config.scale, into input_pipeline's store: kept in memory (a list: sizes differ)
 while their total stays under a byte budget (config.cache_bytes), the examples past it decoded
-again each time they are drawn. `crop_batches` gives one epoch of train batches: one random
-crop_size x crop_size crop per example, image and mask cut together, drawn from (seed, epoch,
-step, process) so that a resumed run crops exactly as an uninterrupted one. Images smaller than
-the crop are padded (images with 0, masks with config.ignore_label, which then counts nothing).
-Batches that need decoding are made in worker threads, a bounded number ahead of the device
-(input_pipeline.made_ahead).
+again each time they are drawn. `native_bytes` is what the whole shard takes decoded, read from
+the files' headers before any is decoded (the memory check's estimate). `crop_batches` gives one
+epoch of train batches: one random crop_size x crop_size crop per example, image and mask cut
+together, drawn from (seed, epoch, step, process) so that a resumed run crops exactly as an
+uninterrupted one. Images smaller than the crop are padded (images with 0, masks with
+config.ignore_label, which then counts nothing). Batches that need decoding are made in worker
+threads, a bounded number ahead of the device (input_pipeline.made_ahead).
 """
 
+import concurrent.futures
+import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -42,6 +46,30 @@ def load_native_split(source: sources.Source, split: str, *, scale: float = 1.0,
       lambda i: _scaled(originals.read(i), scale), originals.num_examples,
       cache_bytes=cache_bytes, process_index=process_index, process_count=process_count,
       num_threads=num_threads)
+
+
+def native_bytes(source: sources.Source, split: str, *, scale: float = 1.0,
+                 process_index: int = 0, process_count: int = 1, num_threads: int = 0) -> int:
+  """The bytes `load_native_split` holds of this process's shard of `split` once every example
+  is decoded (image [h, w, 3] and labels [h, w], uint8, each at its stored size times scale),
+  from the files' headers alone: known before any pixel is decoded.
+
+  The headers are read in `num_threads` threads (0: one per core): each is a few small reads,
+  which mostly wait on the disk (or a bucket) where the files are not in the page cache.
+
+  Raises:
+    UserError: naming the file, as its decode does, for a header that cannot be read.
+  """
+  num_examples, sizes = source.stored_sizes(split)
+
+  def example_bytes(i):
+    image, mask = sizes(i)
+    return (3 * math.prod(decode.scaled_size(*image, scale))
+            + math.prod(decode.scaled_size(*mask, scale)))
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
+    # map: the first error in the split's order is raised, and the reads not begun are dropped.
+    return sum(pool.map(example_bytes, range(process_index, num_examples, process_count)))
 
 
 def crop_rng(seed: int, epoch: int, step: int, process_index: int) -> np.random.Generator:

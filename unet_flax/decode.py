@@ -2,8 +2,9 @@
 
 Pictures become upright RGB uint8 (`to_rgb`): EXIF orientation applied; grey, palette, CMYK and
 1-bit converted; 16-bit and float scaled to 8 bits; transparency over white. Masks keep their
-stored values (palette indices, not colours). Every failure is a one-line UserError naming the
-file.
+stored values (palette indices, not colours). A file's size can be read from its header alone
+(`stored_size`), for estimates made before decoding. Every failure is a one-line UserError
+naming the file, the same whether the header or the whole file is read.
 """
 
 import dataclasses
@@ -116,6 +117,19 @@ def read_bytes(path) -> bytes:
   """
   if '://' in os.fspath(path):
     return epath.Path(path).read_bytes()
+  fd, _ = _open_regular(path)
+  try:
+    with os.fdopen(fd, 'rb', closefd=False) as f:
+      return f.read(MAX_FILE_BYTES + 1)[:MAX_FILE_BYTES]
+  except OSError as e:
+    raise errors.UserError(f'{path}: cannot read ({reason(e)})') from None
+  finally:
+    os.close(fd)
+
+
+def _open_regular(path) -> tuple[int, int]:
+  """(an open descriptor, the size in bytes) of the regular file at `path`, not larger than
+  MAX_FILE_BYTES; the caller closes it. Errors as `read_bytes`'s."""
   try:
     # O_NONBLOCK: opening a FIFO returns at once (then fstat refuses it); no effect on files.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -131,12 +145,13 @@ def read_bytes(path) -> bytes:
       raise errors.UserError(f'{path}: {info.st_size / 2**30:.1f} GiB, larger than the '
                              f'{MAX_FILE_BYTES / 2**30:.0f} GiB an image may have; remove it or '
                              'save it smaller')
-    with os.fdopen(fd, 'rb', closefd=False) as f:
-      return f.read(MAX_FILE_BYTES + 1)[:MAX_FILE_BYTES]
   except OSError as e:
-    raise errors.UserError(f'{path}: cannot read ({reason(e)})') from None
-  finally:
     os.close(fd)
+    raise errors.UserError(f'{path}: cannot read ({reason(e)})') from None
+  except errors.UserError:
+    os.close(fd)
+    raise
+  return fd, info.st_size
 
 
 def max_pixels() -> int:
@@ -268,7 +283,7 @@ def decode(data, size: int | None, kind: str, what: str,
       image = Image.fromarray(data.squeeze(-1) if data.shape[-1] == 1 else data)
     else:
       if not len(data):
-        raise errors.UserError(f'{what}: the file is empty (0 bytes); remove or replace it')
+        raise _empty(what)
       image = check_pixels(Image.open(io.BytesIO(data)), what)
       if kind == 'picture' and size is not None:
         # JPEG decodes straight to the smallest scale (1/2, 1/4, 1/8) still >= size: 2-4x faster.
@@ -285,8 +300,16 @@ def decode(data, size: int | None, kind: str, what: str,
       values = upright.convert('L' if kind == 'grey' else 'RGB')
     return _resized(values, size, Image.Resampling.NEAREST)
   except DECODE_ERRORS as e:
-    raise errors.UserError(
-        f'{what}: cannot decode ({reason(e)}); remove or replace the file') from None
+    raise undecodable(what, e) from None
+
+
+def undecodable(what, e: BaseException) -> errors.UserError:
+  """The one line for a file that is not an image PIL can decode (or is cut short)."""
+  return errors.UserError(f'{what}: cannot decode ({reason(e)}); remove or replace the file')
+
+
+def _empty(what) -> errors.UserError:
+  return errors.UserError(f'{what}: the file is empty (0 bytes); remove or replace it')
 
 
 def picture_size(data: bytes, what: str) -> tuple[int, int]:
@@ -299,7 +322,46 @@ def picture_size(data: bytes, what: str) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as image:
       return upright_size(image)
   except DECODE_ERRORS as e:
-    raise errors.UserError(f'{what}: cannot decode ({reason(e)}); remove or replace the file') from None
+    raise undecodable(what, e) from None
+
+
+def stored_size(file, what) -> tuple[int, int]:
+  """(height, width) of a picture or mask as stored, from its header alone: no pixel is decoded.
+
+  Its EXIF rotation is not read: turning a picture swaps its sides, and keeps its number of
+  pixels (which is what a memory estimate needs). The pixel cap is checked, as `decode` does.
+
+  Args:
+    file: the file's path (only its first bytes are read), or its encoded bytes.
+    what: names the file in errors.
+
+  Raises:
+    UserError: naming `what`, with the line `read_bytes` or `decode` gives for the same file:
+      missing or not a regular file, empty, not an image, or more pixels than `max_pixels()`.
+  """
+  if isinstance(file, bytes):
+    return _header_size(io.BytesIO(file), len(file), what)
+  if '://' in os.fspath(file):
+    with epath.Path(file).open('rb') as f:
+      return _header_size(f, None, what)
+  fd, size = _open_regular(file)
+  try:
+    with os.fdopen(fd, 'rb', closefd=False) as f:
+      return _header_size(f, size, what)
+  finally:
+    os.close(fd)
+
+
+def _header_size(f, size: int | None, what) -> tuple[int, int]:
+  """(height, width) in the header of the image file `f` of `size` bytes (None: unknown)."""
+  if size == 0:
+    raise _empty(what)
+  try:
+    with Image.open(f) as image:
+      width, height = check_pixels(image, what).size
+  except DECODE_ERRORS as e:
+    raise undecodable(what, e) from None
+  return height, width
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:

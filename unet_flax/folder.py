@@ -183,8 +183,7 @@ def _upright_size(path: epath.Path, data: bytes) -> tuple[int, int]:
     # getexif() reads past the header (a cut-short PNG fails there): inside the handled block.
     return decode.upright_size(decode.check_pixels(Image.open(io.BytesIO(data)), path))
   except decode.DECODE_ERRORS as e:
-    raise errors.UserError(f'{path}: cannot decode ({decode.reason(e)}); remove or replace the '
-                           'file') from None
+    raise decode.undecodable(path, e) from None
 
 
 def decode_example(example: Example, size: int | None, num_classes: int,

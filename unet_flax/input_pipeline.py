@@ -205,25 +205,24 @@ def memory_available() -> int | None:
   return available
 
 
-def check_budget(cache_bytes: int, needed_bytes: int | None, what: str) -> None:
+def check_budget(cache_bytes: int, needed_bytes: int, what: str) -> None:
   """Refuses a budget that would hold more decoded examples than this machine has memory.
 
   Args:
     cache_bytes: config.cache_bytes.
-    needed_bytes: the bytes of every example decoded, where known (resize mode), else None: the
-      budget is then what would be held.
+    needed_bytes: the bytes of every example decoded, known before decoding (Mode.decoded_bytes:
+      resize mode's from the count, crop mode's from the files' headers).
     what: the examples, for the message, e.g. '50,000 examples at 256x256'.
 
   Raises:
     UserError: naming the field, the estimate and the memory there is.
   """
-  held = cache_bytes if needed_bytes is None else min(cache_bytes, needed_bytes)
+  held = min(cache_bytes, needed_bytes)
   available = memory_available()
   if available is None or held <= available:
     return
   estimate = (f'{what} take {_size(needed_bytes)} decoded, and config.cache_bytes={cache_bytes} '
-              f'would hold {_size(held)} of them' if needed_bytes is not None else
-              f'config.cache_bytes={cache_bytes} would hold {_size(held)} of {what}')
+              f'would hold {_size(held)} of them')
   suggested = available // 2
   suggested -= suggested % 2 ** 20 if suggested >= 2 ** 20 else 0
   raise errors.UserError(

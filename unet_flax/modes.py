@@ -10,7 +10,8 @@ methods and never ask which mode they have:
   'crop' (`Crop`): native resolution (after config.scale); training on random crop_size crops,
       and every picture classified whole with the sliding window of overlapping tiles (tiles.py).
 
-Each provides: reading the splits (`read_splits`, `read_split`), the train batches and their
+Each provides: reading the splits (`read_splits`, `read_split`) and their size decoded, known
+before decoding (`decoded_bytes`: the memory check's estimate), the train batches and their
 compiled shape (`train_batches`, `batch_shape`), scoring a split (`score`: confusion matrices),
 a photo as the network takes it and its classes at its own size (`picture`, `classes`), the
 pictures of each evaluation (`sample`) and what export lowers (`export`). Every forward pass is
@@ -89,9 +90,9 @@ class Mode(abc.ABC):
     """
 
   @abc.abstractmethod
-  def decoded_bytes(self, num_examples: int) -> int | None:
-    """The bytes of `num_examples` examples decoded as the rows hold them, where known before
-    decoding; else None."""
+  def decoded_bytes(self, source: sources.Source, split: str, *, shard: bool) -> int:
+    """The bytes of a split's examples (this process's, or all: `read_split`'s shard) decoded
+    as its rows hold them, known before any is decoded."""
 
   def describe_data(self, train: input_pipeline.Split, evaluation: input_pipeline.Split) -> str:
     """What the run trains and scores on, for the run's first line about its data."""
@@ -103,19 +104,19 @@ class Mode(abc.ABC):
     """(this process's shard of the train split, the eval split, a line describing them).
 
     Both are held in memory up to config.cache_bytes together, train first; the rest is decoded
-    on the fly. A budget larger than the memory this machine has free is refused first, before
-    anything is decoded (input_pipeline.check_budget).
+    on the fly. Where what the budget would hold of them (`decoded_bytes`, known before decoding)
+    is more than the memory this machine has free, the run is refused first, before anything is
+    decoded (input_pipeline.check_budget).
     """
     config = self.config
-    count = jax.process_count()
-    shard = lambda n: -(-n // count)  # The largest process's share.
+    started = time.perf_counter()
     num_train = source.num_examples(config.train_split)
     num_eval = source.num_examples(config.eval_split)
-    num_held = shard(num_train) + (shard(num_eval) if self.shards_eval else num_eval)
+    needed = (self.decoded_bytes(source, config.train_split, shard=True)
+              + self.decoded_bytes(source, config.eval_split, shard=self.shards_eval))
     input_pipeline.check_budget(
-        config.cache_bytes, self.decoded_bytes(num_held),
+        config.cache_bytes, needed,
         f'the {num_train:,} train and {num_eval:,} eval examples ({self.describe_data_size()})')
-    started = time.perf_counter()
     train = self.read_split(source, config.train_split, shard=True)
     evaluation = self.read_split(source, config.eval_split, shard=self.shards_eval,
                                  cache_bytes=max(config.cache_bytes - train.held_bytes, 0))
@@ -247,7 +248,10 @@ class Resize(Mode):
         process_count=jax.process_count() if shard else 1, num_threads=config.input_threads,
         cache_bytes=config.cache_bytes if cache_bytes is None else cache_bytes)
 
-  def decoded_bytes(self, num_examples):
+  def decoded_bytes(self, source, split, *, shard):
+    num_examples = source.num_examples(split)
+    if shard:  # The largest process's share: every process's check refuses alike.
+      num_examples = -(-num_examples // jax.process_count())
     return num_examples * self.config.image_size ** 2 * 4  # uint8 RGB image and its labels.
 
   def describe_data_size(self):
@@ -341,8 +345,11 @@ class Crop(Mode):
         process_index=jax.process_index() if shard else 0,
         process_count=jax.process_count() if shard else 1, num_threads=self.config.input_threads)
 
-  def decoded_bytes(self, num_examples):
-    return None  # Each picture's own size: known once decoded.
+  def decoded_bytes(self, source, split, *, shard):
+    return crops.native_bytes(source, split, scale=self.config.scale,
+                              process_index=jax.process_index() if shard else 0,
+                              process_count=jax.process_count() if shard else 1,
+                              num_threads=self.config.input_threads)
 
   def describe_data_size(self):
     return f'at native resolution, scale {self.config.scale:g}'

@@ -117,6 +117,8 @@ def decode_example(example: dict, size: int | None, num_classes: int,
 
 # A split's examples as (file name, encoded picture, labels [H, W] uint8 at the stored size).
 Encoded = tuple[str, bytes, np.ndarray]
+# An example's ((height, width) of its picture, (height, width) of its mask), as stored.
+StoredSizes = tuple[tuple[int, int], tuple[int, int]]
 
 
 class Source:
@@ -154,6 +156,12 @@ class Source:
   def encoded(self, split: str) -> tuple[int, Callable[[int], Encoded]]:
     """(examples in `split`, index -> (file name, the picture's encoded bytes, labels [H, W]
     uint8 at the stored size)): what predict would be given, and its truth."""
+    raise NotImplementedError
+
+  def stored_sizes(self, split: str) -> tuple[int, Callable[[int], StoredSizes]]:
+    """(examples in `split`, index -> the (height, width) of its picture and of its mask as
+    stored), read from the files' headers alone (decode.stored_size: no pixel is decoded, the
+    EXIF rotation not applied); a header that cannot be read is the UserError its decode gives."""
     raise NotImplementedError
 
 
@@ -212,6 +220,16 @@ class _TfdsSource(Source):
       return name, e['image'], trimap_labels(trimap, self.num_classes, f'{name} (mask)')
     return count, read
 
+  def stored_sizes(self, split):
+    count, example = self._examples(split)
+
+    def sizes(i):
+      e = example(i)  # The record's encoded files: the headers are in their first bytes.
+      name = _file_name(e, f'#{i}')
+      return (decode.stored_size(e['image'], name),
+              decode.stored_size(e['segmentation_mask'], f'{name} (mask)'))
+    return count, sizes
+
 
 class _FolderSource(Source):
   """`folder:/path`: your own images and masks (folder.py), listed and checked once."""
@@ -245,6 +263,11 @@ class _FolderSource(Source):
       return examples[i].image.name, data, folder.decode_labels(
           examples[i], data, self.num_classes, self.options, self._colours)
     return len(examples), read
+
+  def stored_sizes(self, split):
+    examples = self._folder.examples(split)
+    return len(examples), lambda i: (decode.stored_size(examples[i].image, examples[i].image),
+                                     decode.stored_size(examples[i].mask, examples[i].mask))
 
 
 def open_source(dataset: str, data_dir: str | None, num_classes: int,
