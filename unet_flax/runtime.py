@@ -38,9 +38,11 @@ def enable_compilation_cache() -> None:
 
 # XLA:CPU flags, each with the first jaxlib that knows it: an older jaxlib aborts at start-up on a
 # flag it does not know, so a flag is only set where it exists.
-# The empty YNN fusion type keeps convolutions off YNNPACK, whose weight-gradient convolutions
-# are slower than Eigen's (docs/speed.md has the figures).
-_XLA_CPU_FLAGS = {'--xla_cpu_experimental_ynn_fusion_type=': (0, 8, 1)}
+# YNNPACK takes the reductions alone ('reduce': the max-pools, the loss's and gradients' sums),
+# which it runs several times faster than XLA's own loops; the convolutions stay off it, whose
+# weight gradients are slower there than in Eigen, and so do elementwise fusions, slower there
+# in bfloat16 (docs/speed.md has the figures). jaxlib 0.8.1, 0.9.0, 0.10.2 and 0.12.1 parse it.
+_XLA_CPU_FLAGS = {'--xla_cpu_experimental_ynn_fusion_type=reduce': (0, 8, 1)}
 
 
 def _version(text: str) -> tuple[int, ...]:
