@@ -108,7 +108,9 @@ class FoldedConv(nn.Module):
     kernel = self.param('kernel', nn.initializers.he_normal(),
                         (k, k, 1 if self.depthwise else x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    # The kernel and bias as stored: the layer function computes in x's dtype.
+    x, = nn.dtypes.promote_dtype(
+        x, dtype=nn.dtypes.canonicalize_dtype(x, kernel, bias, dtype=self.dtype))
     padding = tuple(same_padding(n, k, self.stride) for n in x.shape[1:3])
     y = self.layer(x, kernel, bias, padding, self.relu6, strides=(self.stride, self.stride),
                    groups=x.shape[-1] if self.depthwise else 1)

@@ -35,8 +35,10 @@ class LayerFunction(Protocol):
   Args:
     x: [N, H, W, C], or a pair ([N, H, W, Ca], [N, H, W, Cb]) to concatenate along channels
       (a decoder's [upsampled, skip]; oneDNN convolves each with its part of the kernel).
-    kernel: [KH, KW, C / groups, O] of x's dtype (C = Ca + Cb for a pair).
-    bias: [O] of x's dtype, or None.
+    kernel: [KH, KW, C / groups, O] (C = Ca + Cb for a pair), of x's dtype or float32 (the
+      parameters as stored: computed in x's dtype, rounded to it as `astype` rounds; its
+      gradient is float32 then).
+    bias: [O] of x's dtype or float32, or None.
     padding: ((top, bottom), (left, right)) zeros, or 'SAME' / 'VALID'.
     relu: apply max(0, .) to the result.
     strides: (stride_h, stride_w).
@@ -66,11 +68,11 @@ def xla_layer(x: jax.Array | tuple[jax.Array, jax.Array], kernel: jax.Array,
   result as LayerFunction's; a pair is joined by `concatenate_channels`)."""
   if isinstance(x, tuple):
     x = concatenate_channels(*x)
-  y = jax.lax.conv_general_dilated(x, kernel, tuple(strides), padding,
+  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), tuple(strides), padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                    feature_group_count=groups)
   if bias is not None:
-    y = add_bias(y, bias)
+    y = add_bias(y, bias.astype(x.dtype))
   return nn.relu(y) if relu else y
 
 
@@ -197,7 +199,9 @@ class Upsample(nn.Module):
     kernel = self.param('kernel', kernel_init, (3, 3, x.shape[-1], self.features),
                         self.param_dtype)
     bias = self.param('bias', bias_init, (self.features,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    # The kernel and bias as stored: the layer function computes in x's dtype.
+    x, = nn.dtypes.promote_dtype(
+        x, dtype=nn.dtypes.canonicalize_dtype(x, kernel, bias, dtype=self.dtype))
     # Per axis and output phase, the kernel taps and the padding: the even phase takes
     # (k[0], k[2]) over (x[m-1], x[m]), so it is padded by one in front; the odd one k[1] over x[m].
     # Static slices, not index arrays: an index array is a gather, whose gradient is a scatter-add.
@@ -323,6 +327,8 @@ class Conv(nn.Module):
                         self.param_dtype)
     bias = (self.param('bias', bias_init, (self.features,), self.param_dtype) if self.use_bias
             else None)
-    x, skip, kernel, bias = nn.dtypes.promote_dtype(x, skip, kernel, bias, dtype=self.dtype)
+    # The kernel and bias as stored: the layer function computes in x's dtype.
+    x, skip = nn.dtypes.promote_dtype(
+        x, skip, dtype=nn.dtypes.canonicalize_dtype(x, skip, kernel, bias, dtype=self.dtype))
     padding = tuple(jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size, (1, 1), 'SAME'))
     return self.layer(x if skip is None else (x, skip), kernel, bias, padding, self.relu)

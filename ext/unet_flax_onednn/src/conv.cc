@@ -3,7 +3,10 @@
 //
 // Layouts as JAX passes them: activations NHWC, kernels HWIO (row-major, so XLA's default
 // layouts). float32, or bfloat16 in/out with float32 accumulation; the weight gradient is always
-// written as float32 (the Python side casts it to the kernel's dtype). Every handler takes as
+// written as float32 (the Python side casts it to the kernel's dtype). A bfloat16 convolution
+// also takes a float32 kernel (the parameters as a mixed-precision model stores them): oneDNN's
+// reorder into the primitive's layout rounds it to bfloat16 (to nearest even, as XLA's convert),
+// so no bfloat16 copy of the parameters is made in XLA. Every handler takes as
 // attributes the padding pad_top, pad_bottom, pad_left, pad_right (>= 0), as
 // lax.conv_general_dilated's padding ((pad_top, pad_bottom), (pad_left, pad_right)), the strides
 // stride_h, stride_w (>= 1) and the channel groups `groups` (>= 1), as its window_strides and
@@ -79,13 +82,14 @@ enum Fusion {
   kNone = 0, kBias = 1, kRelu = 2, kBiasRelu = 3, kSum = 4, kBiasSum = 5, kBiasSumRelu = 7
 };
 
-// (pass, dtype, fusion, shape)
-using Key = std::tuple<int, int, int, decltype(std::declval<Shape>().tie())>;
+// (pass, dtype, the kernel's dtype as given, fusion, shape)
+using Key = std::tuple<int, int, int, int, decltype(std::declval<Shape>().tie())>;
 
 struct Entry {
   dnnl::primitive conv;
   dnnl::memory::desc conv_scratchpad;
   dnnl::memory::desc user_w;  // HWIO, as XLA has it (float32 for the weight gradient).
+                              // Its dtype may differ from conv_w's (float32 for bfloat16).
   dnnl::memory::desc conv_w;  // What the primitive wants.
   bool reorder = false;
   dnnl::reorder w_reorder;
@@ -121,7 +125,7 @@ dnnl::memory::desc HwioKernel(const Shape& sh, dt type) {
                             dnnl::memory::dims{o / sh.g, 1, o, sh.kw * i * o, i * o});
 }
 
-std::shared_ptr<Entry> Build(Pass pass, dt type, Fusion fusion, const Shape& sh) {
+std::shared_ptr<Entry> Build(Pass pass, dt type, dt w_type, Fusion fusion, const Shape& sh) {
   auto& eng = Engine();
   const int64_t n = sh.n, h = sh.h, w = sh.w, c = sh.c, o = sh.o;
   const dnnl::memory::dims strides = {sh.sh, sh.sw};
@@ -148,7 +152,7 @@ std::shared_ptr<Entry> Build(Pass pass, dt type, Fusion fusion, const Shape& sh)
   if (pass == Pass::kFwd) {
     e->conv = dnnl::convolution_forward(fwd);
     e->conv_scratchpad = fwd.scratchpad_desc();
-    e->user_w = HwioKernel(sh, type);
+    e->user_w = HwioKernel(sh, w_type);
     e->conv_w = fwd.weights_desc();
     e->impl = fwd.impl_info_str();
   } else if (pass == Pass::kBwdData) {
@@ -156,7 +160,7 @@ std::shared_ptr<Entry> Build(Pass pass, dt type, Fusion fusion, const Shape& sh)
                                                         pad_l, pad_r, fwd, UserScratchpad());
     e->conv = dnnl::convolution_backward_data(bwd);
     e->conv_scratchpad = bwd.scratchpad_desc();
-    e->user_w = HwioKernel(sh, type);
+    e->user_w = HwioKernel(sh, w_type);
     e->conv_w = bwd.weights_desc();
     e->impl = bwd.impl_info_str();
   } else {
@@ -182,13 +186,14 @@ std::shared_ptr<Entry> Build(Pass pass, dt type, Fusion fusion, const Shape& sh)
   return e;
 }
 
-std::shared_ptr<Entry> Get(Pass pass, dt type, Fusion fusion, const Shape& sh) {
-  Key key{static_cast<int>(pass), static_cast<int>(type), static_cast<int>(fusion), sh.tie()};
+std::shared_ptr<Entry> Get(Pass pass, dt type, dt w_type, Fusion fusion, const Shape& sh) {
+  Key key{static_cast<int>(pass), static_cast<int>(type), static_cast<int>(w_type),
+          static_cast<int>(fusion), sh.tie()};
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto& cache = Cache();
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  auto e = Build(pass, type, fusion, sh);
+  auto e = Build(pass, type, w_type, fusion, sh);
   cache.emplace(key, e);
   return e;
 }
@@ -230,13 +235,17 @@ ffi::Error Run(Pass pass, Fusion fusion, Operands ops, Geometry geo) {
     }
     ffi::AnyBuffer &a = ops.a, &b = ops.b;
     ffi::Result<ffi::AnyBuffer>& out = *ops.out;
-    if (a.element_type() != b.element_type()) {
-      return ffi::Error::InvalidArgument("unet_onednn: operands of different dtypes");
-    }
-    dt type;
-    if (!DnnlType(a.element_type(), &type)) {
+    dt type, b_type;
+    if (!DnnlType(a.element_type(), &type) || !DnnlType(b.element_type(), &b_type)) {
       return ffi::Error::InvalidArgument("unet_onednn: only float32 and bfloat16");
     }
+    // b is the kernel in the forward and backward-data passes: of a's dtype, or float32.
+    const bool b_is_kernel = pass != Pass::kBwdWeights;
+    if (b_type != type && !(b_is_kernel && b_type == dt::f32)) {
+      return ffi::Error::InvalidArgument(
+          "unet_onednn: operands of different dtypes (a kernel may be float32)");
+    }
+    const dt w_type = b_is_kernel ? b_type : type;
     auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
     if (ad.size() != 4 || bd.size() != 4 || od.size() != 4) {
       return ffi::Error::InvalidArgument("unet_onednn: operands must be rank 4");
@@ -272,7 +281,7 @@ ffi::Error Run(Pass pass, Fusion fusion, Operands ops, Geometry geo) {
          (ops.db && (*ops.db)->element_type() != ffi::DataType::F32))) {
       return ffi::Error::InvalidArgument("unet_onednn: the weight and bias gradients are float32");
     }
-    auto e = Get(pass, type, fusion, sh);
+    auto e = Get(pass, type, w_type, fusion, sh);
     auto& eng = Engine();
     dnnl::memory::desc x_md({sh.n, sh.c, sh.h, sh.w}, type, tag::nhwc);
     dnnl::memory::desc y_md({sh.n, sh.o, sh.oh(), sh.ow()}, type, tag::nhwc);
@@ -406,7 +415,8 @@ extern "C" const char* unet_onednn_impl(int pass, int bf16, int64_t n, int64_t h
   static thread_local std::string result;
   try {
     Shape sh{n, h, w, c, o, kh, kw, pt, pb, pl, pr, stride_h, stride_w, groups};
-    result = Get(static_cast<Pass>(pass), bf16 ? dt::bf16 : dt::f32, kNone, sh)->impl;
+    const dt type = bf16 ? dt::bf16 : dt::f32;
+    result = Get(static_cast<Pass>(pass), type, type, kNone, sh)->impl;
   } catch (const std::exception& err) {
     result = std::string("error: ") + err.what();
   }

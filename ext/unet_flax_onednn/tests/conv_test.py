@@ -242,6 +242,37 @@ def test_mixed_dtypes_rejected():
     onednn.conv(x, w.astype(jnp.bfloat16))
 
 
+@pytest.mark.parametrize('pair', [False, True])
+def test_a_float32_kernel_is_rounded_in_onednn_and_its_gradient_stays_float32(pair):
+  """A bfloat16 layer given float32 parameters (a mixed-precision model's): the output of the
+  kernel rounded to bfloat16 first (oneDNN's reorder rounds to nearest even, as astype), in as
+  many oneDNN calls and with no bfloat16 copy of the kernel nor of its gradient in XLA; the
+  kernel's gradient is oneDNN's float32 one, within 1e-5 of XLA's float32 on the rounded
+  operands, where a bfloat16 gradient would be off by up to 2^-9."""
+  x, w, dy, padding = _operands(SHAPES[2], jnp.bfloat16)
+  w32 = w.astype(jnp.float32) * 1.001  # Not bfloat16 values: rounding them matters.
+  w16 = w32.astype(jnp.bfloat16)
+  b = jnp.linspace(-0.5, 0.5, w.shape[3], dtype=jnp.float32)
+  inputs = (x[..., :5], x[..., 5:]) if pair else x
+
+  def f(w, b):
+    return onednn.layer(inputs, w, b, padding)
+  y, vjp = jax.vjp(f, w32, b)
+  np.testing.assert_array_equal(y, f(w16, b.astype(jnp.bfloat16)))
+  dw, db = vjp(dy)
+  assert dw.dtype == db.dtype == jnp.float32
+  _, vjp_ref = jax.vjp(lambda w: _reference(x.astype(jnp.float32), w, padding),
+                       w16.astype(jnp.float32))
+  want = vjp_ref(dy.astype(jnp.float32))[0]
+  _close(dw, want, 1e-5)
+  assert np.abs(np.asarray(dw.astype(jnp.bfloat16), np.float32) - want).max() > 1e-4 * np.abs(
+      want).max()  # The check above could tell a bfloat16 gradient.
+  lowered = jax.jit(lambda w, b, dy: jax.vjp(f, w, b)[1](dy)).lower(w32, b, dy).as_text()
+  assert _ffi_calls(f, w32, b) == _ffi_calls(f, w16, b.astype(jnp.bfloat16)) == (2 if pair else 1)
+  kernel_type = 'x'.join(map(str, w.shape))
+  assert f'tensor<{kernel_type}xbf16>' not in lowered
+
+
 def _check_layer(f, operands, calls, y_ref, grads_ref, dtype, relu):
   """f(*operands) -> (y, *gradients) makes `calls` oneDNN calls, keeps `dtype`, and is within
   1e-5 (float32) or 1e-2 (bfloat16) of the reference's output and gradients."""

@@ -7,7 +7,11 @@ bottom), (left, right)) or 'SAME'/'VALID' (XLA's: a stride-2 'SAME' pads the odd
 bottom), and channel groups (w [KH, KW, C / groups, O]; depthwise: groups = C = O). Its
 gradient (a `jax.custom_vjp`) uses oneDNN's backward-data and backward-weights primitives; bfloat16
 accumulates in float32, and the weight gradient is written in float32 by oneDNN, then cast to w's
-dtype. The three passes are also exposed alone (`conv_fwd`, `conv_bwd_data`, `conv_bwd_weights`).
+dtype. A bfloat16 convolution also takes a float32 w (a mixed-precision model's parameters): oneDNN
+rounds it to bfloat16 as it lays it out for the primitive (to nearest even, as XLA's convert), and
+its gradient stays the float32 oneDNN computed, so XLA never makes bfloat16 copies of the
+parameters nor of their gradients. The three passes are also exposed alone (`conv_fwd`,
+`conv_bwd_data`, `conv_bwd_weights`).
 
 `conv_bias(x, w, b, padding, relu)` is the U-Net's layer, relu?(conv(x, w) + b), in one oneDNN
 call (bias and ReLU applied to the float32 accumulator); its backward computes the bias gradient
@@ -45,10 +49,12 @@ _DTYPES = (jnp.float32, jnp.bfloat16)
 SAME_3X3 = ((1, 1), (1, 1))
 
 
-def _check(a, b):
-  if a.dtype != b.dtype or a.dtype not in _DTYPES:
-    raise TypeError(f'unet_flax_onednn: float32 or bfloat16 operands of one dtype, '
-                    f'got {a.dtype} and {b.dtype}')
+def _check(a, b, kernel: bool = False):
+  """a and b float32 or bfloat16 of one dtype; b a kernel (kernel=True) may also be float32
+  where a is bfloat16 (oneDNN rounds it to bfloat16 as it lays it out)."""
+  if a.dtype not in _DTYPES or (b.dtype != a.dtype and not (kernel and b.dtype == jnp.float32)):
+    raise TypeError(f'unet_flax_onednn: float32 or bfloat16 operands of one dtype (a kernel '
+                    f'may be float32), got {a.dtype} and {b.dtype}')
   if a.ndim != 4 or b.ndim != 4:
     raise ValueError('unet_flax_onednn: rank-4 operands (NHWC, HWIO)')
 
@@ -94,7 +100,7 @@ def _out_spatial(spatial, kernel_size, padding, strides=(1, 1)):
 def conv_fwd(x: jax.Array, w: jax.Array, padding=SAME_3X3, strides=(1, 1),
              groups: int = 1) -> jax.Array:
   """x [N,H,W,C], w [KH,KW,C/groups,O] -> y [N,OH,OW,O] in x's dtype."""
-  _check(x, w)
+  _check(x, w, kernel=True)
   _check_groups(x.shape[3], w.shape[2], w.shape[3], groups)
   strides = _strides(strides)
   padding = _pads(padding, x.shape[1:3], w.shape[:2], strides)
@@ -111,7 +117,7 @@ def conv_bwd_data(dy: jax.Array, w: jax.Array, padding=SAME_3X3, strides=(1, 1),
   spatial: (H, W) of dx; None: the H and W a stride-1 convolution has (needed for strides > 1,
   where several input sizes give one output size).
   """
-  _check(dy, w)
+  _check(dy, w, kernel=True)
   strides = _strides(strides)
   (pt, pb), (pl, pr) = padding = _pads(padding, (), ())
   kh, kw = w.shape[:2]
@@ -145,7 +151,7 @@ def conv_bias_fwd(x: jax.Array, w: jax.Array, b: jax.Array, padding=SAME_3X3,
                   relu: bool = False, strides=(1, 1), groups: int = 1) -> jax.Array:
   """x [N,H,W,C], w [KH,KW,C/groups,O], b [O] -> relu?(conv(x, w) + b) [N,OH,OW,O] in x's
   dtype."""
-  _check(x, w)
+  _check(x, w, kernel=True)
   _check_groups(x.shape[3], w.shape[2], w.shape[3], groups)
   if b.dtype != x.dtype or b.shape != (w.shape[3],):
     raise ValueError(f'unet_flax_onednn: the bias must be [{w.shape[3]}] of {x.dtype}, '
@@ -232,7 +238,7 @@ def conv(x: jax.Array, w: jax.Array, padding='SAME', strides=(1, 1),
 
   Args:
     x: [N, H, W, C] float32 or bfloat16.
-    w: [KH, KW, C / groups, O] of x's dtype.
+    w: [KH, KW, C / groups, O] of x's dtype, or float32 (rounded to x's dtype in oneDNN).
     padding: 'SAME', 'VALID' or ((top, bottom), (left, right)), each >= 0.
     strides: (stride_h, stride_w) or one int, each >= 1.
     groups: channel groups (lax's feature_group_count); C and O divisible by it.
@@ -240,7 +246,7 @@ def conv(x: jax.Array, w: jax.Array, padding='SAME', strides=(1, 1),
   Returns:
     [N, OH, OW, O] of x's dtype, OH = (H + top + bottom - KH) // stride_h + 1 (likewise OW).
   """
-  _check(x, w)
+  _check(x, w, kernel=True)
   strides = _strides(strides)
   return _conv(x, w, _pads(padding, x.shape[1:3], w.shape[:2], strides), strides, int(groups))
 
@@ -276,7 +282,7 @@ def conv_bias(x: jax.Array, w: jax.Array, b: jax.Array | None, padding='SAME',
 
   Args:
     x: [N, H, W, C] float32 or bfloat16.
-    w: [KH, KW, C / groups, O] of x's dtype.
+    w: [KH, KW, C / groups, O] of x's dtype, or float32 (rounded to x's dtype in oneDNN).
     b: [O] of x's dtype, or None: no bias (then `conv`, and relu applied by XLA).
     padding: 'SAME', 'VALID' or ((top, bottom), (left, right)), each >= 0.
     relu: apply max(0, .) to the result.
@@ -286,7 +292,7 @@ def conv_bias(x: jax.Array, w: jax.Array, b: jax.Array | None, padding='SAME',
   Returns:
     [N, OH, OW, O] of x's dtype (OH, OW as `conv`'s).
   """
-  _check(x, w)
+  _check(x, w, kernel=True)
   strides = _strides(strides)
   padding = _pads(padding, x.shape[1:3], w.shape[:2], strides)
   if b is None:
@@ -334,7 +340,7 @@ def conv_pair_bias(a: jax.Array, b: jax.Array, w: jax.Array, bias: jax.Array, pa
   Args:
     a: [N, H, W, Ca] float32 or bfloat16.
     b: [N, H, W, Cb] of a's dtype.
-    w: [KH, KW, Ca + Cb, O] of a's dtype.
+    w: [KH, KW, Ca + Cb, O] of a's dtype, or float32 (rounded to a's dtype in oneDNN).
     bias: [O].
     padding: 'SAME', 'VALID' or ((top, bottom), (left, right)), each >= 0.
     relu: apply max(0, .) to the result.
@@ -342,8 +348,8 @@ def conv_pair_bias(a: jax.Array, b: jax.Array, w: jax.Array, bias: jax.Array, pa
   Returns:
     [N, OH, OW, O] of a's dtype.
   """
-  _check(a, w)
-  _check(b, w)
+  _check(a, w, kernel=True)
+  _check(b, w, kernel=True)
   if a.shape[:3] != b.shape[:3] or a.shape[3] + b.shape[3] != w.shape[2]:
     raise ValueError(f'unet_flax_onednn: inputs {a.shape} and {b.shape} do not concatenate to '
                      f'the kernel\'s {w.shape[2]} input channels')
@@ -387,24 +393,25 @@ def layer(x, kernel: jax.Array, bias: jax.Array | None, padding, relu: bool = Fa
           strides=(1, 1), groups: int = 1) -> jax.Array:
   """unet-flax's layer function (layers.LayerFunction): `conv_bias` (or `conv_pair_bias` for a
   pair of inputs to concatenate along channels, with a zero bias where there is none) where
-  oneDNN covers the operands (float32 or bfloat16 of one dtype), else XLA's concatenation,
-  convolution, bias and ReLU."""
+  oneDNN covers the operands (float32 or bfloat16 inputs of one dtype; the kernel of their dtype
+  or float32), else XLA's concatenation, convolution, bias and ReLU in the inputs' dtype."""
   inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-  covered = all(v.dtype == kernel.dtype and v.ndim == 4 for v in inputs) and (
-      kernel.dtype in _DTYPES and kernel.ndim == 4)
+  dtype = inputs[0].dtype
+  covered = all(v.dtype == dtype and v.ndim == 4 for v in inputs) and (
+      dtype in _DTYPES and kernel.dtype in (dtype, jnp.float32) and kernel.ndim == 4)
   strides = _strides(strides)
   if covered and len(inputs) == 2 and strides == (1, 1) and groups == 1:
     if bias is None:  # Group norm's blocks: the fused call needs one; adding 0 changes nothing.
-      bias = jnp.zeros(kernel.shape[3], kernel.dtype)
+      bias = jnp.zeros(kernel.shape[3], dtype)
     return conv_pair_bias(*inputs, kernel, bias, padding, relu)
   x = inputs[0] if len(inputs) == 1 else jnp.concatenate(inputs, axis=-1)
   if covered:
     return conv_bias(x, kernel, bias, padding, relu, strides, groups)
-  y = jax.lax.conv_general_dilated(x, kernel, strides, padding,
+  y = jax.lax.conv_general_dilated(x, kernel.astype(dtype), strides, padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                    feature_group_count=groups)
   if bias is not None:
-    y = y + bias
+    y = y + bias.astype(dtype)
   return jax.nn.relu(y) if relu else y
 
 
