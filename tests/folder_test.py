@@ -132,6 +132,23 @@ def test_trains_end_to_end_on_a_folder(tmp_path, tiny_config):
   assert np.sum(last_eval['confusion_matrix']) == 2 * 16 * 16  # Both test images, once.
 
 
+def test_a_bad_mask_is_told_before_a_batch_too_large_for_the_data(tmp_path, tiny_config):
+  """A few photos with a wrong mask and the default batch size: the mask's error comes first
+  (a smaller batch would not mend it), then, the mask mended, the batch size's."""
+  data = write_folder_data(tmp_path / 'data')
+  stem = next(iter(FOLDER_EXAMPLES))
+  mask = data / 'masks' / (stem + '.png')
+  good = mask.read_bytes()
+  Image.fromarray(np.full(FOLDER_EXAMPLES[stem][:2], 3, np.uint8)).save(mask)
+  tiny_config.update({'dataset': f'folder:{data}', 'data_dir': None, 'batch_size': 16})
+  with pytest.raises(errors.UserError, match=rf'{stem}\.png: value 3 is not a class'):
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+  mask.write_bytes(good)
+  with pytest.raises(errors.UserError, match='fewer than config.batch_size=16'):
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 # Hostile and careless files: each is one line naming the file, never a traceback.
 
 def _truncated_png(data):

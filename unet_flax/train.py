@@ -73,14 +73,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   try:
     # Until the workdir is written, a signal stops the run at once: nothing is lost.
     with preemption.Notice(at_once=True) as notice:
-      # A bad data set or split, too few examples for a batch, or a file that cannot be read
-      # fails before anything is written.
+      # A bad data set or split, a file that cannot be read, or too few examples for a batch
+      # fails before anything is written; a bad file first, since a smaller batch would not mend
+      # it.
       source = sources.source_of(config)
-      per_epoch = steps_per_epoch(config, sources.check_data(config, source))
+      num_train = sources.check_data(config, source)
       notice.check()
       # Stored: predict needs no data.
       config.class_names = sources.class_names(config, source)
       train_data, eval_data, described = mode.read_splits(source)
+      per_epoch = steps_per_epoch(config, num_train)
       if jax.process_index() == 0:
         print(f'data: {described}', flush=True)
         # Counted in the masks in memory: none when the data set is larger than the budget.
