@@ -237,6 +237,14 @@ def test_an_evaluation_of_another_data_dir_is_written_beside_the_runs_own(traine
   assert json.loads((tmp_path / 'eval' / 'step_6.json').read_text()) == own
 
 
+def test_an_evaluation_of_a_split_slice_is_named_without_brackets(trained_workdir, tmp_path):
+  files = {split: evaluation.evaluate_workdir(trained_workdir, worst_k=0, out=tmp_path / 'eval',
+                                              split=split, log=lambda _: None)['files']['json']
+           for split in ('test[:50%]', 'test[50%:]')}
+  assert files == {'test[:50%]': str(tmp_path / 'eval' / 'step_6_test_to50pct.json'),
+                   'test[50%:]': str(tmp_path / 'eval' / 'step_6_test_50pctto.json')}
+
+
 def test_evaluate_never_prepares_a_data_set_where_a_received_config_points(trained_workdir,
                                                                           tmp_path):
   """A received workdir whose config.json names a data_dir of someone else's: evaluate reads

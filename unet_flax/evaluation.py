@@ -129,6 +129,15 @@ def _json_ready(value):
   return int(value) if isinstance(value, np.integer) else value
 
 
+def _split_name(split: str) -> str:
+  """A tfds split as a file name's part: 'test[:50%]' -> 'test_to50pct', 'train[80%:]' ->
+  'train_80pctto', 'test[10:20]' -> 'test_10to20', 'train+test' kept; no brackets, colons or
+  percent signs, which shells and some file systems take for something else, and distinct slices
+  stay distinct."""
+  name = split.replace('[', '_').replace(']', '').replace(':', 'to').replace('%', 'pct')
+  return ''.join(c if c.isalnum() or c in '.+-_' else '-' for c in name)
+
+
 def _output_stem(workdir, out, step, config, split, dataset, original,
                  flip_tta=False, no_ema=False, data_dir=None) -> epath.Path:
   """<out>.json's path without the suffix:
@@ -141,7 +150,7 @@ def _output_stem(workdir, out, step, config, split, dataset, original,
     if value != own:
       name += '_' + ''.join(c if c.isalnum() else '-' for c in str(value)).strip('-')
   if split != config.eval_split:
-    name += f'_{split}'
+    name += f'_{_split_name(split)}'
   directory = paths.absolute(out) if out else workdir / 'eval'
   return directory / (name + ('_original' if original else '') + ('_flip_tta' if flip_tta else '')
                        + ('_no_ema' if no_ema else ''))
