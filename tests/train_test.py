@@ -248,37 +248,37 @@ def test_a_run_decoding_on_the_fly_trains_and_scores_as_one_holding_everything(
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_budget_beyond_free_memory_is_refused_before_anything_is_written(tmp_path, tiny_config,
-                                                                           monkeypatch):
+def _refused_for_memory(config, tmp_path, monkeypatch) -> str:
+  """The one-line refusal of a run on a machine with 20,000 bytes free; nothing written."""
   from unet_flax import input_pipeline  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(input_pipeline, 'memory_available', lambda: 20_000)
-  tiny_config.cache_bytes = 10 ** 9
   with pytest.raises(errors.UserError) as raised:
-    train.train_and_evaluate(tiny_config, tmp_path / 'run')
-  assert str(raised.value) == (
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+  return str(raised.value)
+
+
+def test_a_budget_beyond_free_memory_is_refused_before_anything_is_written(tmp_path, tiny_config,
+                                                                           monkeypatch):
+  tiny_config.cache_bytes = 10 ** 9
+  assert _refused_for_memory(tiny_config, tmp_path, monkeypatch) == (
       'the 24 train and 12 eval examples (at 16x16) take 36.0 KiB decoded, and '
       'config.cache_bytes=1000000000 would hold 36.0 KiB of them: more than the 19.5 KiB of '
       'memory this machine has free; set config.cache_bytes=10000 or less (the examples past it '
       'are decoded on the fly)')
-  assert not (tmp_path / 'run').exists()
 
 
 def test_a_crop_mode_budget_beyond_free_memory_is_refused_with_the_headers_estimate(
     tmp_path, tiny_config, monkeypatch):
   """Crop mode's estimate is its pictures' decoded size, read from their headers (here the
   tiny data set's native 96-320 px pictures), not the budget: the default 2 GiB of it."""
-  from unet_flax import input_pipeline  # pylint: disable=g-import-not-at-top
   from unet_flax import sources  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(input_pipeline, 'memory_available', lambda: 20_000)
   tiny_config.update({'input_mode': 'crop', 'crop_size': 16, 'ignore_label': 255})
-  with pytest.raises(errors.UserError) as raised:
-    train.train_and_evaluate(tiny_config, tmp_path / 'run')
-  assert str(raised.value) == (
+  assert _refused_for_memory(tiny_config, tmp_path, monkeypatch) == (
       'the 24 train and 12 eval examples (at native resolution, scale 1) take 6.3 MiB decoded, '
       'and config.cache_bytes=2147483648 would hold 6.3 MiB of them: more than the 19.5 KiB of '
       'memory this machine has free; set config.cache_bytes=10000 or less (the examples past it '
       'are decoded on the fly)')
-  assert not (tmp_path / 'run').exists()
   source = sources.source_of(tiny_config)
   decoded = sum(image.nbytes + labels.nbytes for split in ('train', 'test')
                 for _, image, labels in sources.originals(source, split))
