@@ -52,6 +52,15 @@ BAD_VALUES = {
     'warmup as long as the run': (
         {'schedule': 'warmup_cosine', 'num_epochs': 5, 'warmup_epochs': 5.0},
         'config.warmup_epochs=5.0 must be below config.num_epochs=5'),
+    'frozen encoder as long as the run': (
+        {'encoder': 'efficientnet_lite0', 'num_epochs': 2, 'encoder_frozen_epochs': 2.0},
+        'config.encoder_frozen_epochs=2.0 must be below config.num_epochs=2'),
+    # Both phases too long for the run: one message, not one per rerun.
+    'warmup and frozen encoder as long as the run': (
+        {'encoder': 'efficientnet_lite0', 'schedule': 'warmup_cosine', 'num_epochs': 1,
+         'encoder_frozen_epochs': 1.0, 'warmup_epochs': 1.0},
+        'config.num_epochs=1 must be above config.encoder_frozen_epochs=1.0 and '
+        'config.warmup_epochs=1.0'),
     'schedule linear': ({'schedule': 'linear'},
                         "config.schedule='linear' must be one of constant, warmup_cosine"),
     'widths empty': ({'widths': ()}, 'config.widths=() must be a tuple of at most 12 whole '

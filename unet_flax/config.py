@@ -337,6 +337,23 @@ def levels(config) -> int:
   return ENCODER_LEVELS[config.encoder] or len(config.widths)
 
 
+def _check_epoch_phases(config, where: str) -> None:
+  """The phases that end within the run (the warmup, the frozen encoder) end before
+  config.num_epochs, all of them told in one message."""
+  phases = []
+  if config.encoder != 'unet' and config.encoder_frozen_epochs:
+    phases.append(('encoder_frozen_epochs', config.encoder_frozen_epochs))
+  if config.schedule == 'warmup_cosine':
+    phases.append(('warmup_epochs', config.warmup_epochs))
+  too_long = [(name, value) for name, value in phases if value >= config.num_epochs]
+  if len(too_long) == 1:
+    name, value = too_long[0]
+    raise _fail(name, value, f'must be below config.num_epochs={config.num_epochs}', where)
+  if too_long:
+    shown = ' and '.join(f'config.{name}={value!r}' for name, value in too_long)
+    raise _fail('num_epochs', config.num_epochs, f'must be above {shown}', where)
+
+
 def _check_relations(config, where: str) -> None:
   problem = _image_size_problem(config.image_size, levels(config))
   if problem:
@@ -348,9 +365,6 @@ def _check_relations(config, where: str) -> None:
         raise _fail(name, config[name], "is for a pretrained config.encoder (e.g. "
                     "'efficientnet_lite0'); the chapter's 'unet' starts from random weights",
                     where)
-  elif config.encoder_frozen_epochs and config.encoder_frozen_epochs >= config.num_epochs:
-    raise _fail('encoder_frozen_epochs', config.encoder_frozen_epochs,
-                f'must be below config.num_epochs={config.num_epochs}', where)
   if config.input_mode == 'crop':
     problem = _image_size_problem(config.crop_size, levels(config))
     if problem:
@@ -365,9 +379,7 @@ def _check_relations(config, where: str) -> None:
   if config.class_weights is not None and len(config.class_weights) != config.num_classes:
     raise _fail('class_weights', tuple(config.class_weights),
                 f'needs one weight per class (config.num_classes={config.num_classes})', where)
-  if config.schedule == 'warmup_cosine' and config.warmup_epochs >= config.num_epochs:
-    raise _fail('warmup_epochs', config.warmup_epochs,
-                f'must be below config.num_epochs={config.num_epochs}', where)
+  _check_epoch_phases(config, where)
   if config.class_names is not None and len(config.class_names) != config.num_classes:
     raise _fail('class_names', tuple(config.class_names),
                 f'needs one name per class (config.num_classes={config.num_classes})', where)
