@@ -102,6 +102,27 @@ def test_a_colour_mask_and_a_bad_list_line_are_user_errors(data):
   _one_line_error(data, r'train\.txt line 2: no image .zebra_9.')
 
 
+def test_a_stem_listed_twice_in_one_list_is_one_line_naming_its_lines(data):
+  (data / 'train.txt').write_text('cat_01\nfox_02\ncat_01.jpg\ncat_01\n')  # File name = stem.
+  _one_line_error(data, r"train\.txt: 'cat_01' is listed on lines 1, 3 and 4; list each image "
+                  r'once$')
+
+
+def test_lists_that_share_stems_are_refused_before_anything_is_written(data, tiny_config,
+                                                                       tmp_path):
+  """A test set that overlaps the training set would score images the model trained on."""
+  (data / 'train.txt').write_text('cat_01\ncat_02\ndog_01\ndog_02\nfox_01\nowl_01\n')
+  (data / 'test.txt').write_text('owl_03\ndog_02\ncat_01\nfox_01\nowl_01\n')
+  message = _one_line_error(
+      data, r"train\.txt and .*test\.txt both list 4 images \('cat_01', 'dog_02', 'fox_01', \.\.\.\)"
+      r'; the test set must not overlap the training set: keep each image in one list$')
+  assert f'{data}/train.txt and {data}/test.txt' in message
+  tiny_config.dataset, tiny_config.data_dir = f'folder:{data}', None
+  with pytest.raises(errors.UserError, match=r'both list 4 images'):
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_grey_masks_saved_as_rgb_or_with_alpha_are_read(data):
   stems = folder.Folder(str(data)).stems('train')
   want = _read(data).stack()[1]
