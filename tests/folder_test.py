@@ -316,3 +316,17 @@ def test_0_255_masks_with_more_classes_configured_are_told_both_readings(tmp_pat
                      r"config.mask_mode=binary and config.num_classes=2; if 255 means 'don't "
                      r"care' set config.ignore_label=255$"):
     sources.open_source(f'folder:{root}', None, 4).reader('train', 16)[1](0)
+
+
+def test_a_classes_json_of_one_class_or_over_256_is_told_what_fits(data):
+  """Not 'set config.num_classes=1' (or 257), which the config refuses in turn."""
+  (data / 'classes.json').write_text(json.dumps({'names': ['cell']}))
+  with pytest.raises(errors.UserError) as raised:
+    sources.open_source(f'folder:{data}', None, 2)
+  assert str(raised.value) == (
+      f"{data / 'classes.json'} names 1 class; segmentation needs at least 2, e.g. the background "
+      'and the object: name one class per mask value, as {"names": ["background", "cell"]}')
+  (data / 'classes.json').write_text(json.dumps({'names': [f'c{k}' for k in range(257)]}))
+  with pytest.raises(errors.UserError, match=r'classes\.json names 257 classes; at most 256 are '
+                     r'possible: merge some$'):
+    sources.open_source(f'folder:{data}', None, 2)

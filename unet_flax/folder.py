@@ -115,6 +115,16 @@ class Folder:
       raise errors.UserError(
           f'{path} is not {{"names": [...], "colours": [[r, g, b], ...]}} (colours optional, one '
           'per name, 0..255); fix it')
+    # Told here: the advice to set config.num_classes to their count would name a value the
+    # config refuses in turn.
+    if len(names) < 2:
+      example = json.dumps({'names': ['background', names[0]]})
+      raise errors.UserError(
+          f'{path} names 1 class; segmentation needs at least 2, e.g. the background and the '
+          f'object: name one class per mask value, as {example}')
+    if len(names) > config_lib.MAX_CLASSES:
+      raise errors.UserError(f'{path} names {len(names)} classes; at most '
+                             f'{config_lib.MAX_CLASSES} are possible: merge some')
     bad = [n for n in names if len(n) > config_lib.MAX_NAME or not n.isprintable()]
     if bad:  # Stored as config.class_names, which every later tool checks the same way.
       raise errors.UserError(f'{path}: class name {bad[0][:40]!r} is not a name of at most '
