@@ -235,6 +235,13 @@ def test_only_regular_files_are_data_and_reads_never_block(data, kind, match):
   assert outcome, 'hung or failed'
 
 
+def test_a_directory_named_like_an_image_is_told_before_its_missing_mask(data):
+  (data / 'images' / 'dir.png').mkdir()
+  with pytest.raises(errors.UserError, match=r'^.*images/dir\.png: not a regular file \(a '
+                     r'directory\); only regular files are read as images'):
+    sources.open_source(f'folder:{data}', None, FOLDER_CLASSES)
+
+
 def test_macos_resource_forks_are_not_images(data):
   (data / 'images' / '._cat_01.jpg').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
   (data / 'masks' / '._cat_01.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')

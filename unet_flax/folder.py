@@ -88,6 +88,8 @@ class Folder:
       # Plain substitution: str.format would reach attributes ('{stem.__class__}') and pad.
       name = mask_pattern.replace('{stem}', stem)
       if name not in mask_files:
+        # A directory (FIFO, device) named like an image: that is the problem, not its mask.
+        decode.check_regular(path)
         hint = ('; set config.mask_pattern to how masks are named, e.g. \'{stem}_mask\''
                 if mask_files else '')
         raise errors.UserError(f'{path} has no mask named {name} (any image format) in {masks}; '
