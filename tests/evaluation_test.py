@@ -245,6 +245,14 @@ def test_an_evaluation_of_a_split_slice_is_named_without_brackets(trained_workdi
                    'test[50%:]': str(tmp_path / 'eval' / 'step_6_test_50pctto.json')}
 
 
+def test_an_evaluation_of_an_empty_slice_is_one_line_naming_the_flag(trained_workdir, tmp_path):
+  with pytest.raises(errors.UserError, match=r'^--split test\[:0\] holds no examples; choose '
+                     r'another split or a slice that holds some$'):
+    evaluation.evaluate_workdir(trained_workdir, worst_k=0, out=tmp_path / 'eval',
+                                split='test[:0]', log=lambda _: None)
+  assert not list(tmp_path.rglob('*.*'))
+
+
 def test_evaluate_never_prepares_a_data_set_where_a_received_config_points(trained_workdir,
                                                                           tmp_path):
   """A received workdir whose config.json names a data_dir of someone else's: evaluate reads

@@ -102,6 +102,27 @@ def test_a_colour_mask_and_a_bad_list_line_are_user_errors(data):
   _one_line_error(data, r'train\.txt line 2: no image .zebra_9.')
 
 
+def test_a_stem_listed_twice_in_one_list_is_one_line_naming_its_lines(data):
+  (data / 'train.txt').write_text('cat_01\nfox_02\ncat_01.jpg\ncat_01\n')  # File name = stem.
+  _one_line_error(data, r"train\.txt: 'cat_01' is listed on lines 1, 3 and 4; list each image "
+                  r'once$')
+
+
+def test_lists_that_share_stems_are_refused_before_anything_is_written(data, tiny_config,
+                                                                       tmp_path):
+  """A test set that overlaps the training set would score images the model trained on."""
+  (data / 'train.txt').write_text('cat_01\ncat_02\ndog_01\ndog_02\nfox_01\nowl_01\n')
+  (data / 'test.txt').write_text('owl_03\ndog_02\ncat_01\nfox_01\nowl_01\n')
+  message = _one_line_error(
+      data, r"train\.txt and .*test\.txt both list 4 images \('cat_01', 'dog_02', 'fox_01', \.\.\.\)"
+      r'; the test set must not overlap the training set: keep each image in one list$')
+  assert f'{data}/train.txt and {data}/test.txt' in message
+  tiny_config.dataset, tiny_config.data_dir = f'folder:{data}', None
+  with pytest.raises(errors.UserError, match=r'both list 4 images'):
+    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_grey_masks_saved_as_rgb_or_with_alpha_are_read(data):
   stems = folder.Folder(str(data)).stems('train')
   want = _read(data).stack()[1]
@@ -214,6 +235,13 @@ def test_only_regular_files_are_data_and_reads_never_block(data, kind, match):
   assert outcome, 'hung or failed'
 
 
+def test_a_directory_named_like_an_image_is_told_before_its_missing_mask(data):
+  (data / 'images' / 'dir.png').mkdir()
+  with pytest.raises(errors.UserError, match=r'^.*images/dir\.png: not a regular file \(a '
+                     r'directory\); only regular files are read as images'):
+    sources.open_source(f'folder:{data}', None, FOLDER_CLASSES)
+
+
 def test_macos_resource_forks_are_not_images(data):
   (data / 'images' / '._cat_01.jpg').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
   (data / 'masks' / '._cat_01.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
@@ -295,3 +323,17 @@ def test_0_255_masks_with_more_classes_configured_are_told_both_readings(tmp_pat
                      r"config.mask_mode=binary and config.num_classes=2; if 255 means 'don't "
                      r"care' set config.ignore_label=255$"):
     sources.open_source(f'folder:{root}', None, 4).reader('train', 16)[1](0)
+
+
+def test_a_classes_json_of_one_class_or_over_256_is_told_what_fits(data):
+  """Not 'set config.num_classes=1' (or 257), which the config refuses in turn."""
+  (data / 'classes.json').write_text(json.dumps({'names': ['cell']}))
+  with pytest.raises(errors.UserError) as raised:
+    sources.open_source(f'folder:{data}', None, 2)
+  assert str(raised.value) == (
+      f"{data / 'classes.json'} names 1 class; segmentation needs at least 2, e.g. the background "
+      'and the object: name one class per mask value, as {"names": ["background", "cell"]}')
+  (data / 'classes.json').write_text(json.dumps({'names': [f'c{k}' for k in range(257)]}))
+  with pytest.raises(errors.UserError, match=r'classes\.json names 257 classes; at most 256 are '
+                     r'possible: merge some$'):
+    sources.open_source(f'folder:{data}', None, 2)

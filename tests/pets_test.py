@@ -2,6 +2,7 @@
 
 import io
 import os
+import pathlib
 import socket
 import sys
 import tarfile
@@ -207,3 +208,28 @@ def test_prepares_from_downloaded_archives(tmp_path, monkeypatch):
   pets.builder(data_dir).download_and_prepare()
   assert [len(_read(data_dir, split)) for split in ('train', 'test')] == [1, 1]
   assert (data_dir / 'downloads' / 'extracted' / 'TAR_GZ.images.tar.gz' / 'images').is_dir()
+
+
+def test_a_failed_download_is_one_line_naming_the_url_and_the_way_without_one(tmp_path,
+                                                                              monkeypatch, capsys):
+  """Offline: a real connection that fails (to a proxy at 127.0.0.1:1, which refuses it), not a
+  237-line traceback ending in requests' ConnectionError."""
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
+  from unet_flax import errors  # pylint: disable=g-import-not-at-top
+  from unet_flax import sources  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(downloader, 'MAX_RETRIES', 0)  # tfds's 10 retries take 3.4 minutes.
+  for name in ('HTTP_PROXY', 'HTTPS_PROXY', 'http_proxy', 'https_proxy'):
+    monkeypatch.setenv(name, 'http://127.0.0.1:1')
+  for name in ('NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy'):
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(errors.UserError) as raised:
+    sources.open_source('oxford_iiit_pet', str(tmp_path / 'tfds'), 3)
+  message = str(raised.value)
+  assert '\n' not in message
+  assert message.startswith('downloading the Oxford-IIIT Pet archives failed (ProxyError from '
+                            f'{pets._tfds_pets._BASE_URL}/')  # pylint: disable=protected-access
+  assert message.endswith('offline, prepare the data set from archives downloaded elsewhere: see '
+                          '"The Pet data without a download" in docs/training.md')
+  assert 'Traceback' not in capsys.readouterr().err
+  docs = (pathlib.Path(__file__).parents[1] / pets.DOCS).read_text()
+  assert '\n## The Pet data without a download\n' in docs

@@ -96,6 +96,15 @@ def test_an_unknown_split_or_configuration_is_one_line_that_keeps_the_data(tfds_
     sources.open_source('synthetic_pets/smal', tfds_dir, 3)
 
 
+def test_an_empty_split_or_slice_is_one_line_that_keeps_the_data(tfds_dir):
+  """Not named as a damaged data set (which told users to delete it): the slice is empty."""
+  source = sources.open_source('synthetic_pets/tiny', tfds_dir, 3)
+  for read in (source.reader, lambda split, size: source.encoded(split)):
+    with pytest.raises(errors.UserError, match=r"^split 'test\[:0\]' of synthetic_pets/tiny holds "
+                       r'no examples; choose another split or a slice that holds some$'):
+      read('test[:0]', 16)
+
+
 def test_preparing_a_data_set_in_a_fresh_directory_logs_none_of_tfds_layout_warnings(tmp_path,
                                                                                     caplog):
   """tfds warns 'Variant folder ... has no dataset_info.json' while a data set is being made:

@@ -127,6 +127,17 @@ def read_bytes(path) -> bytes:
     os.close(fd)
 
 
+def check_regular(path) -> None:
+  """Refuses what `read_bytes` would refuse before reading a byte, reading none; URLs pass.
+
+  Raises:
+    UserError: as `read_bytes`, naming the file, if it is missing, a symlink loop, not a regular
+      file or larger than MAX_FILE_BYTES.
+  """
+  if '://' not in os.fspath(path):
+    os.close(_open_regular(path)[0])
+
+
 def _open_regular(path) -> tuple[int, int]:
   """(an open descriptor, the size in bytes) of the regular file at `path`, not larger than
   MAX_FILE_BYTES; the caller closes it. Errors as `read_bytes`'s."""

@@ -183,7 +183,8 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
     The dict written as JSON.
 
   Raises:
-    UserError: for a workdir that is no training run's, or data that cannot be read.
+    UserError: for a workdir that is no training run's, data that cannot be read, or a split that
+      holds no example.
   """
   workdir = paths.absolute(workdir)
   model = inference.load_model(workdir, step, flip_tta=flip_tta, ema=ema)
@@ -202,6 +203,7 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
   # (or tfds's own default) may be prepared.
   prepare = bool(data_dir) or config.data_dir is None
   data_dir = str(paths.absolute(data_dir)) if data_dir else config.data_dir
+  chosen_by = f'--split {split}' if split else f"the run's config.eval_split={config.eval_split!r}"
   split = split or config.eval_split
   stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution,
                       flip_tta, no_ema, data_dir)
@@ -211,6 +213,7 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
     paths.refuse_link(f'{stem}{suffix}')
   source = sources.open_source(dataset, data_dir, config.num_classes,
                                decode.Options.from_config(config), prepare=prepare)
+  sources.check_split(source, split, chosen_by)
   originals = sources.encoded_originals(source, split)
   worst = _Worst(worst_k)
   if original_resolution:

@@ -17,10 +17,10 @@ The folder holds:
   classes.json (optional): {"names": ["background", "car", ...], "colours": [[0, 0, 0],
       [64, 0, 128], ...]}: the classes' names (the default of config.class_names) and, for
       colour masks, each class's colour.
-  train.txt, test.txt (optional): one stem per line. With both, they are the splits; with one,
-      the other split is every other image; with neither, a fixed 80/20 split of the sorted
-      stems (seeded by SPLIT_SEED, not config.seed, so every run evaluates on the same images).
-      Another split name reads <name>.txt.
+  train.txt, test.txt (optional): one stem per line, each once. With both, they are the splits
+      and share no stem; with one, the other split is every other image; with neither, a fixed
+      80/20 split of the sorted stems (seeded by SPLIT_SEED, not config.seed, so every run
+      evaluates on the same images). Another split name reads <name>.txt.
 
 `num_classes` comes from the config. Each problem (a missing mask, an image and mask of
 different sizes, a value that is no class, an unreadable file) is a one-line UserError naming
@@ -88,6 +88,8 @@ class Folder:
       # Plain substitution: str.format would reach attributes ('{stem.__class__}') and pad.
       name = mask_pattern.replace('{stem}', stem)
       if name not in mask_files:
+        # A directory (FIFO, device) named like an image: that is the problem, not its mask.
+        decode.check_regular(path)
         hint = ('; set config.mask_pattern to how masks are named, e.g. \'{stem}_mask\''
                 if mask_files else '')
         raise errors.UserError(f'{path} has no mask named {name} (any image format) in {masks}; '
@@ -115,6 +117,16 @@ class Folder:
       raise errors.UserError(
           f'{path} is not {{"names": [...], "colours": [[r, g, b], ...]}} (colours optional, one '
           'per name, 0..255); fix it')
+    # Told here: the advice to set config.num_classes to their count would name a value the
+    # config refuses in turn.
+    if len(names) < 2:
+      example = json.dumps({'names': ['background', names[0]]})
+      raise errors.UserError(
+          f'{path} names 1 class; segmentation needs at least 2, e.g. the background and the '
+          f'object: name one class per mask value, as {example}')
+    if len(names) > config_lib.MAX_CLASSES:
+      raise errors.UserError(f'{path} names {len(names)} classes; at most '
+                             f'{config_lib.MAX_CLASSES} are possible: merge some')
     bad = [n for n in names if len(n) > config_lib.MAX_NAME or not n.isprintable()]
     if bad:  # Stored as config.class_names, which every later tool checks the same way.
       raise errors.UserError(f'{path}: class name {bad[0][:40]!r} is not a name of at most '
@@ -124,7 +136,7 @@ class Folder:
 
   def _read_list(self, split: str) -> list[str]:
     path = self.root / f'{split}.txt'
-    stems = []
+    lines = {}  # stem -> the numbers of the lines that list it, in the list's order.
     for number, line in enumerate(read_text(path).splitlines(), 1):
       name = line.strip()
       if not name:
@@ -134,13 +146,27 @@ class Folder:
       if name not in self.images:
         raise errors.UserError(f'{path} line {number}: no image {name!r} in images/; fix the '
                                'line or add the image')
-      stems.append(name)
-    return stems
+      lines.setdefault(name, []).append(number)
+    for name, numbers in lines.items():
+      if len(numbers) > 1:  # Each repeat would be trained on (or scored) once more.
+        listed = ', '.join(map(str, numbers[:-1])) + f' and {numbers[-1]}'
+        raise errors.UserError(f'{path}: {name!r} is listed on lines {listed}; list each image '
+                               'once')
+    return list(lines)
 
   def stems(self, split: str) -> list[str]:
     """The stems of `split`, in a fixed order."""
     lists = {name: self._read_list(name) for name in ('train', 'test')
              if (self.root / f'{name}.txt').is_file()}
+    if len(lists) == 2:
+      test = set(lists['test'])
+      both = [s for s in lists['train'] if s in test]
+      if both:  # The model would be scored on images it trained on.
+        shown = ', '.join(map(repr, both[:3])) + (', ...' if len(both) > 3 else '')
+        raise errors.UserError(
+            f'{self.root / "train.txt"} and {self.root / "test.txt"} both list {len(both)} '
+            f'image{"s" * (len(both) > 1)} ({shown}); the test set must not overlap the training '
+            'set: keep each image in one list')
     if split in lists:
       return lists[split]
     if split in ('train', 'test'):

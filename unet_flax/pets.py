@@ -23,12 +23,15 @@ import tempfile
 from etils import epath
 from PIL import Image
 from PIL import ImageFile
+import requests
 import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.oxford_iiit_pet import (
     oxford_iiit_pet_dataset_builder as _tfds_pets)
 
 from unet_flax import errors
 
+# Where preparing the data set from archives downloaded by hand is told.
+DOCS = 'docs/training.md'
 # tf.io.encode_jpeg's default quality, so repaired members match tfds's.
 _JPEG_QUALITY = 95
 # Errors PIL raises for data it cannot parse (UnidentifiedImageError is an OSError).
@@ -122,7 +125,16 @@ class _DownloadManager:
       if missing:
         raise ValueError(f'extracted_dirs lacks {sorted(missing)}; needs {sorted(urls)}.')
       return {k: epath.Path(self._extracted_dirs[k]) for k in urls}
-    archives = self._dl_manager.download(dict(urls))
+    try:
+      archives = self._dl_manager.download(dict(urls))
+    except (requests.exceptions.ConnectionError, tfds.download.DownloadError) as e:
+      # Offline, tfds retries for minutes, then ends in a long traceback: one line instead.
+      request = getattr(e, 'request', None)  # requests' errors carry the request that failed.
+      url = getattr(request, 'url', None) or ', '.join(urls.values())
+      raise errors.UserError(
+          f'downloading the Oxford-IIIT Pet archives failed ({type(e).__name__} from {url}); '
+          'offline, prepare the data set from archives downloaded elsewhere: see "The Pet data '
+          f'without a download" in {DOCS}') from None
     extract_dir = self._dl_manager.download_dir / 'extracted'
     return {k: _extract_tar(path, extract_dir) for k, path in archives.items()}
 

@@ -183,7 +183,9 @@ class _TfdsSource(Source):
           f'slice such as {names[0]}[:80%]') from None
 
   def _examples(self, split: str) -> tuple[int, Callable[[int], dict]]:
-    self.num_examples(split)  # An unknown split: one line naming those there are.
+    # An unknown split: one line naming those there are; an empty one (test[:0]) one line too,
+    # since tfds cannot open a split of no files and that reads as damage below.
+    check_split(self, split, f'split {split!r} of {self.name}')
     # Images and masks arrive encoded: decoding with PIL ourselves lets JPEG decode at reduced
     # scale.
     skip = tfds.decode.SkipDecoding()
@@ -250,13 +252,19 @@ class _FolderSource(Source):
   def _decode(self, example: folder.Example, size: int | None):
     return folder.decode_example(example, size, self.num_classes, self.options, self._colours)
 
-  def reader(self, split, image_size):
+  def _examples(self, split: str) -> list[folder.Example]:
     examples = self._folder.examples(split)
+    if not examples:
+      raise _no_examples(f'split {split!r} of {self.name}')
+    return examples
+
+  def reader(self, split, image_size):
+    examples = self._examples(split)
     return len(examples), lambda i: (examples[i].image.name,
                                      *self._decode(examples[i], image_size))
 
   def encoded(self, split):
-    examples = self._folder.examples(split)
+    examples = self._examples(split)
 
     def read(i):
       data = decode.read_bytes(examples[i].image)  # Read once; only its header is decoded here.
@@ -265,7 +273,7 @@ class _FolderSource(Source):
     return len(examples), read
 
   def stored_sizes(self, split):
-    examples = self._folder.examples(split)
+    examples = self._examples(split)
     return len(examples), lambda i: (decode.stored_size(examples[i].image, examples[i].image),
                                      decode.stored_size(examples[i].mask, examples[i].mask))
 
@@ -346,17 +354,31 @@ def class_names(config, source: Source) -> tuple[str, ...]:
   return tuple(source.class_names)
 
 
+def _no_examples(what: str) -> errors.UserError:
+  return errors.UserError(f'{what} holds no examples; choose another split or a slice that holds '
+                          'some')
+
+
+def check_split(source: Source, split: str, what: str) -> int:
+  """-> examples in `split`, counted without reading any (Source.num_examples).
+
+  Raises:
+    UserError: if the data set has no such split; naming `what` (the flag or config field that
+      chose it), if the split or slice holds no example.
+  """
+  count = source.num_examples(split)
+  if not count:
+    raise _no_examples(what)
+  return count
+
+
 def check_data(config, source: Source) -> int:
   """Checks that both splits of the config exist and hold examples; -> train examples.
 
   Raises:
     UserError: naming the config field, if a split does not exist or holds no example.
   """
-  counts = {}
-  for field in ('train_split', 'eval_split'):
-    counts[field] = source.num_examples(config[field])
-    if not counts[field]:
-      raise errors.UserError(
-          f'config.{field}={config[field]!r} of {config.dataset} holds no examples; choose '
-          'another split, or give the split examples')
+  counts = {field: check_split(source, config[field],
+                               f'config.{field}={config[field]!r} of {config.dataset}')
+            for field in ('train_split', 'eval_split')}
   return counts['train_split']
