@@ -20,6 +20,10 @@ config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/def
 flags.DEFINE_bool('allow_nonempty_workdir', False,
                   'Train in a --workdir that holds files but is not a training run (its '
                   'config.json, metrics.jsonl and curves.png would be replaced).')
+flags.DEFINE_bool('allow_config_change', False,
+                  'Resume a run with config fields that differ from its config.json (the model '
+                  'fields must still fit); the resume is then no longer exact, and the new config '
+                  'is stored.')
 cli.define_process_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -40,7 +44,8 @@ def main(argv):
   from unet_flax import train  # pylint: disable=g-import-not-at-top
   # On SIGTERM/SIGINT: saves, returns (exit 0).
   train.train_and_evaluate(config, FLAGS.workdir,
-                           allow_nonempty_workdir=FLAGS.allow_nonempty_workdir)
+                           allow_nonempty_workdir=FLAGS.allow_nonempty_workdir,
+                           allow_config_change=FLAGS.allow_config_change)
 
 
 if __name__ == '__main__':

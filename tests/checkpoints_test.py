@@ -148,6 +148,38 @@ def test_another_models_config_is_refused_before_anything_is_written(workdir, ti
   assert checkpoints.load_config(workdir).widths == (4, 8)
 
 
+def test_checkpoints_without_their_config_are_compared_by_shape_before_a_restore(
+    workdir, tiny_config, capfd):
+  (workdir / 'config.json').unlink()  # Checkpoints copied alone.
+  before = snapshot(workdir)
+  other = tiny_config.copy_and_resolve_references()
+  other.widths = (8, 16)
+  capfd.readouterr()
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(other, str(workdir))
+  assert str(raised.value) == (
+      f'the checkpoints in {workdir / "checkpoints"} do not fit this config (params'
+      "['bottleneck']['Conv_0']['bias']: checkpoint (16,), config (32,) and 24 more) and there is "
+      'no config.json beside them to say theirs; pass the model fields they were trained with, '
+      'or use another --workdir')
+  out, err = capfd.readouterr()
+  assert out == err == ''  # No orbax log line, no restore attempted.
+  assert snapshot(workdir) == before  # No config.json of the refused config.
+  assert _restored_step(workdir, tiny_config) == 4  # The right one restores, then is stored.
+  assert checkpoints.load_config(workdir).widths == (4, 8)
+
+
+@pytest.mark.parametrize('field, value', [('widths', (8, 16)), ('learning_rate', 0.5)])
+def test_a_config_the_checkpoints_refuse_is_refused_before_the_data_are_opened(
+    workdir, tiny_config, monkeypatch, field, value):
+  def no_data(config):
+    raise AssertionError('the data were opened')
+  monkeypatch.setattr(train.sources, 'source_of', no_data)
+  tiny_config[field] = value
+  with pytest.raises(errors.UserError, match=f'{field}: '):
+    train.train_and_evaluate(tiny_config, str(workdir))
+
+
 @pytest.mark.parametrize('failure', [
     OSError(errno.ENOSPC, 'No space left on device', 'checkpoints/6.orbax-checkpoint-tmp/_x'),
     # What tensorstore, orbax's array writer, raises for the same.

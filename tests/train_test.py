@@ -80,7 +80,7 @@ def test_second_run_resumes_from_the_saved_step(tmp_path, tiny_config, capsys):
   assert int(first.step) == 3
   tiny_config.num_epochs = 2
   capsys.readouterr()
-  second = train.train_and_evaluate(tiny_config, str(tmp_path))
+  second = train.train_and_evaluate(tiny_config, str(tmp_path), allow_config_change=True)
   assert 'resumed from step 3 of 6' in capsys.readouterr().out
   assert int(second.step) == 6
   train_steps = [r['step'] for r in _records(tmp_path) if r['split'] == 'train']
@@ -98,12 +98,36 @@ def test_nonfinite_loss_stops_naming_its_step_and_saves_nothing_after(tmp_path, 
   tiny_config.log_every_steps = 3  # Losses fetched at step 9 only...
   tiny_config.checkpoint_every_steps = 2  # ...but also before the checkpoint of step 8.
   with pytest.raises(errors.UserError) as raised:
-    train.train_and_evaluate(tiny_config, str(workdir))
+    train.train_and_evaluate(tiny_config, str(workdir), allow_config_change=True)
   assert str(raised.value) == (
       f'the loss is nan at step 8: training stopped without saving it (the last checkpoint, '
       f'{workdir / "checkpoints" / "6"}, is untouched); lower config.learning_rate or check the '
       'data, or set config.skip_nonfinite_updates=True')
   assert snapshot(workdir / 'checkpoints') == before  # No step 8, nothing rewritten.
+
+
+def test_a_rerun_that_would_train_differently_is_refused_unless_allowed(tmp_path, tiny_config,
+                                                                       trained_workdir, capsys):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_workdir, workdir)  # Steps 1-6 of 6 trained.
+  before = snapshot(workdir)
+  tiny_config.update({'learning_rate': 0.5, 'num_epochs': 1, 'log_every_steps': 5})
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert str(raised.value) == (
+      f'this config changes how the checkpoints in {workdir} were trained (learning_rate: 0.002 '
+      f'-> 0.5; num_epochs: 2 -> 1), and a resume is exact only with their config '
+      f'({workdir / "config.json"}); rerun without those overrides, use another --workdir, or '
+      'pass --allow_config_change to go on with the new values')
+  assert snapshot(workdir) == before
+  capsys.readouterr()
+  train.train_and_evaluate(tiny_config, str(workdir), allow_config_change=True)
+  assert (f'already trained beyond this config: step 6 is in {workdir / "checkpoints"}, past its '
+          '3 steps (config.num_epochs=1)') in capsys.readouterr().out
+  assert checkpoints.load_config(workdir).learning_rate == 0.5  # The new config, recorded.
+  tiny_config.update({'log_every_steps': 2, 'eval_every_epochs': 2})  # These do not train.
+  train.train_and_evaluate(tiny_config, str(workdir))
+  assert 'already trained beyond this config: step 6' in capsys.readouterr().out
 
 
 class _NoCheckpoints:
@@ -163,7 +187,7 @@ def test_records_after_the_restored_step_are_dropped_on_resume(tmp_path, tiny_co
   shutil.rmtree(tmp_path / 'checkpoints' / '3')
   metrics_file.write_text(metrics_file.read_text() + '{"step": 4, "spl')
   tiny_config.num_epochs = 2
-  train.train_and_evaluate(tiny_config, tmp_path)
+  train.train_and_evaluate(tiny_config, tmp_path, allow_config_change=True)
   records = [json.loads(l) for l in metrics_file.read_text().splitlines()]
   assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
   assert metrics_file.read_text().endswith('\n')
@@ -218,7 +242,7 @@ def test_a_pretrained_encoders_weights_go_into_the_first_checkpoint_and_are_neve
     np.testing.assert_array_equal(got, want)  # Frozen for the first epoch: the weights as read.
   weights.unlink()
   tiny_config.num_epochs = 3
-  state = train.train_and_evaluate(tiny_config, str(workdir))
+  state = train.train_and_evaluate(tiny_config, str(workdir), allow_config_change=True)
   assert int(state.step) == 3
   model = inference.load_model(workdir)
   photo = tmp_path / 'photo.png'

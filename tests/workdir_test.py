@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 
 import pytest
 
 from tests.conftest import read_only_dir
+from tests.conftest import snapshot
 from unet_flax import errors
 from unet_flax import train
 from unet_flax import workdir as workdir_lib
@@ -156,7 +158,7 @@ def test_a_non_empty_directory_that_is_not_a_run_is_refused_unless_allowed(tmp_p
 
 
 def test_train_py_refuses_a_users_folder_before_anything_is_written(tmp_path):
-  from tests.conftest import ROOT, run_script, snapshot  # pylint: disable=g-import-not-at-top
+  from tests.conftest import ROOT, run_script  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'mine'
   workdir.mkdir()
   (workdir / 'curves.png').write_text('my own')
@@ -169,3 +171,29 @@ def test_train_py_refuses_a_users_folder_before_anything_is_written(tmp_path):
       'checkpoints/, no config.json of a run), and training would replace them; use a new or '
       'empty directory, or pass --allow_nonempty_workdir']
   assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize('name, target', [('predictions/step_2.png', 'file'),
+                                          ('checkpoints/5', 'directory'),
+                                          ('tensorboard/deeper/events', 'file')])
+def test_a_link_anywhere_in_a_runs_directories_is_refused_before_writing(
+    tmp_path, tiny_config, trained_workdir, name, target):
+  workdir, victim = tmp_path / 'run', tmp_path / 'victim'
+  shutil.copytree(trained_workdir, workdir)
+  if target == 'file':
+    victim.write_text('precious')
+  else:  # Orbax would take it for a checkpoint, and remove it as an old one.
+    victim.mkdir()
+    (victim / 'precious').write_text('precious')
+  (workdir / name).parent.mkdir(exist_ok=True)
+  (workdir / name).symlink_to(victim)
+  before = snapshot(workdir)
+  tiny_config.num_epochs = 3  # Training would go on, writing predictions and checkpoints.
+  with pytest.raises(errors.UserError) as raised:
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert str(raised.value) == (
+      f'--workdir {workdir}: {name} is a symbolic link (to {victim}); a run writes its files '
+      'only in its workdir, never through links: remove the link, or use another --workdir')
+  assert snapshot(workdir) == before
+  assert (victim.read_text() if target == 'file' else os.listdir(victim)) == (
+      'precious' if target == 'file' else ['precious'])

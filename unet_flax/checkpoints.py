@@ -2,7 +2,8 @@
 
 The config is stored as <workdir>/config.json so that later tools (predict, evaluate, export) can
 rebuild the model from the workdir alone, and so that a rerun with a config the checkpoints do not
-fit is refused before anything is written.
+fit, or would train on differently, is refused before anything is written (`check_config`). It is
+written once the checkpoints are known to fit: a refused config never replaces theirs.
 
 A checkpoint that is not whole never blocks a resume: an interrupted save (orbax's
 `<step>.orbax-checkpoint-tmp` directory) or a step directory that cannot be restored (a file
@@ -100,23 +101,19 @@ class Manager:
     return _steps(self.directory, self._names)
 
   def _check_config(self, config):
-    """Stores the config, or refuses one whose model fields differ from the stored one."""
+    """Refuses a config the checkpoints do not fit; stores it now if there are none to fit."""
+    self._config = config
+    check_config(self.workdir, config, allow_change=True)  # Before orbax creates anything.
+    if not self._stored_steps():
+      self._store_config()
+
+  def _store_config(self):
+    """Writes the config beside checkpoints it is known to fit (or where there are none yet)."""
     path = self.workdir / CONFIG_FILE
-    if path.exists() and self._stored_steps():
-      stored = config_lib.load(path)
-      differ = [f'{k}: checkpoint {_comparable(stored[k])!r}, config {_comparable(config[k])!r}'
-                for k in config_lib.MODEL_FIELDS if _comparable(stored[k]) != _comparable(config[k])]
-      if bool(stored.ema_decay) != bool(config.ema_decay):
-        differ.append(f'ema_decay: checkpoint {stored.ema_decay!r}, config {config.ema_decay!r} '
-                      '(a moving average of the weights is kept or not)')
-      if differ:
-        raise errors.UserError(
-            f'the checkpoints in {self.workdir} do not fit this config ({"; ".join(differ)}); '
-            'use another --workdir or the same model fields')
     if jax.process_index() == 0:
       paths.refuse_link(path)  # A workdir from someone else: never written through.
       with errors.disk_errors(str(path)):
-        path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+        path.write_text(self._config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
   @property
   def latest_step(self) -> int | None:
@@ -129,7 +126,8 @@ class Manager:
     """The newest whole checkpoint restored into `state`'s structure and shardings, or `state`.
 
     Damaged checkpoints are skipped with a warning; if there are checkpoints but none restores,
-    that is more likely a mismatch than damage, and an error.
+    that is more likely a mismatch than damage, and an error. The config is stored once one has
+    restored.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _saved(state))
 
@@ -145,11 +143,13 @@ class Manager:
     if not steps:
       self._warn_interrupted_saves(after=-1)
       return state
-    step, restored = _restore_newest(
-        steps, lambda step: self._manager.restore(step, args=ocp.args.StandardRestore(abstract)),
-        skip, lambda e: errors.UserError(
-            f'no checkpoint in {self.directory} can be restored into this model (newest: '
-            f'{_reason(e)}); use another --workdir'))
+    with _quiet_absl():  # Orbax logs each failed read: the one line below says what matters.
+      step, restored = _restore_newest(
+          steps, lambda step: self._manager.restore(step, args=ocp.args.StandardRestore(abstract)),
+          skip, lambda e: errors.UserError(
+              f'no checkpoint in {self.directory} can be restored into this model (newest: '
+              f'{_reason(e)}); use another --workdir'))
+    self._store_config()  # Only now: a config the checkpoints refuse must not replace theirs.
     if self._names.damaged:
       self._manager.reload()  # Orbax forgets the damaged steps.
     self._warn_interrupted_saves(after=step)
@@ -223,6 +223,87 @@ class Manager:
       raise
     with errors.disk_errors(f'a checkpoint in {self.directory}', _INTACT):  # A failure after wait().
       self._manager.close()
+
+
+def check_config(workdir, config: ml_collections.ConfigDict, allow_change: bool = False) -> None:
+  """Refuses a config that the checkpoints of `workdir` do not fit, or that would train them on
+  differently; reads a little, writes nothing, restores nothing.
+
+  Beside a config.json, its model fields must be the config's, and (unless allow_change) so must
+  every field but config.RESUME_FREE_FIELDS: a resume is exact only with the config the
+  checkpoints were trained with. Checkpoints without a config.json (copied alone) are compared by
+  the shapes of their stored parameters.
+
+  Raises:
+    UserError: naming the fields (or the parameter) that differ, and what to do.
+  """
+  workdir = paths.absolute(workdir)
+  steps = restorable_steps(workdir)
+  if not steps:
+    return
+  path = workdir / CONFIG_FILE
+  if not path.exists():
+    _check_shapes(workdir / CHECKPOINT_DIR, steps, config)
+    return
+  stored = config_lib.load(path)
+  differ = [f'{k}: checkpoint {_comparable(stored[k])!r}, config {_comparable(config[k])!r}'
+            for k in config_lib.MODEL_FIELDS if _comparable(stored[k]) != _comparable(config[k])]
+  if bool(stored.ema_decay) != bool(config.ema_decay):
+    differ.append(f'ema_decay: checkpoint {stored.ema_decay!r}, config {config.ema_decay!r} '
+                  '(a moving average of the weights is kept or not)')
+  if differ:
+    raise errors.UserError(
+        f'the checkpoints in {workdir} do not fit this config ({"; ".join(differ)}); '
+        'use another --workdir or the same model fields')
+  changed = [f'{k}: {_comparable(stored[k])!r} -> {_comparable(config[k])!r}'
+             for k in sorted(config.keys()) if k not in config_lib.RESUME_FREE_FIELDS
+             and _comparable(stored[k]) != _comparable(config[k])]
+  if changed and not allow_change:
+    raise errors.UserError(
+        f'this config changes how the checkpoints in {workdir} were trained '
+        f'({"; ".join(changed)}), and a resume is exact only with their config ({path}); rerun '
+        'without those overrides, use another --workdir, or pass --allow_config_change to go on '
+        'with the new values')
+
+
+def _check_shapes(directory: epath.Path, steps: list[int], config) -> None:
+  """Compares the parameter shapes stored in the newest readable checkpoint's metadata with
+  those of the config's model; a checkpoint whose metadata cannot be read is left to restore."""
+  from unet_flax import models  # pylint: disable=g-import-not-at-top  (flax only when needed)
+  expected = jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(0))
+  for step in reversed(steps):
+    try:
+      with _quiet_absl(), ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.metadata(directory / str(step) / 'default').item_metadata
+      stored = stored['params']
+    except Exception:  # pylint: disable=broad-except  (damaged: the restore skips it, warning)
+      continue
+    want = {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    have = {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ()) or ())
+            for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+    differ = [f'params{k}: checkpoint {have.get(k, "absent")}, config {want.get(k, "absent")}'
+              for k in sorted(want.keys() | have.keys()) if have.get(k) != want.get(k)]
+    if differ:
+      more = f' and {len(differ) - 1} more' if len(differ) > 1 else ''
+      raise errors.UserError(
+          f'the checkpoints in {directory} do not fit this config ({differ[0]}{more}) and there '
+          f'is no {CONFIG_FILE} beside them to say theirs; pass the model fields they were '
+          'trained with, or use another --workdir')
+    return
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """Orbax's absl warnings (a missing metadata file, each array that failed to restore) held
+  back while it runs; the caller reports a failure in one line."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR + 10)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _steps(directory: epath.Path, names=None) -> list[int]:

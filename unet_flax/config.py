@@ -21,6 +21,12 @@ FOLDER_PREFIX = 'folder:'  # config.dataset = 'folder:/path/to/data': your own i
 MODEL_FIELDS = ('widths', 'num_classes', 'image_size', 'dtype', 'normalization', 'encoder')
 # Model fields that older versions did not store: their default is the model those versions built.
 LATER_MODEL_FIELDS = ('normalization', 'encoder')
+# Fields a resumed run may change: where the data are read from and how fast, and what is logged,
+# evaluated, drawn and kept; every other field decides the steps taken (checkpoints.check_config).
+# class_names comes from the data set; encoder_weights is read into the first checkpoint only.
+RESUME_FREE_FIELDS = ('data_dir', 'input_threads', 'cache_bytes', 'class_names', 'encoder_weights',
+                      'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
+                      'max_checkpoints_to_keep', 'num_prediction_images')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULES = ('constant', 'warmup_cosine')
 MASK_MODES = ('values', 'binary', 'colour')

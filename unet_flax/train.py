@@ -45,11 +45,14 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
-                       allow_nonempty_workdir: bool = True) -> steps.TrainState | None:
+                       allow_nonempty_workdir: bool = True,
+                       allow_config_change: bool = False) -> steps.TrainState | None:
   """Trains and evaluates per the config; checkpoints, metrics and pictures go to `workdir`.
 
   Running it again with the same workdir resumes from the latest checkpoint, exactly: the step,
   optimizer state, dropout keys and position in the data order are those of an uninterrupted run.
+  So a config that would train on differently (config.RESUME_FREE_FIELDS aside) is refused unless
+  allow_config_change.
   On SIGTERM or SIGINT it saves a checkpoint at the current step and returns; before anything is
   written (while the data are prepared) it stops at once and returns None.
 
@@ -58,6 +61,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
     workdir: where the run's files go; relative to the current directory, `~` allowed.
     allow_nonempty_workdir: False: a workdir holding files that are not a run's is refused
       (workdir.check), as train.py does unless --allow_nonempty_workdir.
+    allow_config_change: True: resume with fields that differ from the stored config.json (the
+      model fields must still fit), and store the new config (train.py's --allow_config_change).
 
   Raises:
     UserError: for bad input (config, data, a workdir that does not fit), in one line.
@@ -65,6 +70,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   config = config_lib.validate(config)
   devices = Devices(config.batch_size)
   workdir = workdir_lib.check(workdir, allow_nonempty=allow_nonempty_workdir)
+  # Before the data are prepared (a download, for another recipe's data set).
+  checkpoints.check_config(workdir, config, allow_change=allow_config_change)
   mode = modes.get(config)
   # A pretrained encoder's weights are read once, into the first checkpoint: a resume never
   # needs them. Read here, so a missing package or a bad file stops before anything is written.
@@ -137,6 +144,11 @@ def _train(config, mode: modes.Mode, per_epoch: int, train_data, eval_data, devi
   # A run stopped (SIGTERM) right after an epoch's last step saved it unevaluated.
   owes_eval = step > 0 and _evaluates_at(step, config, per_epoch, total_steps) and not (
       report.evaluated(step))
+  if step > total_steps:  # Only with allow_config_change: fewer epochs than were trained.
+    report.text(f'already trained beyond this config: step {step} is in {manager.directory}, '
+                f'past its {total_steps} steps (config.num_epochs={config.num_epochs})')
+    report.done(evaluated=False)
+    return state
   if step >= total_steps and not owes_eval:
     report.text(f'already trained: step {step} of {total_steps} is in {manager.directory}')
     report.done(evaluated=False)

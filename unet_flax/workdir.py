@@ -22,8 +22,8 @@ from unet_flax import paths
 
 LOCK_FILE = '.lock'
 CONFIG_FILE = 'config.json'  # checkpoints.CONFIG_FILE (not imported: orbax is slow to import).
-# What a run writes in its workdir: none of them may be a link (a workdir from someone else
-# could send the writes anywhere).
+# What a run writes in its workdir: none of them, and nothing in them, may be a link (a workdir
+# from someone else could send the writes anywhere).
 RUN_FILES = (CONFIG_FILE, 'checkpoints', 'metrics.jsonl', 'tensorboard', 'predictions',
              'curves.png', 'eval', LOCK_FILE)
 
@@ -37,7 +37,8 @@ def check(workdir, allow_nonempty: bool = True) -> epath.Path:
       since training would replace a user's own config.json, metrics.jsonl or curves.png.
 
   Raises:
-    UserError: if it is a file, cannot be created, holds a link where a run writes a file, or
+    UserError: if it is a file, cannot be created, holds a link where a run writes (RUN_FILES and
+      anything in them), or
       (allow_nonempty False) holds files of something other than a run.
   """
   path = paths.absolute(workdir)
@@ -61,12 +62,24 @@ def check(workdir, allow_nonempty: bool = True) -> epath.Path:
 
 
 def _refuse_links(path: epath.Path) -> None:
+  """Raises a UserError naming the first symbolic link among RUN_FILES or anywhere below them.
+
+  The directories are walked without following links, so a checkpoints/ of many files costs one
+  listing a directory; a link further down (predictions/step_2.png, checkpoints/5) would send a
+  write, or orbax's removal of an old checkpoint, outside the workdir.
+  """
   for name in RUN_FILES:
-    if os.path.islink(path / name):
+    top = path / name
+    link = top if os.path.islink(top) else None
+    if link is None and top.is_dir():
+      link = next((os.path.join(parent, entry) for parent, dirs, files in os.walk(top)
+                   for entry in sorted(dirs + files) if os.path.islink(os.path.join(parent, entry))),
+                  None)
+    if link is not None:
       raise errors.UserError(
-          f'--workdir {path}: {name} is a symbolic link (to {os.readlink(path / name)}); a run '
-          'writes its files only in its workdir, never through links: remove the link, or use '
-          'another --workdir')
+          f'--workdir {path}: {os.path.relpath(link, path)} is a symbolic link (to '
+          f'{os.readlink(link)}); a run writes its files only in its workdir, never through '
+          'links: remove the link, or use another --workdir')
 
 
 def is_run(path: epath.Path) -> bool:
