@@ -305,3 +305,16 @@ def test_onnx_docs_snippet_runs_in_a_venv_with_only_the_packages_it_lists(export
   result = _run_snippet(python, exported, tmp_path / 'run', runtime='onnx')
   assert result.returncode == 0, result.stderr
   assert "'pet'" in result.stdout
+
+
+def test_overwrite_removes_the_model_files_this_export_does_not_write(trained_workdir, tmp_path,
+                                                                      capsys):
+  """An earlier export's model.onnx does not stay beside a jax-only export; the user's files do."""
+  out = tmp_path / 'model'
+  out.mkdir()
+  (out / 'model.onnx').write_bytes(b'an earlier run\'s model')
+  (out / 'notes.txt').write_text('mine')
+  info = export.export(trained_workdir, out, formats=('jax',), platforms=('cpu',), overwrite=True)
+  assert list(info['files']) == ['jax']
+  assert sorted(p.name for p in out.iterdir()) == ['model.jax_export', 'model.json', 'notes.txt']
+  assert f'removed {out / "model.onnx"} of an earlier export' in capsys.readouterr().err

@@ -171,6 +171,9 @@ def _version(package: str) -> str:
 
 # Each format: (model, batch_size, platforms) -> (file name, its bytes, its model.json entry).
 FORMATS = {'jax': _jax_format, 'onnx': _onnx_format}
+# The file each format writes: with --overwrite, those of an earlier export that this one does not
+# write are removed, so that no model.onnx of another run or step stays beside a new model.json.
+FORMAT_FILES = {'jax': MODEL_FILE, 'onnx': ONNX_FILE}
 
 
 def default_formats() -> tuple[str, ...]:
@@ -199,6 +202,16 @@ def _write(out: epath.Path, files: dict[str, bytes | str]) -> None:
         temporary.write_bytes(data) if isinstance(data, bytes) else temporary.write_text(data)))
 
 
+def _remove_stale(out: epath.Path, written: set[str]) -> None:
+  """Removes the format files (FORMAT_FILES) in `out` that are not in `written`, saying so;
+  nothing else in `out` is touched."""
+  for name in sorted(set(FORMAT_FILES.values()) - written):
+    if (out / name).exists():
+      (out / name).unlink()
+      print(f'note: removed {out / name} of an earlier export: this export did not write it',
+            file=sys.stderr)
+
+
 def export(workdir, out, *, step: int | None = None, batch_size: int | None = None,
            overwrite: bool = False, platforms=PLATFORMS,
            formats: tuple[str, ...] | None = None) -> dict:
@@ -206,7 +219,8 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
 
   Args:
     workdir: a training run's --workdir.
-    out: the directory to write; refused if it holds files, unless `overwrite`.
+    out: the directory to write; refused if it holds files, unless `overwrite`, which replaces
+      the model's files there and removes those of its formats this export does not write.
     step: the checkpoint; None: the latest.
     batch_size: fixed batch size; None: symbolic.
     platforms: what the jax format is lowered for.
@@ -256,4 +270,5 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
   }
   _write(out, {**{file: data for file, data, _ in written.values()},
                INFO_FILE: json.dumps(info, indent=2) + '\n'})
+  _remove_stale(out, {file for file, _, _ in written.values()})
   return info
