@@ -259,7 +259,7 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
       except errors.UserError as e:
         failure(path, e)
     if progress:
-      progress.update(min(start + batch_size, len(paths)))
+      progress.update(min(start + batch_size, len(paths)), skipped=len(failed))
   if replaced:
     print(f'note: replaced {replaced} existing files in {out}', file=stderr)
   return failed
