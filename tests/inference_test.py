@@ -173,3 +173,11 @@ def test_predict_progress_counts_the_images_written_not_those_skipped(trained_wo
                                  stderr=log) == paths[1:]
   assert 'predicted 1/3 images (2 skipped), ' in log.getvalue()
   assert sorted(p.name for p in (tmp_path / 'masks').iterdir()) == ['a_mask.png', 'a_overlay.png']
+
+
+def test_predict_makes_no_out_when_no_image_could_be_read(trained_workdir, tmp_path):
+  model = inference.load_model(trained_workdir)
+  (tmp_path / 'broken.jpg').write_bytes(b'not an image')
+  paths = [str(tmp_path / 'broken.jpg'), str(tmp_path / 'gone.jpg')]
+  assert inference.predict_files(model, paths, tmp_path / 'masks', stderr=io.StringIO()) == paths
+  assert not (tmp_path / 'masks').exists()
