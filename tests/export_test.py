@@ -318,3 +318,13 @@ def test_overwrite_removes_the_model_files_this_export_does_not_write(trained_wo
   assert list(info['files']) == ['jax']
   assert sorted(p.name for p in out.iterdir()) == ['model.jax_export', 'model.json', 'notes.txt']
   assert f'removed {out / "model.onnx"} of an earlier export' in capsys.readouterr().err
+
+
+def test_a_refused_export_says_nothing_about_the_onnx_it_would_leave_out(tmp_path, monkeypatch,
+                                                                          capsys):
+  monkeypatch.setattr(export, 'onnx_installed', lambda: False)
+  (tmp_path / 'model').mkdir()
+  (tmp_path / 'model' / 'notes.txt').write_text('mine')
+  with pytest.raises(errors.UserError, match='is not empty; pass --overwrite'):
+    export.export('unused', tmp_path / 'model')
+  assert capsys.readouterr().err == ''

@@ -234,11 +234,9 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
   if unknown or not platforms:
     raise errors.UserError(f'--platforms {",".join(platforms)}: {", ".join(unknown) or "none"} '
                            f'not known; choose from {",".join(KNOWN_PLATFORMS)}')
+  onnx_left_out = formats is None and 'onnx' not in default_formats()
   if formats is None:
     formats = default_formats()
-    if 'onnx' not in formats:
-      print(f'note: model.onnx not written: its converter is not installed ({ONNX_INSTALL})',
-            file=sys.stderr)
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown or not formats:
     raise errors.UserError(f'--formats {",".join(formats)}: {", ".join(unknown) or "none"} '
@@ -248,6 +246,9 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
   out = paths.absolute(out)
   _check_out(out, overwrite)
   model = inference.load_model(workdir, step)
+  if onnx_left_out:  # Said once nothing refuses the export, not beside a refusal.
+    print(f'note: model.onnx not written: its converter is not installed ({ONNX_INSTALL})',
+          file=sys.stderr)
   config = model.config
   written = {name: FORMATS[name](model, batch_size, platforms) for name in formats}
   batch = 'b' if batch_size is None else batch_size
