@@ -3,6 +3,7 @@ and docs/using.md's snippets segment a photo as predict does with jax or onnxrun
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import re
@@ -273,6 +274,18 @@ def test_onnx_of_the_pretrained_encoders_unet_equals_jax(tiny_config):
   images = _pictures(2, 32)
   _assert_close(_onnx_logits(data, images),
                 np.asarray(jax.jit(model.forward)(model.params, images)))
+
+
+@NEEDS_ONNX
+def test_onnx_conversion_logs_no_warning_about_its_shape_tensors(tiny_config, caplog):
+  """onnx_ir's warnings about the untyped Reshape shape tensors are kept from the user; its
+  logger is as it was afterwards."""
+  params = jax.tree.map(np.asarray, models.init_params(tiny_config, jax.random.key(0)))
+  level = logging.getLogger('onnx_ir.serde').level
+  with caplog.at_level(logging.WARNING):
+    export.onnx_model(inference.make_model(tiny_config, 0, params))
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+  assert logging.getLogger('onnx_ir.serde').level == level
 
 
 def test_without_the_converter_export_writes_the_jax_form_and_says_so(
