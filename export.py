@@ -25,7 +25,7 @@ flags.DEFINE_list('formats', None,
                   "extra); default: jax, and onnx where its converter is installed.")
 flags.DEFINE_bool('overwrite', False, 'Replace the model\'s files in a non-empty --out, and remove '
                   'those of the formats not written (an earlier model.onnx).')
-flags.mark_flags_as_required(['workdir', 'out'])
+flags.mark_flags_as_required(['out'])  # --workdir: checked by cli.run.
 
 
 def main(argv):

@@ -21,7 +21,7 @@ flags.DEFINE_bool('allow_nonempty_workdir', False,
                   'Train in a --workdir that holds files but is not a training run (its '
                   'config.json, metrics.jsonl and curves.png would be replaced).')
 cli.define_process_flags()
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])  # --workdir: checked by cli.run.
 
 
 def main(argv):

@@ -1,9 +1,10 @@
 """The one shell of the command-line tools: train.py, predict.py, evaluate.py and export.py.
 
-`cli.run(main)` parses the flags (a mistake is one line, not a traceback), quiets the libraries'
-INFO logs, sets up the process as the trainer does (runtime.setup: XLA:CPU flags, the compile
-cache, several processes), decides its convolutions once (--conv_backend, layers.select_backend),
-runs `main(argv)` and turns a `UserError` into one line on stderr.
+`cli.run(main)` parses the flags (a mistake, a missing or empty --workdir included, is one line,
+not a traceback), quiets the libraries' INFO logs, sets up the process as the trainer does
+(runtime.setup: XLA:CPU flags, the compile cache, several processes), decides its convolutions
+once (--conv_backend, layers.select_backend), runs `main(argv)` and turns a `UserError` into one
+line on stderr.
 
 Exit codes: 0 done (also after a SIGTERM/Ctrl-C save), 1 a UserError or bad flags (what to do is
 on stderr), 130 a second Ctrl-C (stopped without saving). `main` may return another code.
@@ -59,7 +60,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   if repeated:
     sys.exit(f'error: {repeated[0]} is given more than once; give each config field once')
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
     if _user_frames(e) or isinstance(e, SyntaxError):  # A --config file's own code failed.
       sys.exit(f'error: {config_error(None, e)}')
@@ -73,6 +74,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if isinstance(e, (flags.Error, ValueError, TypeError)):
       sys.exit(f'error: {e}; see python {sys.argv[0]} --help')
     raise
+  _require_workdir(remaining)
+  return remaining
+
+
+def _require_workdir(remaining: list[str]) -> None:
+  """Refuses a missing or empty --workdir of a tool that has one (every tool does): checked here
+  rather than by absl's required flags, whose message is theirs, and which take '' (which would
+  mean the current directory)."""
+  if 'workdir' not in FLAGS or FLAGS.workdir:
+    return
+  if any(a.split('=', 1)[0] == '--workdir' for a in remaining[1:]):
+    return  # Given after predict's images: predict says where flags go.
+  sys.exit("error: --workdir is required: the run's directory, e.g. --workdir runs/pets")
 
 
 def config_error(filename: str | None, e: BaseException) -> str:
