@@ -12,6 +12,7 @@ on stderr), 130 a second Ctrl-C (stopped without saving). `main` may return anot
 Nothing heavy is imported here or before the flags are parsed, so `--help` answers at once.
 """
 
+import difflib
 import logging as std_logging
 import sys
 import traceback
@@ -51,6 +52,20 @@ def _repeated_overrides(argv: list[str]) -> list[str]:
   return sorted({n for n in names if names.count(n) > 1})
 
 
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first --config.NAME override whose NAME is no config field, with the nearest field
+  (`batch_szie (did you mean batch_size?)`); None if every one is a field."""
+  from unet_flax import config as config_lib  # pylint: disable=g-import-not-at-top  (fast --help)
+  fields = list(config_lib.defaults())
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      name = arg.split('=', 1)[0][len('--config.'):].split('.')[0]
+      if name not in fields:
+        near = difflib.get_close_matches(name, fields, n=1)
+        return name + (f' (did you mean {near[0]}?)' if near else '')
+  return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with each mistake reported in one line instead of a traceback."""
   if any(a.startswith('--config.conv_backend') for a in argv[1:]):
@@ -65,9 +80,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if _user_frames(e) or isinstance(e, SyntaxError):  # A --config file's own code failed.
       sys.exit(f'error: {config_error(None, e)}')
     if isinstance(e, (KeyError, AttributeError)):  # ml_collections: an unknown field's override.
-      message = str(e.args[0] if e.args else e).replace('\\n', ' ').replace("\\'", '')
-      sys.exit(f'error: unknown config field {message.strip(chr(34) + chr(39))}; '
-               'see unet_flax/config.py for the fields')
+      unknown = _unknown_override(argv)
+      if unknown is None:  # Not one of ours (a config file's own field): the library's words.
+        unknown = str(e.args[0] if e.args else e).replace('\\n', ' ').replace("\\'", '')
+        unknown = unknown.strip(chr(34) + chr(39))
+      sys.exit(f'error: unknown config field {unknown}; see unet_flax/config.py for the fields')
     if isinstance(e, OSError):  # ml_collections: a --config file that cannot be read.
       sys.exit(f'error: the --config file {e.filename or ""} cannot be read ({e.strerror or e}); '
                'pass a file such as configs/default.py')
