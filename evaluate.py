@@ -42,7 +42,6 @@ flags.DEFINE_string('out', None, 'A .json file, or a directory; default: <workdi
 flags.DEFINE_integer('batch_size', None,
                      "Images per forward pass; default: the run's config.batch_size.",
                      lower_bound=1)
-flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):

@@ -23,8 +23,9 @@ flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'Platforms to lower model
 flags.DEFINE_list('formats', None,
                   "Files to write: 'jax' (model.jax_export), 'onnx' (model.onnx, needs the onnx "
                   "extra); default: jax, and onnx where its converter is installed.")
-flags.DEFINE_bool('overwrite', False, 'Replace the files of a non-empty --out.')
-flags.mark_flags_as_required(['workdir', 'out'])
+flags.DEFINE_bool('overwrite', False, 'Replace the model\'s files in a non-empty --out, and remove '
+                  'those of the formats not written (an earlier model.onnx).')
+flags.mark_flags_as_required(['out'])  # --workdir: checked by cli.run.
 
 
 def main(argv):

@@ -42,9 +42,8 @@ def main(argv):
   if misplaced:  # Before the required flags: --out after the photos is not a missing --out.
     raise errors.UserError(f'{misplaced[0]} comes after the images; flags go before them, '
                            f'{example}')
-  for name in ('workdir', 'out'):
-    if FLAGS[name].value is None:
-      raise errors.UserError(f'--{name} is required; {example}')
+  if FLAGS.out is None:  # --workdir: checked by cli.run.
+    raise errors.UserError(f'--out is required; {example}')
   if not paths:
     raise errors.UserError(f'no images given; {example}')
   from unet_flax import inference  # pylint: disable=g-import-not-at-top

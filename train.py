@@ -25,7 +25,7 @@ flags.DEFINE_bool('allow_config_change', False,
                   'fields must still fit); the resume is then no longer exact, and the new config '
                   'is stored.')
 cli.define_process_flags()
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])  # --workdir: checked by cli.run.
 
 
 def main(argv):

@@ -131,3 +131,28 @@ def test_a_photo_named_like_a_flag_is_a_photo_not_a_flag(tmp_path, trained_workd
   assert result.stderr.strip().splitlines() == [
       'error: --out comes after the images; flags go before them, e.g. python predict.py '
       '--workdir runs/pets --out masks/ photos/*.jpg']
+
+
+def test_every_tool_without_a_workdir_says_so_in_one_line(tmp_path):
+  config = ROOT / 'configs' / 'quickstart.py'
+  tools = {'train.py': ['--config', config], 'evaluate.py': [],
+           'predict.py': ['--out', tmp_path / 'masks'], 'export.py': ['--out', tmp_path / 'model']}
+  for tool, args in tools.items():
+    for workdir in ([], ['--workdir', '']):  # Missing, and empty (not the current directory).
+      result = run_script(tool, *workdir, *args, *(['a.png'] if tool == 'predict.py' else []),
+                          cache=tmp_path / 'cache', cwd=tmp_path)
+      assert result.returncode == 1, (tool, workdir)
+      assert result.stderr.strip().splitlines() == [
+          "error: --workdir is required: the run's directory, e.g. --workdir runs/pets"], tool
+  assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_unknown_config_field_is_named_with_the_nearest_field(tmp_path):
+  for override, hint in [('--config.batch_szie=3', 'batch_szie (did you mean batch_size?)'),
+                         ('--config.zzz=3', 'zzz')]:
+    result = run_script('train.py', '--config', ROOT / 'configs' / 'quickstart.py', '--workdir',
+                        tmp_path / 'run', override, cache=tmp_path / 'cache')
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f'error: unknown config field {hint}; see unet_flax/config.py for the fields']
+  assert not (tmp_path / 'run').exists()

@@ -3,6 +3,7 @@ and docs/using.md's snippets segment a photo as predict does with jax or onnxrun
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import re
@@ -275,6 +276,18 @@ def test_onnx_of_the_pretrained_encoders_unet_equals_jax(tiny_config):
                 np.asarray(jax.jit(model.forward)(model.params, images)))
 
 
+@NEEDS_ONNX
+def test_onnx_conversion_logs_no_warning_about_its_shape_tensors(tiny_config, caplog):
+  """onnx_ir's warnings about the untyped Reshape shape tensors are kept from the user; its
+  logger is as it was afterwards."""
+  params = jax.tree.map(np.asarray, models.init_params(tiny_config, jax.random.key(0)))
+  level = logging.getLogger('onnx_ir.serde').level
+  with caplog.at_level(logging.WARNING):
+    export.onnx_model(inference.make_model(tiny_config, 0, params))
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+  assert logging.getLogger('onnx_ir.serde').level == level
+
+
 def test_without_the_converter_export_writes_the_jax_form_and_says_so(
     trained_workdir, tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(export, 'onnx_installed', lambda: False)
@@ -305,3 +318,26 @@ def test_onnx_docs_snippet_runs_in_a_venv_with_only_the_packages_it_lists(export
   result = _run_snippet(python, exported, tmp_path / 'run', runtime='onnx')
   assert result.returncode == 0, result.stderr
   assert "'pet'" in result.stdout
+
+
+def test_overwrite_removes_the_model_files_this_export_does_not_write(trained_workdir, tmp_path,
+                                                                      capsys):
+  """An earlier export's model.onnx does not stay beside a jax-only export; the user's files do."""
+  out = tmp_path / 'model'
+  out.mkdir()
+  (out / 'model.onnx').write_bytes(b'an earlier run\'s model')
+  (out / 'notes.txt').write_text('mine')
+  info = export.export(trained_workdir, out, formats=('jax',), platforms=('cpu',), overwrite=True)
+  assert list(info['files']) == ['jax']
+  assert sorted(p.name for p in out.iterdir()) == ['model.jax_export', 'model.json', 'notes.txt']
+  assert f'removed {out / "model.onnx"} of an earlier export' in capsys.readouterr().err
+
+
+def test_a_refused_export_says_nothing_about_the_onnx_it_would_leave_out(tmp_path, monkeypatch,
+                                                                          capsys):
+  monkeypatch.setattr(export, 'onnx_installed', lambda: False)
+  (tmp_path / 'model').mkdir()
+  (tmp_path / 'model' / 'notes.txt').write_text('mine')
+  with pytest.raises(errors.UserError, match='is not empty; pass --overwrite'):
+    export.export('unused', tmp_path / 'model')
+  assert capsys.readouterr().err == ''

@@ -1,5 +1,6 @@
 """Restoring read-only, reading photos of any mode, and predict.py, on tiny data."""
 
+import io
 import jax
 import numpy as np
 import pytest
@@ -160,3 +161,23 @@ def test_predict_takes_directories_and_patterns_as_well_as_files(tmp_path):
   (photos / 'nested' / 'c.png').unlink()
   with pytest.raises(errors.UserError, match='nested is a directory without images'):
     inference.expand_inputs([str(photos / 'nested')])
+
+
+def test_predict_progress_counts_the_images_written_not_those_skipped(trained_workdir, tmp_path):
+  model = inference.load_model(trained_workdir)
+  Image.fromarray(gradient_picture(12, 14)).save(tmp_path / 'a.jpg')
+  (tmp_path / 'broken.jpg').write_bytes(b'not an image')
+  paths = [str(tmp_path / 'a.jpg'), str(tmp_path / 'broken.jpg'), str(tmp_path / 'gone.jpg')]
+  log = io.StringIO()
+  assert inference.predict_files(model, paths, tmp_path / 'masks', batch_size=1,
+                                 stderr=log) == paths[1:]
+  assert 'predicted 1/3 images (2 skipped), ' in log.getvalue()
+  assert sorted(p.name for p in (tmp_path / 'masks').iterdir()) == ['a_mask.png', 'a_overlay.png']
+
+
+def test_predict_makes_no_out_when_no_image_could_be_read(trained_workdir, tmp_path):
+  model = inference.load_model(trained_workdir)
+  (tmp_path / 'broken.jpg').write_bytes(b'not an image')
+  paths = [str(tmp_path / 'broken.jpg'), str(tmp_path / 'gone.jpg')]
+  assert inference.predict_files(model, paths, tmp_path / 'masks', stderr=io.StringIO()) == paths
+  assert not (tmp_path / 'masks').exists()

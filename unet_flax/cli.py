@@ -1,9 +1,10 @@
 """The one shell of the command-line tools: train.py, predict.py, evaluate.py and export.py.
 
-`cli.run(main)` parses the flags (a mistake is one line, not a traceback), quiets the libraries'
-INFO logs, sets up the process as the trainer does (runtime.setup: XLA:CPU flags, the compile
-cache, several processes), decides its convolutions once (--conv_backend, layers.select_backend),
-runs `main(argv)` and turns a `UserError` into one line on stderr.
+`cli.run(main)` parses the flags (a mistake, a missing or empty --workdir included, is one line,
+not a traceback), quiets the libraries' INFO logs, sets up the process as the trainer does
+(runtime.setup: XLA:CPU flags, the compile cache, several processes), decides its convolutions
+once (--conv_backend, layers.select_backend), runs `main(argv)` and turns a `UserError` into one
+line on stderr.
 
 Exit codes: 0 done (also after a SIGTERM/Ctrl-C save), 1 a UserError or bad flags (what to do is
 on stderr), 130 a second Ctrl-C (stopped without saving). `main` may return another code.
@@ -11,6 +12,7 @@ on stderr), 130 a second Ctrl-C (stopped without saving). `main` may return anot
 Nothing heavy is imported here or before the flags are parsed, so `--help` answers at once.
 """
 
+import difflib
 import logging as std_logging
 import sys
 import traceback
@@ -50,6 +52,20 @@ def _repeated_overrides(argv: list[str]) -> list[str]:
   return sorted({n for n in names if names.count(n) > 1})
 
 
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first --config.NAME override whose NAME is no config field, with the nearest field
+  (`batch_szie (did you mean batch_size?)`); None if every one is a field."""
+  from unet_flax import config as config_lib  # pylint: disable=g-import-not-at-top  (fast --help)
+  fields = list(config_lib.defaults())
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      name = arg.split('=', 1)[0][len('--config.'):].split('.')[0]
+      if name not in fields:
+        near = difflib.get_close_matches(name, fields, n=1)
+        return name + (f' (did you mean {near[0]}?)' if near else '')
+  return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with each mistake reported in one line instead of a traceback."""
   if any(a.startswith('--config.conv_backend') for a in argv[1:]):
@@ -59,20 +75,35 @@ def _parse_flags(argv: list[str]) -> list[str]:
   if repeated:
     sys.exit(f'error: {repeated[0]} is given more than once; give each config field once')
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
     if _user_frames(e) or isinstance(e, SyntaxError):  # A --config file's own code failed.
       sys.exit(f'error: {config_error(None, e)}')
     if isinstance(e, (KeyError, AttributeError)):  # ml_collections: an unknown field's override.
-      message = str(e.args[0] if e.args else e).replace('\\n', ' ').replace("\\'", '')
-      sys.exit(f'error: unknown config field {message.strip(chr(34) + chr(39))}; '
-               'see unet_flax/config.py for the fields')
+      unknown = _unknown_override(argv)
+      if unknown is None:  # Not one of ours (a config file's own field): the library's words.
+        unknown = str(e.args[0] if e.args else e).replace('\\n', ' ').replace("\\'", '')
+        unknown = unknown.strip(chr(34) + chr(39))
+      sys.exit(f'error: unknown config field {unknown}; see unet_flax/config.py for the fields')
     if isinstance(e, OSError):  # ml_collections: a --config file that cannot be read.
       sys.exit(f'error: the --config file {e.filename or ""} cannot be read ({e.strerror or e}); '
                'pass a file such as configs/default.py')
     if isinstance(e, (flags.Error, ValueError, TypeError)):
       sys.exit(f'error: {e}; see python {sys.argv[0]} --help')
     raise
+  _require_workdir(remaining)
+  return remaining
+
+
+def _require_workdir(remaining: list[str]) -> None:
+  """Refuses a missing or empty --workdir of a tool that has one (every tool does): checked here
+  rather than by absl's required flags, whose message is theirs, and which take '' (which would
+  mean the current directory)."""
+  if 'workdir' not in FLAGS or FLAGS.workdir:
+    return
+  if any(a.split('=', 1)[0] == '--workdir' for a in remaining[1:]):
+    return  # Given after predict's images: predict says where flags go.
+  sys.exit("error: --workdir is required: the run's directory, e.g. --workdir runs/pets")
 
 
 def config_error(filename: str | None, e: BaseException) -> str:

@@ -31,6 +31,7 @@ tests/export_test.py and tests/onnx_export_test.py run those snippets.
 
 import importlib.util
 import json
+import logging
 import sys
 from collections.abc import Callable
 
@@ -62,6 +63,14 @@ ONNX_INSTALL = "pip install -e '.[onnx]' (jax2onnx and onnxruntime)"
 # How far onnxruntime's logits may be from jax's on the check batch before export refuses the
 # file: float32 convolutions summed in another order differ by ~1e-6 of the logits' scale.
 ONNX_TOLERANCE = 1e-3
+# jax2onnx writes the model through onnx_ir, whose serializer warns once per value it knows the
+# shape but not the type of ("The value type for shape [6] is not known... Skipping
+# serialization"). Those values are the int64 shape tensors (Unsqueeze of the batch size, Concat
+# with the other dimensions) that feed each Reshape when the batch is symbolic; what is skipped is
+# their optional value_info hint, not a node, an input or an output: onnxruntime infers it, and
+# check_onnx compares the file's logits with jax's before it is written. Hence WARNING is quieted
+# on that logger while converting.
+ONNX_SERDE_LOGGER = 'onnx_ir.serde'
 
 
 def serving_function(model: inference.Model) -> tuple[Callable, tuple[int, int]]:
@@ -117,8 +126,14 @@ def onnx_model(model: inference.Model, *, batch_size: int | None = None) -> byte
   serve, (height, width) = serving_function(model)
   spec = jax.ShapeDtypeStruct(('b' if batch_size is None else batch_size, height, width, 3),
                               jnp.uint8)
-  proto = jax2onnx.to_onnx(serve, [spec], model_name='unet_flax', opset=ONNX_OPSET,
-                           input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+  serde = logging.getLogger(ONNX_SERDE_LOGGER)
+  level = serde.level
+  serde.setLevel(logging.ERROR)  # See ONNX_SERDE_LOGGER: its warnings are harmless.
+  try:
+    proto = jax2onnx.to_onnx(serve, [spec], model_name='unet_flax', opset=ONNX_OPSET,
+                             input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+  finally:
+    serde.setLevel(level)
   return proto.SerializeToString()
 
 
@@ -171,6 +186,9 @@ def _version(package: str) -> str:
 
 # Each format: (model, batch_size, platforms) -> (file name, its bytes, its model.json entry).
 FORMATS = {'jax': _jax_format, 'onnx': _onnx_format}
+# The file each format writes: with --overwrite, those of an earlier export that this one does not
+# write are removed, so that no model.onnx of another run or step stays beside a new model.json.
+FORMAT_FILES = {'jax': MODEL_FILE, 'onnx': ONNX_FILE}
 
 
 def default_formats() -> tuple[str, ...]:
@@ -199,6 +217,16 @@ def _write(out: epath.Path, files: dict[str, bytes | str]) -> None:
         temporary.write_bytes(data) if isinstance(data, bytes) else temporary.write_text(data)))
 
 
+def _remove_stale(out: epath.Path, written: set[str]) -> None:
+  """Removes the format files (FORMAT_FILES) in `out` that are not in `written`, saying so;
+  nothing else in `out` is touched."""
+  for name in sorted(set(FORMAT_FILES.values()) - written):
+    if (out / name).exists():
+      (out / name).unlink()
+      print(f'note: removed {out / name} of an earlier export: this export did not write it',
+            file=sys.stderr)
+
+
 def export(workdir, out, *, step: int | None = None, batch_size: int | None = None,
            overwrite: bool = False, platforms=PLATFORMS,
            formats: tuple[str, ...] | None = None) -> dict:
@@ -206,7 +234,8 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
 
   Args:
     workdir: a training run's --workdir.
-    out: the directory to write; refused if it holds files, unless `overwrite`.
+    out: the directory to write; refused if it holds files, unless `overwrite`, which replaces
+      the model's files there and removes those of its formats this export does not write.
     step: the checkpoint; None: the latest.
     batch_size: fixed batch size; None: symbolic.
     platforms: what the jax format is lowered for.
@@ -220,11 +249,9 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
   if unknown or not platforms:
     raise errors.UserError(f'--platforms {",".join(platforms)}: {", ".join(unknown) or "none"} '
                            f'not known; choose from {",".join(KNOWN_PLATFORMS)}')
+  onnx_left_out = formats is None and 'onnx' not in default_formats()
   if formats is None:
     formats = default_formats()
-    if 'onnx' not in formats:
-      print(f'note: model.onnx not written: its converter is not installed ({ONNX_INSTALL})',
-            file=sys.stderr)
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown or not formats:
     raise errors.UserError(f'--formats {",".join(formats)}: {", ".join(unknown) or "none"} '
@@ -234,6 +261,9 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
   out = paths.absolute(out)
   _check_out(out, overwrite)
   model = inference.load_model(workdir, step)
+  if onnx_left_out:  # Said once nothing refuses the export, not beside a refusal.
+    print(f'note: model.onnx not written: its converter is not installed ({ONNX_INSTALL})',
+          file=sys.stderr)
   config = model.config
   written = {name: FORMATS[name](model, batch_size, platforms) for name in formats}
   batch = 'b' if batch_size is None else batch_size
@@ -256,4 +286,5 @@ def export(workdir, out, *, step: int | None = None, batch_size: int | None = No
   }
   _write(out, {**{file: data for file, data, _ in written.values()},
                INFO_FILE: json.dumps(info, indent=2) + '\n'})
+  _remove_stale(out, {file for file, _, _ in written.values()})
   return info

@@ -210,7 +210,7 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
   Args:
     model: the restored model; with model.flip_tta, its masks are the flip TTA's.
     paths: image files of any format, mode and size.
-    out: the output directory (created).
+    out: the output directory, created when the first image is written (not when none is).
     overwrite: replace masks and overlays that exist in `out`; without it they are refused
       before anything is written.
     batch_size: pictures (resize mode) or windows (crop mode) per forward pass; every pass has
@@ -230,7 +230,11 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
     what = (f'{paths[0]} does not exist' if len(paths) == 1 else
             f'none of the {len(paths)} images named exists (the first: {paths[0]})')
     raise errors.UserError(f'{what}; check the paths (nothing was written)')
-  out = paths_lib.make_output_dir(out, '--out')
+  out = paths_lib.absolute(out)
+  # An existing --out that is a file or read-only is refused now; a new one is made at the first
+  # write, so that no empty --out stays behind when no image could be read.
+  if out.exists():
+    paths_lib.make_output_dir(out, '--out')
   failed = []
   batch_size = max(1, min(batch_size, len(paths)))
   progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > batch_size else None
@@ -253,13 +257,14 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
         failure(path, f'{path}: too large to process here ({picture.width}x{picture.height} '
                 'pixels)')
         continue
+      paths_lib.make_output_dir(out, '--out')  # Its failure stops predict: not this image's.
       try:
         replaced += _write_outputs(read_photo(config, data, path), mask, outputs[path], names,
                                    overwrite)
       except errors.UserError as e:
         failure(path, e)
     if progress:
-      progress.update(min(start + batch_size, len(paths)))
+      progress.update(min(start + batch_size, len(paths)), skipped=len(failed))
   if replaced:
     print(f'note: replaced {replaced} existing files in {out}', file=stderr)
   return failed

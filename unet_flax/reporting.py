@@ -102,14 +102,17 @@ class Progress:
     self.in_place = self.stream.isatty()
     self.started = self._shown = time.perf_counter()
 
-  def update(self, done: int) -> None:
+  def update(self, done: int, skipped: int = 0) -> None:
+    """Shows `done` of the total gone through, of which `skipped` gave nothing (counted apart,
+    so that the line agrees with what was written)."""
     now = time.perf_counter()
     if done < self.total and not self.in_place and now - self._shown < 10:
       return
     self._shown = now
     rate = done / max(now - self.started, 1e-9)
     eta = (self.total - done) / max(rate, 1e-9)
-    line = f'{self.what} {done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f}s'
+    counted = f'{done - skipped}/{self.total} images' + (f' ({skipped} skipped)' if skipped else '')
+    line = f'{self.what} {counted}, {rate:.1f} img/s, ETA {eta:.0f}s'
     end = '\n' if done >= self.total or not self.in_place else ''
     print(('\r' if self.in_place else '') + line, end=end, file=self.stream, flush=True)
 
