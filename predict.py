@@ -53,9 +53,11 @@ def main(argv):
                                    overwrite=FLAGS.overwrite)
   done = len(paths) - len(failed)
   tta = ' (flip TTA)' if FLAGS.flip_tta else ''
-  print(f'wrote masks and overlays{tta} of {done} of {len(paths)} images to {FLAGS.out}')
+  if done:  # Else --out was not even created (inference.predict_files makes it at its first write).
+    print(f'wrote masks and overlays{tta} of {done} of {len(paths)} images to {FLAGS.out}')
   if failed:
-    print(f'error: {len(failed)} of {len(paths)} images could not be read (named above)',
+    nothing = '; nothing was written' if not done else ''
+    print(f'error: {len(failed)} of {len(paths)} images could not be read (named above){nothing}',
           file=sys.stderr)
     return 1
 
