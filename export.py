@@ -25,13 +25,16 @@ flags.DEFINE_list('formats', None,
                   "extra); default: jax, and onnx where its converter is installed.")
 flags.DEFINE_bool('overwrite', False, 'Replace the model\'s files in a non-empty --out, and remove '
                   'those of the formats not written (an earlier model.onnx).')
-flags.mark_flags_as_required(['out'])  # --workdir: checked by cli.run.
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from unet_flax import export  # pylint: disable=g-import-not-at-top  (fast --help)
+  from unet_flax import errors  # pylint: disable=g-import-not-at-top  (fast --help)
+  if not FLAGS.out:  # --workdir: checked by cli.run. '' is no directory either.
+    raise errors.UserError('--out is required: the directory for the exported model, e.g. '
+                           'python export.py --workdir runs/pets --out model/')
+  from unet_flax import export  # pylint: disable=g-import-not-at-top
   info = export.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, batch_size=FLAGS.batch_size,
                        overwrite=FLAGS.overwrite, platforms=tuple(FLAGS.platforms),
                        formats=None if FLAGS.formats is None else tuple(FLAGS.formats))

@@ -145,6 +145,15 @@ def test_every_tool_without_a_workdir_says_so_in_one_line(tmp_path):
       assert result.stderr.strip().splitlines() == [
           "error: --workdir is required: the run's directory, e.g. --workdir runs/pets"], tool
   assert sorted(p.name for p in tmp_path.iterdir()) == []
+  # export's --out likewise, before the workdir is read (after the compile cache is set up).
+  for out in ([], ['--out', '']):
+    result = run_script('export.py', '--workdir', tmp_path / 'run', *out,
+                        cache=tmp_path / 'cache', cwd=tmp_path)
+    assert result.returncode == 1, out
+    assert result.stderr.strip().splitlines() == [
+        'error: --out is required: the directory for the exported model, e.g. python export.py '
+        '--workdir runs/pets --out model/'], out
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['cache']
 
 
 def test_an_unknown_config_field_is_named_with_the_nearest_field(tmp_path):
