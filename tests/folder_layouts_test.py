@@ -51,10 +51,15 @@ def _config(dataset, num_classes, **fields):
   return config_lib.validate(config)
 
 
-def _labels(config, split='train') -> list[np.ndarray]:
-  """The labels the model is trained on, at the stored size, in the split's order."""
-  originals = sources_lib.originals(sources_lib.source_of(config), split)
-  return [originals[i][2] for i in range(len(originals))]
+def _labels(config, splits=('test', 'train')) -> list[np.ndarray]:
+  """The labels the model is scored and trained on, at the stored size: each split's in its
+  order (with _list_all's lists, the stems in the order given)."""
+  source = sources_lib.source_of(config)
+  labels = []
+  for split in splits:
+    originals = sources_lib.originals(source, split)
+    labels += [originals[i][2] for i in range(len(originals))]
+  return labels
 
 
 def _sources(n, num_classes, seed=1):
@@ -63,7 +68,8 @@ def _sources(n, num_classes, seed=1):
 
 
 def _list_all(root, stems):
-  (root / 'train.txt').write_text('\n'.join(stems) + '\n')
+  """test.txt: the first stem; train.txt: the others (the lists must not overlap)."""
+  (root / 'train.txt').write_text('\n'.join(stems[1:]) + '\n')
   (root / 'test.txt').write_text(stems[0] + '\n')
 
 
@@ -75,7 +81,7 @@ def test_binary_0_255_masks_with_mask_mode_binary(tmp_path):
   with pytest.raises(errors.UserError, match=r'c0.png: value 255 is not a class 0..1 .*'
                                              'for 0/255 masks set config.mask_mode=binary'):
     _labels(_config(dataset, 2))
-  for got, want in zip(_labels(_config(dataset, 2, mask_mode='binary')), sources):
+  for got, want in zip(_labels(_config(dataset, 2, mask_mode='binary')), sources, strict=True):
     np.testing.assert_array_equal(got, want)
 
 
@@ -86,7 +92,7 @@ def test_jpeg_masks_with_noisy_edges_read_as_binary(tmp_path):
   _list_all(tmp_path, ['p0', 'p1', 'p2'])
   noisy = np.asarray(Image.open(tmp_path / 'masks' / 'p0.jpg').convert('L'))
   assert len(np.unique(noisy)) > 2  # Compression noise along the edges.
-  for got, want in zip(_labels(_config(dataset, 2, mask_mode='binary')), sources):
+  for got, want in zip(_labels(_config(dataset, 2, mask_mode='binary')), sources, strict=True):
     assert np.mean(got == want) > 0.98  # Thresholding keeps all but rare ringing pixels.
 
 
@@ -101,7 +107,7 @@ def test_carvana_names_and_any_case_extensions(tmp_path):
   _list_all(tmp_path, ['car0', 'car1'])
   with pytest.raises(errors.UserError, match=r"car0.JPG has no mask named car0 .*config.mask_pattern"):
     _labels(_config(dataset, 2))
-  for got, want in zip(_labels(_config(dataset, 2, mask_pattern='{stem}_mask')), sources):
+  for got, want in zip(_labels(_config(dataset, 2, mask_pattern='{stem}_mask')), sources, strict=True):
     np.testing.assert_array_equal(got, want)
 
 
@@ -126,7 +132,7 @@ def test_void_label_is_kept_as_the_ignore_label(tmp_path):
   with pytest.raises(errors.UserError, match=r"value 255 is not a class 0..2.*"
                                              r"config.ignore_label=255"):
     _labels(_config(dataset, 3))
-  for got, want in zip(_labels(_config(dataset, 3, ignore_label=255)), sources):
+  for got, want in zip(_labels(_config(dataset, 3, ignore_label=255)), sources, strict=True):
     np.testing.assert_array_equal(got, want)
 
 
@@ -149,7 +155,7 @@ def test_colour_masks_through_classes_json(tmp_path):
     _labels(_config(dataset, 5))
   config = _config(dataset, 5, mask_mode='colour')
   assert sources_lib.class_names(config, sources_lib.source_of(config)) == tuple(names)
-  for got, want in zip(_labels(config), sources):
+  for got, want in zip(_labels(config), sources, strict=True):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(errors.UserError, match=r'classes.json names 5 classes but '
                                              r'config.num_classes=4; set config.num_classes=5'):
@@ -162,7 +168,7 @@ def test_a_value_map_and_the_values_it_does_not_cover(tmp_path):
   dataset = _folder(tmp_path, {f'm{i}.png': (f'm{i}', Image.fromarray(
       np.array([0, 128, 255], np.uint8)[s])) for i, s in enumerate(sources)})
   _list_all(tmp_path, ['m0', 'm1'])
-  for got, want in zip(_labels(_config(dataset, 3, mask_values='0:0,128:1,255:2')), sources):
+  for got, want in zip(_labels(_config(dataset, 3, mask_values='0:0,128:1,255:2')), sources, strict=True):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(errors.UserError, match=r"m0.png: value 255 is not in "
                                              r"config.mask_values='0:0,128:1'; add it"):
@@ -180,8 +186,7 @@ def test_exif_rotated_phone_photos_train_upright(tmp_path):
   exif[0x0112] = 6  # Shown turned 90 degrees clockwise.
   photo.save(tmp_path / 'images' / 'phone.jpg', exif=exif, quality=95)
   Image.fromarray(upright).save(tmp_path / 'masks' / 'phone.png')
-  (tmp_path / 'train.txt').write_text('phone\n')
-  (tmp_path / 'test.txt').write_text('phone\n')
+  (tmp_path / 'train.txt').write_text('phone\n')  # Only the train split is read.
   originals = sources_lib.originals(
       sources_lib.open_source(f'folder:{tmp_path}', None, 2), 'train')
   _, image, labels = originals[0]
@@ -197,8 +202,7 @@ def test_16_bit_images_of_12_bit_data(tmp_path, capsys):
   pixels = 800 + labels.astype(np.uint16) * 30  # 12-bit microscopy: ~800 and ~830.
   Image.fromarray(pixels).save(tmp_path / 'images' / 'cell.png')
   Image.fromarray(labels).save(tmp_path / 'masks' / 'cell.png')
-  (tmp_path / 'train.txt').write_text('cell\n')
-  (tmp_path / 'test.txt').write_text('cell\n')
+  (tmp_path / 'train.txt').write_text('cell\n')  # Only the train split is read.
   dataset = f'folder:{tmp_path}'
   image = sources_lib.originals(sources_lib.open_source(dataset, None, 2), 'train')[0][1]
   assert len(np.unique(image)) <= 2

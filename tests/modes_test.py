@@ -6,6 +6,7 @@ evaluate's --original_resolution counts, in resize and crop mode alike.
 """
 
 import io
+import shutil
 
 import jax
 import numpy as np
@@ -66,7 +67,10 @@ def _write_photos(root) -> dict[str, np.ndarray]:
       grey.quantize(64).save(root / 'images' / 'palette.png')
     Image.fromarray(mask).save(root / 'masks' / f'{stem}.png')
     masks[stem] = mask
-  (root / 'train.txt').write_text('\n'.join(masks) + '\n')
+  # The run trains on copies: a test list may not share an image with the train list.
+  for path in [*(root / 'images').iterdir(), *(root / 'masks').iterdir()]:
+    shutil.copyfile(path, path.with_name(f'train_{path.name}'))
+  (root / 'train.txt').write_text(''.join(f'train_{stem}\n' for stem in masks))
   (root / 'test.txt').write_text('\n'.join(masks) + '\n')
   return masks
 
