@@ -250,7 +250,7 @@ def test_an_evaluation_of_an_empty_slice_is_one_line_naming_the_flag(trained_wor
                      r'another split or a slice that holds some$'):
     evaluation.evaluate_workdir(trained_workdir, worst_k=0, out=tmp_path / 'eval',
                                 split='test[:0]', log=lambda _: None)
-  assert not list(tmp_path.rglob('*.*'))
+  assert not list(tmp_path.rglob('*'))  # Not even the --out folder.
 
 
 def test_evaluate_never_prepares_a_data_set_where_a_received_config_points(trained_workdir,

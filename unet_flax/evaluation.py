@@ -208,7 +208,7 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
   stem = _output_stem(workdir, out, model.step, config, split, dataset, original_resolution,
                       flip_tta, no_ema, data_dir)
   paths.refuse_link(stem.parent)  # A received workdir's planted eval/ link: never written through.
-  paths.make_output_dir(stem.parent, '--out')  # A full or read-only place fails before work.
+  paths.check_output_dir(stem.parent, '--out')  # A file or read-only place fails before work.
   for suffix in ('.json', '_confusion.png', '_worst.png'):
     paths.refuse_link(f'{stem}{suffix}')
   source = sources.open_source(dataset, data_dir, config.num_classes,
@@ -244,6 +244,7 @@ def evaluate_workdir(workdir, *, step: int | None = None, split: str | None = No
   files = {'json': f'{stem}.json', 'confusion_matrix': f'{stem}_confusion.png'}
   drawn = worst.rows()
   file_names = {row: originals[row][0] for row, _, _ in drawn}
+  paths.make_output_dir(stem.parent, '--out')  # Only now: a refused run leaves no folder.
   with errors.disk_errors(str(stem.parent), flag='--out'):
     _draw(files, stem, total, names, drawn, file_names, model.step, what, how, len(per_image),
           split)

@@ -230,11 +230,9 @@ def predict_files(model: Model, paths: list[str], out, *, batch_size: int = 8,
     what = (f'{paths[0]} does not exist' if len(paths) == 1 else
             f'none of the {len(paths)} images named exists (the first: {paths[0]})')
     raise errors.UserError(f'{what}; check the paths (nothing was written)')
-  out = paths_lib.absolute(out)
-  # An existing --out that is a file or read-only is refused now; a new one is made at the first
-  # write, so that no empty --out stays behind when no image could be read.
-  if out.exists():
-    paths_lib.make_output_dir(out, '--out')
+  # A file or a read-only place is refused now; --out is made at the first write, so that no
+  # empty --out stays behind when no image could be read.
+  out = paths_lib.check_output_dir(out, '--out')
   failed = []
   batch_size = max(1, min(batch_size, len(paths)))
   progress = reporting.Progress('predicted', len(paths), stderr) if len(paths) > batch_size else None

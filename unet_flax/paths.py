@@ -1,5 +1,6 @@
 """The paths a user gives: made absolute once, output directories made, files written whole."""
 
+import errno
 import os
 import secrets
 
@@ -39,6 +40,32 @@ def make_output_dir(path, flag: str) -> epath.Path:
   # Root passes permission bits but not a read-only file system: access() checks both.
   if not os.access(path, os.W_OK):
     raise UserError(f'{flag} {path} is not writable; choose a writable path')
+  return path
+
+
+def check_output_dir(path, flag: str) -> epath.Path:
+  """Raises the UserError make_output_dir would raise, without creating anything: an existing
+  `path` must be a writable directory, a new one must be creatable (its nearest existing
+  ancestor a writable directory). A tool calls this before its work and make_output_dir at its
+  first write, so that a refused or failed run leaves no empty directory behind.
+
+  Returns:
+    The directory, absolute (see `absolute`). URLs are returned unchecked.
+  """
+  path = absolute(path)
+  if '://' in os.fspath(path):
+    return path
+  if path.exists():
+    return make_output_dir(path, flag)  # Creates nothing: checks a file or a read-only place.
+  ancestor = os.fspath(path)
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise UserError(f'{flag} {path} cannot be created ({os.strerror(errno.ENOTDIR)}); '
+                    'choose a writable path')
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise UserError(f'{flag} {path} cannot be created ({os.strerror(errno.EACCES)}: {ancestor}); '
+                    'choose a writable path')
   return path
 
 
