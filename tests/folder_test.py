@@ -123,6 +123,27 @@ def test_lists_that_share_stems_are_refused_before_anything_is_written(data, tin
   assert not (tmp_path / 'run').exists()
 
 
+def test_a_training_and_an_evaluation_split_that_overlap_are_refused_naming_both_fields(
+    data, tiny_config):
+  """Any two lists, not only train.txt and test.txt: here val.txt, and a split used twice."""
+  (data / 'train.txt').write_text('cat_01\ncat_02\ndog_01\ndog_02\nfox_01\n')
+  (data / 'val.txt').write_text('owl_03\ndog_02\n')
+  tiny_config.dataset, tiny_config.data_dir = f'folder:{data}', None
+  source = sources.source_of(tiny_config)
+  assert sources.check_data(tiny_config, source) == 5  # train and test: disjoint.
+  tiny_config.eval_split = 'val'
+  with pytest.raises(errors.UserError) as raised:
+    sources.check_data(tiny_config, source)
+  assert str(raised.value) == (
+      f"config.train_split='train' and config.eval_split='val' of folder:{data} share 1 image "
+      "('dog_02'); the evaluation set must not overlap the training set: choose splits that "
+      'share none (evaluate.py --split scores any split after training)')
+  tiny_config.eval_split = 'train'
+  with pytest.raises(errors.UserError, match=r"share 5 images \('cat_01', 'cat_02', 'dog_01', "
+                     r'\.\.\.\)'):
+    sources.check_data(tiny_config, source)
+
+
 def test_grey_masks_saved_as_rgb_or_with_alpha_are_read(data):
   stems = folder.Folder(str(data)).stems('train')
   want = _read(data).stack()[1]

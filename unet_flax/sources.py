@@ -146,6 +146,11 @@ class Source:
     """
     raise NotImplementedError
 
+  def stems(self, split: str) -> list[str] | None:
+    """The names of `split`'s examples (a folder's file stems), where the data set lists them
+    without reading any; None where it cannot (tfds: a slice's rows are known only once read)."""
+    return None
+
   def reader(self, split: str, image_size: int | None
              ) -> tuple[int, Callable[[int], tuple[str, np.ndarray, np.ndarray]]]:
     """(examples in `split`, index -> (file name, image [S, S, 3] uint8, labels [S, S] uint8)):
@@ -373,12 +378,23 @@ def check_split(source: Source, split: str, what: str) -> int:
 
 
 def check_data(config, source: Source) -> int:
-  """Checks that both splits of the config exist and hold examples; -> train examples.
+  """Checks that both splits of the config exist, hold examples and, where the data set lists
+  its examples' names (Source.stems), share none; -> train examples.
 
   Raises:
-    UserError: naming the config field, if a split does not exist or holds no example.
+    UserError: naming the config field, if a split does not exist or holds no example; naming
+      both fields and the first shared images, if the splits overlap.
   """
-  counts = {field: check_split(source, config[field],
-                               f'config.{field}={config[field]!r} of {config.dataset}')
-            for field in ('train_split', 'eval_split')}
+  named = {field: f'config.{field}={config[field]!r}' for field in ('train_split', 'eval_split')}
+  counts = {field: check_split(source, config[field], f'{what} of {config.dataset}')
+            for field, what in named.items()}
+  train, test = (source.stems(config[field]) for field in named)
+  both = [] if train is None or test is None else sorted(set(train) & set(test))
+  if both:  # Its scores would be of images it trained on.
+    shown = ', '.join(map(repr, both[:3])) + (', ...' if len(both) > 3 else '')
+    raise errors.UserError(
+        f'{named["train_split"]} and {named["eval_split"]} of {config.dataset} share '
+        f'{len(both)} image{"s" * (len(both) > 1)} ({shown}); the evaluation set must not overlap '
+        'the training set: choose splits that share none (evaluate.py --split scores any split '
+        'after training)')
   return counts['train_split']
