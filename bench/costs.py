@@ -76,7 +76,7 @@ def measure(name: str, num_steps: int, backend: str) -> dict:
     data_bytes = examples * side * side * 4
   return {
       'config': name, 'batch_size': config.batch_size, 'side': side,
-      'mode': config.input_mode, 'dtype': config.dtype, 'backend': layers.backend(),
+      'mode': config.input_mode, 'dtype': config.dtype, 'backend': layers.backend(config.dtype),
       'steps': per_epoch * config.num_epochs, 'compile_seconds': timed.compile_seconds,
       'images_per_second': config.batch_size / seconds,
       'train_hours': per_epoch * config.num_epochs * seconds / 3600,

@@ -68,7 +68,7 @@ def main():
       for backend in ('xla', 'onednn'):
         state = jax.jit(functools.partial(steps.create_train_state, config),
                         out_shardings=devices.replicated)(jax.random.key(0))
-        forward = models.forward(config, layers.layer_function(backend))
+        forward = models.forward(config, layers.layer_function(backend, dtype))
         step, _ = steps.compile_steps(config, devices, forward)
         c = step.lower(state, batch, jax.random.key(0)).compile()
         state, _ = c(state, batch, jax.random.key(0))  # Warm-up.

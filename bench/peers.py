@@ -115,7 +115,7 @@ class Worker:
 def project_step(config, batch_size: int, backend: str):
   """A function running `calls` train steps of config's model (speed.train_step's), and the
   model's FLOPs per step."""
-  forward = models.forward(config, layers.layer_function(backend))
+  forward = models.forward(config, layers.layer_function(backend, config.dtype))
   timed = bench.train_step(config, batch_size, forward)
   return timed.run, bench.model_flops(config, timed.state, timed.batch)
 
@@ -149,6 +149,10 @@ def main():
       config.batch_size = args.batch
       config.dtype = dtype
       layers.resolve_backend(backend)  # Fails here, plainly, where oneDNN is asked but missing.
+      if backend != 'xla' and layers.layer_function(backend, dtype) is layers.xla_layer:
+        print(f"unet-flax {backend} {dtype}: left out, this CPU's oneDNN has no {dtype} "
+              'convolution (its layers would be XLA\'s)', flush=True)
+        continue
       runners[f'unet-flax {backend}', dtype], flops[dtype] = project_step(config, args.batch,
                                                                           backend)
     for peer, worker in workers.items():

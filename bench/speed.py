@@ -274,10 +274,10 @@ def main(argv):
       'device': f'{jax.device_count()} x {device.device_kind} ({device.platform})',
       'host': platform.processor() or platform.machine(),
       'image_size': config.image_size, 'widths': list(config.widths), 'dtype': config.dtype,
-      'conv_backend': layers.backend(), 'upsample': FLAGS.upsample,
+      'conv_backend': layers.backend(config.dtype), 'upsample': FLAGS.upsample,
   }
   print(f'unet-flax benchmark: {results["device"]}, {config.image_size}x{config.image_size}, '
-        f'widths {tuple(config.widths)}, {config.dtype}, {results["conv_backend"]} convolutions, '
+        f'widths {tuple(config.widths)}, {config.dtype}, {layers.convolutions(config.dtype)}, '
         f'{FLAGS.upsample} upsampling', flush=True)
   jax_limit = matmul_gflops(FLAGS.matmul_size, FLAGS.repeats, jnp.dtype(config.dtype))
   # numpy has no bfloat16 BLAS; on a GPU it is the host's.

@@ -110,6 +110,9 @@ def test_the_process_backend_is_decided_once_and_onednn_without_the_extension_is
   try:
     assert layers.select_backend('xla') == 'xla' and layers.backend() == 'xla'
     assert layers.layer_function() is layers.xla_layer
+    assert layers.layer_function(dtype='bfloat16') is layers.xla_layer
+    assert layers.backend('bfloat16') == 'xla'
+    assert layers.convolutions('bfloat16') == 'xla convolutions'
     if layers._onednn_layer() is None:  # Not installed, or installed without its library.
       assert layers.resolve_backend('auto') == 'xla'
       with pytest.raises(errors.UserError, match='needs the extension ext/unet_flax_onednn'):

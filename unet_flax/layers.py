@@ -160,14 +160,36 @@ def select_backend(requested: str = 'auto') -> str:
   return _selected
 
 
-def backend() -> str:
-  """The process's convolutions: those `select_backend` chose, else 'auto''s."""
-  return _selected or select_backend('auto')
+def _onednn_covers(dtype) -> bool:
+  """Whether the extension convolves `dtype` on this CPU (its dtypes(): float32, and bfloat16
+  with AVX-512)."""
+  return jnp.dtype(dtype) in importlib.import_module(ONEDNN_MODULE).dtypes()
 
 
-def layer_function(name: str | None = None) -> LayerFunction:
-  """The layer function of backend `name` ('xla' or 'onednn'); None: the process's."""
-  if (name or backend()) == 'onednn':
+def backend(dtype=None) -> str:
+  """The process's convolutions: those `select_backend` chose, else 'auto''s; of `dtype` (a
+  config.dtype), 'xla' where oneDNN has no convolution of it on this CPU (bfloat16 on a CPU
+  without AVX-512)."""
+  chosen = _selected or select_backend('auto')
+  if chosen == 'onednn' and dtype is not None and not _onednn_covers(dtype):
+    return 'xla'
+  return chosen
+
+
+def convolutions(dtype) -> str:
+  """`backend(dtype)` in words, for logs: 'xla convolutions', 'onednn convolutions', or why a
+  process that chose oneDNN convolves `dtype` with XLA."""
+  name = backend(dtype)
+  if name != backend():
+    return f"{name} convolutions (this CPU's oneDNN has no {jnp.dtype(dtype).name} ones)"
+  return f'{name} convolutions'
+
+
+def layer_function(name: str | None = None, dtype=None) -> LayerFunction:
+  """The layer function of backend `name` ('xla' or 'onednn'; None: the process's) for `dtype`
+  (a config.dtype; None: any): XLA's where oneDNN has no convolution of that dtype here."""
+  name = name or backend()
+  if name == 'onednn' and (dtype is None or _onednn_covers(dtype)):
     return _onednn_layer()
   return xla_layer
 

@@ -223,14 +223,15 @@ def forward(config: ml_collections.ConfigDict,
 
   Args:
     config: the run's config (its model fields).
-    layer: the convolutions; None: the process's backend (layers.backend()).
+    layer: the convolutions; None: the process's backend for config.dtype
+      (layers.backend(config.dtype)).
 
   Returns:
     forward(params, images [B, H, W, 3] uint8, dropout_rng=None) -> logits [B, H, W, K] float32.
     With a dropout key the network runs as in training (dropout on, the key's masks); without,
     as in inference. A pure function: jit it where it is called.
   """
-  module = create(config, layer or layers.layer_function())
+  module = create(config, layer or layers.layer_function(dtype=config.dtype))
 
   def apply(params, images: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
     train = dropout_rng is not None

@@ -122,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
 def _train(config, mode: modes.Mode, per_epoch: int, train_data, eval_data, devices: Devices,
            manager: checkpoints.Manager, report: reporting.Reporter,
            notice: preemption.Notice, pretrained: dict | None) -> steps.TrainState:
-  forward = models.forward(config)  # The process's convolutions (layers.backend()).
+  forward = models.forward(config)  # The process's convolutions (layers.backend(config.dtype)).
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   state = jax.jit(functools.partial(steps.create_train_state, config,
@@ -134,7 +134,7 @@ def _train(config, mode: modes.Mode, per_epoch: int, train_data, eval_data, devi
              if config.encoder in models.ENCODERS else "the chapter's U-Net")
   report.text(f'model: {encoder}, {models.param_count(state.params):,} parameters, '
               f'{jax.device_count()} {devices.platform} device(s), '
-              f'{jax.process_count()} process(es), {layers.backend()} convolutions'
+              f'{jax.process_count()} process(es), {layers.convolutions(config.dtype)}'
               + (f', gradients summed over {microbatches} microbatches a step'
                  if microbatches > 1 else ''))
   state = manager.restore_or(state)

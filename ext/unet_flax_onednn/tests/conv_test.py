@@ -19,6 +19,11 @@ onednn = pytest.importorskip('unet_flax_onednn')
 
 from unet_flax import layers  # noqa: E402
 
+# bfloat16 where this CPU's oneDNN convolves it (dtypes(): AVX-512), else skipped with the reason.
+NEEDS_BF16 = pytest.mark.skipif(jnp.bfloat16 not in onednn.dtypes(),
+                                reason="this CPU's oneDNN has no bfloat16 convolution (no AVX-512)")
+DTYPES = ['float32', pytest.param('bfloat16', marks=NEEDS_BF16)]
+
 EVEN, ODD, NONE = (1, 0), (0, 0), (0, 0)  # Upsample's paddings of its even and odd phases.
 SHAPES = [  # (N, H, W, C, O, KH, KW, padding)
     (1, 5, 7, 3, 4, 3, 3, 'SAME'),
@@ -68,7 +73,7 @@ def _close(actual, expected, rtol):
 
 
 @pytest.mark.parametrize('shape', SHAPES, ids=str)
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('jit', [False, True])
 def test_forward_and_gradients_match_xla(shape, dtype, jit):
   dtype = jnp.dtype(dtype)
@@ -91,7 +96,7 @@ def test_forward_and_gradients_match_xla(shape, dtype, jit):
   _close(dw, dw_ref, rtol)
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('shape', [(2, 16, 16, 8, 4, 3, 3, 'SAME'),
                                    (2, 5, 7, 8, 4, 2, 2, (EVEN, EVEN))], ids=str)
 def test_weight_gradient_is_float32(dtype, shape):
@@ -149,7 +154,7 @@ def _geometry_operands(geometry, dtype):
 
 
 @pytest.mark.parametrize('geometry', GEOMETRIES, ids=str)
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('dtype', DTYPES)
 def test_strided_and_grouped_conv_match_xla(geometry, dtype):
   """conv with strides and groups: output, input gradient and kernel gradient, jitted, against
   XLA's float32 convolution of the same (rounded) operands; all three passes are oneDNN's."""
@@ -174,7 +179,7 @@ def test_strided_and_grouped_conv_match_xla(geometry, dtype):
 
 @pytest.mark.parametrize('geometry', [GEOMETRIES[0], GEOMETRIES[3], GEOMETRIES[4], GEOMETRIES[6]],
                          ids=str)
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('relu', [False, True])
 def test_strided_and_grouped_layer_matches_xla(geometry, dtype, relu):
   """The layer function on the encoder's convolutions: relu?(conv(x, w) + b) in one oneDNN call
@@ -242,6 +247,7 @@ def test_mixed_dtypes_rejected():
     onednn.conv(x, w.astype(jnp.bfloat16))
 
 
+@NEEDS_BF16
 @pytest.mark.parametrize('pair', [False, True])
 def test_a_float32_kernel_is_rounded_in_onednn_and_its_gradient_stays_float32(pair):
   """A bfloat16 layer given float32 parameters (a mixed-precision model's): the output of the
@@ -297,7 +303,7 @@ def _reference_layer(x, w, b, padding, relu):
 
 
 @pytest.mark.parametrize('shape', [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[7]], ids=str)
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('relu', [False, True])
 def test_conv_bias_matches_xla(shape, dtype, relu):
   """The fused layer relu?(conv(x, w) + b): output and the gradients of x, w and b."""
@@ -315,6 +321,7 @@ def test_conv_bias_matches_xla(shape, dtype, relu):
   _check_layer(f, (x, w, b, dy), 3, y_ref, grads_ref, dtype, relu)
 
 
+@NEEDS_BF16
 def test_conv_bias_weight_and_bias_gradients_are_float32():
   x, w, dy, padding = _operands(SHAPES[2], jnp.bfloat16)
   dw, db = onednn.conv_bwd_weights_bias(x, dy, w.shape[:2], padding)
@@ -346,6 +353,62 @@ def test_layer_is_the_fused_call_and_xla_elsewhere(bias):
   assert _ffi_calls(f, x16, w16) == 0
 
 
+def _cpu_flags() -> set:
+  with open('/proc/cpuinfo') as f:
+    return {flag for line in f if line.startswith('flags') for flag in line.split(':')[1].split()}
+
+
+def test_dtypes_are_those_this_cpu_has_kernels_for():
+  """oneDNN's answer against the CPU's own flags: bfloat16 with AVX512_BF16 or AMX, never on a
+  CPU without AVX-512."""
+  flags = _cpu_flags()
+  assert jnp.float32 in onednn.dtypes()
+  if flags & {'avx512_bf16', 'amx_bf16'}:
+    assert jnp.bfloat16 in onednn.dtypes()
+  if 'avx512f' not in flags:
+    assert jnp.bfloat16 not in onednn.dtypes()
+
+
+@pytest.mark.skipif(jnp.bfloat16 in onednn.dtypes(),
+                    reason="this CPU's oneDNN convolves bfloat16: no dtype to fall back for")
+@pytest.mark.parametrize('pair', [False, True])
+def test_a_dtype_onednn_lacks_here_is_xla_in_layer_and_refused_by_conv(pair):
+  """On a CPU with AVX2 alone: `layer` computes bfloat16 with XLA's convolution, no oneDNN call,
+  within bfloat16's rounding of float32 on the same operands, the bias gradient too (summed in
+  float32: a bfloat16 sum of 8 x 16 x 16 terms is off by several percent); `conv` says why it
+  cannot."""
+  x, w, dy, padding = _operands(SHAPES[2], jnp.bfloat16)
+  b = jnp.linspace(-0.5, 0.5, w.shape[3], dtype=jnp.float32)
+  inputs = (x, x[..., ::-1]) if pair else (x,)
+  w = jnp.concatenate([w, w], axis=2) if pair else w
+
+  def loss(layer, dtype, w, b, *inputs):
+    inputs = tuple(v.astype(dtype) for v in inputs)
+    y = layer(inputs if pair else inputs[0], w, b, padding, relu=True)
+    return (y.astype(jnp.float32) * dy.astype(jnp.float32)).sum()
+  grad = functools.partial(jax.value_and_grad, argnums=tuple(range(2 + len(inputs))))
+  got = grad(functools.partial(loss, onednn.layer, jnp.bfloat16))(w.astype(jnp.float32), b,
+                                                                 *inputs)
+  want = grad(functools.partial(loss, _reference_pair_layer, jnp.float32))(
+      w.astype(jnp.float32), b, *inputs)
+  assert _ffi_calls(functools.partial(loss, onednn.layer, jnp.bfloat16),
+                    w.astype(jnp.float32), b, *inputs) == 0
+  _close(got[0], want[0], 1e-2)
+  for g, r in zip(got[1], want[1]):
+    _close(g, r, 1e-2)
+  with pytest.raises(TypeError) as raised:
+    onednn.conv(x, w[:, :, :x.shape[3]], padding)
+  assert str(raised.value) == (
+      'unet_flax_onednn: oneDNN has no bfloat16 convolution on this CPU (it needs AVX-512); use '
+      'float32, or `layer`, which computes the others with XLA')
+
+
+def _reference_pair_layer(x, w, b, padding, relu):
+  """_reference_layer of x or of a pair's concatenation along channels."""
+  x = jnp.concatenate(x, axis=-1) if isinstance(x, tuple) else x
+  return _reference_layer(x, w.astype(x.dtype), b.astype(x.dtype), padding, relu)
+
+
 def test_concurrent_calls_give_each_its_own_result():
   """XLA runs independent custom calls from any of its threads, at once where it can. Six
   different convolutions' gradients in one jit, five times, each against XLA's. (oneDNN's
@@ -371,7 +434,7 @@ def test_concurrent_calls_give_each_its_own_result():
       _close(got[1], want[1], 1e-5)
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('relu', [False, True])
 @pytest.mark.parametrize('batch', [1, 2])
 def test_conv_pair_bias_is_conv_bias_of_the_concatenation(dtype, relu, batch):

@@ -30,6 +30,9 @@ from unet_flax import train  # noqa: E402
 # the first convolution of each of the 2 decoder blocks runs as two, one per input (upsampled,
 # skip), without their concatenation.
 FORWARD_CONVS = 5 * 2 + 2 * 4 + 1 + 2
+# bfloat16 where this CPU's oneDNN convolves it (dtypes(): AVX-512), else skipped with the reason.
+NEEDS_BF16 = pytest.mark.skipif(jnp.bfloat16 not in onednn.dtypes(),
+                                reason="this CPU's oneDNN has no bfloat16 convolution (no AVX-512)")
 
 
 def _config(dtype='float32'):
@@ -42,8 +45,8 @@ def _config(dtype='float32'):
 
 
 def _forward(config, backend):
-  """models.forward of the config on the convolutions of `backend`."""
-  return models.forward(config, layers.layer_function(backend))
+  """models.forward of the config on the convolutions of `backend` for its dtype."""
+  return models.forward(config, layers.layer_function(backend, config.dtype))
 
 
 def _params(config):
@@ -174,6 +177,7 @@ def _assert_bfloat16_as_accurate_as_xla(config_of, params, images, labels):
     assert onednn_error < 3e-2, errors
 
 
+@NEEDS_BF16
 @pytest.mark.parametrize('batch', [1, 2])
 def test_unet_bfloat16_is_as_accurate_as_xla(batch):
   """In bfloat16 the two paths round differently (oneDNN adds the bias and applies the ReLU
@@ -183,6 +187,7 @@ def test_unet_bfloat16_is_as_accurate_as_xla(batch):
   _assert_bfloat16_as_accurate_as_xla(_config, _params(_config()), images, labels)
 
 
+@NEEDS_BF16
 def test_pretrained_unet_bfloat16_is_as_accurate_as_xla():
   """The same for the EfficientNet-Lite0 U-Net, whose depthwise and strided convolutions are
   oneDNN's too (XLA computes its depthwise ones in float32 and rounds once)."""
@@ -238,6 +243,27 @@ def test_params_of_one_path_predict_on_the_other(trained_on, predicted_on):
   want = jax.jit(trained)(state.params, images)
   got = jax.jit(_forward(config, predicted_on))(state.params, images)
   _close(got, want, 1e-5)
+
+
+@pytest.mark.skipif(jnp.bfloat16 in onednn.dtypes(),
+                    reason="this CPU's oneDNN convolves bfloat16: no dtype it lacks")
+def test_a_dtype_onednn_lacks_on_this_cpu_takes_xla_convolutions_and_says_so():
+  """bfloat16 on a CPU without AVX-512 (AVX2 alone): a process that chose oneDNN runs the
+  model's bfloat16 convolutions on XLA's layer function (whose bias gradient is summed in
+  float32, layers.add_bias), its float32 ones on oneDNN, and its reports say which."""
+  try:
+    layers.select_backend('onednn')
+    assert (layers.backend('float32'), layers.backend('bfloat16')) == ('onednn', 'xla')
+    assert layers.convolutions('float32') == 'onednn convolutions'
+    assert layers.convolutions('bfloat16') == ("xla convolutions (this CPU's oneDNN has no "
+                                               'bfloat16 ones)')
+    assert layers.layer_function(dtype='bfloat16') is layers.xla_layer
+    for dtype, calls in (('bfloat16', 0), ('float32', FORWARD_CONVS)):
+      forward = models.forward(_config(dtype))
+      assert jax.jit(forward).lower(_params(_config()), _batch(1)[0]).as_text().count(
+          'unet_onednn_conv') == calls
+  finally:
+    layers.select_backend('auto')
 
 
 def test_export_uses_xla_convolutions():

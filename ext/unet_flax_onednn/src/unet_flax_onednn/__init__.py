@@ -17,7 +17,9 @@ parameters nor of their gradients. The three passes are also exposed alone (`con
 call (bias and ReLU applied to the float32 accumulator); its backward computes the bias gradient
 in the weight-gradient pass. `layer` is unet-flax's `layers.LayerFunction` on oneDNN; the
 project's --conv_backend flag chooses it. `implementation` names the oneDNN kernel a pass uses
-(bench/onednn_layer.py prints it). CPU only: the FFI targets are registered for the 'cpu' platform alone.
+(bench/onednn_layer.py prints it). `dtypes()` are those oneDNN convolves on this CPU: bfloat16
+needs AVX-512; elsewhere `layer` computes it with XLA and the other calls refuse it. CPU only:
+the FFI targets are registered for the 'cpu' platform alone.
 """
 
 import ctypes
@@ -49,12 +51,29 @@ _DTYPES = (jnp.float32, jnp.bfloat16)
 SAME_3X3 = ((1, 1), (1, 1))
 
 
+@functools.cache
+def dtypes() -> tuple:
+  """The dtypes oneDNN convolves on this CPU: float32, and bfloat16 where oneDNN has kernels for
+  it (x86-64 with AVX-512; oneDNN 3.2 creates no bfloat16 convolution on a CPU with AVX2 alone,
+  where `layer` computes bfloat16 with XLA's convolutions). Asked of oneDNN once a process: can it
+  create each pass of a 3x3 and of a stride-2 depthwise convolution."""
+  probes = [(1, 8, 8, 8, 8, 3, 3, None, (1, 1), 1), (1, 8, 8, 8, 8, 3, 3, None, (2, 2), 8)]
+  return tuple(dtype for dtype in _DTYPES
+               if not any(implementation(pass_, dtype, *shape[:7], padding=shape[7],
+                                         strides=shape[8], groups=shape[9]).startswith('error:')
+                          for pass_ in _PASSES for shape in probes))
+
+
 def _check(a, b, kernel: bool = False):
   """a and b float32 or bfloat16 of one dtype; b a kernel (kernel=True) may also be float32
   where a is bfloat16 (oneDNN rounds it to bfloat16 as it lays it out)."""
   if a.dtype not in _DTYPES or (b.dtype != a.dtype and not (kernel and b.dtype == jnp.float32)):
     raise TypeError(f'unet_flax_onednn: float32 or bfloat16 operands of one dtype (a kernel '
                     f'may be float32), got {a.dtype} and {b.dtype}')
+  if a.dtype not in dtypes():
+    raise TypeError(f'unet_flax_onednn: oneDNN has no {a.dtype} convolution on this CPU (it '
+                    f'needs AVX-512); use {", ".join(jnp.dtype(d).name for d in dtypes())}, or '
+                    '`layer`, which computes the others with XLA')
   if a.ndim != 4 or b.ndim != 4:
     raise ValueError('unet_flax_onednn: rank-4 operands (NHWC, HWIO)')
 
@@ -393,12 +412,13 @@ def layer(x, kernel: jax.Array, bias: jax.Array | None, padding, relu: bool = Fa
           strides=(1, 1), groups: int = 1) -> jax.Array:
   """unet-flax's layer function (layers.LayerFunction): `conv_bias` (or `conv_pair_bias` for a
   pair of inputs to concatenate along channels, with a zero bias where there is none) where
-  oneDNN covers the operands (float32 or bfloat16 inputs of one dtype; the kernel of their dtype
-  or float32), else XLA's concatenation, convolution, bias and ReLU in the inputs' dtype."""
+  oneDNN covers the operands (inputs of one dtype of `dtypes()`: float32, and bfloat16 on CPUs
+  with AVX-512; the kernel of their dtype or float32), else XLA's concatenation, convolution,
+  bias and ReLU in the inputs' dtype."""
   inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
   dtype = inputs[0].dtype
   covered = all(v.dtype == dtype and v.ndim == 4 for v in inputs) and (
-      dtype in _DTYPES and kernel.dtype in (dtype, jnp.float32) and kernel.ndim == 4)
+      dtype in dtypes() and kernel.dtype in (dtype, jnp.float32) and kernel.ndim == 4)
   strides = _strides(strides)
   if covered and len(inputs) == 2 and strides == (1, 1) and groups == 1:
     if bias is None:  # Group norm's blocks: the fused call needs one; adding 0 changes nothing.
@@ -411,14 +431,17 @@ def layer(x, kernel: jax.Array, bias: jax.Array | None, padding, relu: bool = Fa
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                    feature_group_count=groups)
   if bias is not None:
-    y = y + bias.astype(dtype)
+    # Added in float32, as oneDNN adds it, so that its gradient is summed in float32: a bfloat16
+    # sum stops growing at 256 for a sum of ones (unet-flax's layers.add_bias has the same reason).
+    y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
   return jax.nn.relu(y) if relu else y
 
 
 def implementation(pass_: str, dtype, n, h, w, c, o, kh=3, kw=3, padding=None, strides=(1, 1),
                    groups: int = 1) -> str:
   """The oneDNN implementation (e.g. 'brg_conv_fwd:avx512_core') a pass uses at a shape
-  (input [n, h, w, c], kernel [kh, kw, c / groups, o])."""
+  (input [n, h, w, c], kernel [kh, kw, c / groups, o]), or 'error: ' and oneDNN's reason where it
+  has none (a bfloat16 convolution on a CPU without AVX-512)."""
   strides = _strides(strides)
   (pt, pb), (pl, pr) = _pads('SAME' if padding is None else padding, (h, w), (kh, kw), strides)
   bf16 = int(jnp.dtype(dtype) == jnp.bfloat16)
