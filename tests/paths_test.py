@@ -64,9 +64,10 @@ def test_make_output_dir_creates_the_directory_and_returns_it_absolute(here):
   assert (here / 'out' / 'nested' / 'kept').read_text() == 'x'
 
 
-def _refusal(path, flag='--out') -> str:
+def _refusal(path, flag='--out', check=paths.make_output_dir) -> str:
+  """check(path, flag)'s UserError, asserted one line."""
   with pytest.raises(errors.UserError) as raised:
-    paths.make_output_dir(path, flag)
+    check(path, flag)
   assert '\n' not in str(raised.value)
   return str(raised.value)
 
@@ -81,24 +82,17 @@ def test_make_output_dir_refuses_a_file_a_path_through_a_file_and_a_read_only_di
   assert _refusal(read_only) == f'--out {read_only} is not writable; choose a writable path'
 
 
-def _check_refusal(path, flag='--out') -> str:
-  with pytest.raises(errors.UserError) as raised:
-    paths.check_output_dir(path, flag)
-  assert '\n' not in str(raised.value)
-  return str(raised.value)
-
-
 def test_check_output_dir_creates_nothing_and_refuses_what_make_output_dir_would(here):
   assert str(paths.check_output_dir('new/nested', '--out')) == str(here / 'new' / 'nested')
   assert not (here / 'new').exists()
   (here / 'file').write_text('')
-  assert _check_refusal('file') == _refusal('file')
-  assert _check_refusal('file/x/y', '--workdir') == (
+  assert _refusal('file', check=paths.check_output_dir) == _refusal('file')
+  assert _refusal('file/x/y', '--workdir', check=paths.check_output_dir) == (
       f'--workdir {here / "file" / "x" / "y"} cannot be created (Not a directory); choose a '
       'writable path')
   read_only = read_only_dir(here)
-  assert _check_refusal(read_only) == _refusal(read_only)
-  assert _check_refusal(read_only / 'new' / 'nested') == (
+  assert _refusal(read_only, check=paths.check_output_dir) == _refusal(read_only)
+  assert _refusal(read_only / 'new' / 'nested', check=paths.check_output_dir) == (
       f'--out {read_only / "new" / "nested"} cannot be created (Permission denied: {read_only}); '
       'choose a writable path')
   assert not os.path.lexists(read_only / 'new')
