@@ -78,7 +78,9 @@ def test_microbatched_step_has_the_whole_batchs_loss_and_gradient(tiny_config, c
   # After one step Adam's first moment is (1 - b1) x the gradient.
   grads = [jax.tree.leaves(s.opt_state.inner_state[0].mu) for s in (whole, parts)]
   for got, want in zip(grads[1], grads[0]):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)
+    # Float32 sums in another order: errors scale with the leaf's largest entries, not each
+    # entry's own (an entry 1e-3 of the largest once differed by 7e-4 of itself, jax 0.12.1).
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
 def test_microbatches_and_a_dice_term_are_refused(tiny_config):
