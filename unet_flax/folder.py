@@ -162,11 +162,9 @@ class Folder:
       test = set(lists['test'])
       both = [s for s in lists['train'] if s in test]
       if both:  # The model would be scored on images it trained on.
-        shown = ', '.join(map(repr, both[:3])) + (', ...' if len(both) > 3 else '')
         raise errors.UserError(
-            f'{self.root / "train.txt"} and {self.root / "test.txt"} both list {len(both)} '
-            f'image{"s" * (len(both) > 1)} ({shown}); the test set must not overlap the training '
-            'set: keep each image in one list')
+            f'{self.root / "train.txt"} and {self.root / "test.txt"} both list {listed(both)}; '
+            'the test set must not overlap the training set: keep each image in one list')
     if split in lists:
       return lists[split]
     if split in ('train', 'test'):
@@ -185,6 +183,12 @@ class Folder:
 
   def examples(self, split: str) -> list[Example]:
     return [Example(self.images[s], self.masks[s]) for s in self.stems(split)]
+
+
+def listed(stems: list[str]) -> str:
+  """'N image(s) (the first three stems, ...)', for messages about the images two lists share."""
+  shown = ', '.join(map(repr, stems[:3])) + (', ...' if len(stems) > 3 else '')
+  return f'{len(stems)} image{"s" * (len(stems) > 1)} ({shown})'
 
 
 def read_text(path: epath.Path) -> str:

@@ -391,10 +391,8 @@ def check_data(config, source: Source) -> int:
   train, test = (source.stems(config[field]) for field in named)
   both = [] if train is None or test is None else sorted(set(train) & set(test))
   if both:  # Its scores would be of images it trained on.
-    shown = ', '.join(map(repr, both[:3])) + (', ...' if len(both) > 3 else '')
     raise errors.UserError(
         f'{named["train_split"]} and {named["eval_split"]} of {config.dataset} share '
-        f'{len(both)} image{"s" * (len(both) > 1)} ({shown}); the evaluation set must not overlap '
-        'the training set: choose splits that share none (evaluate.py --split scores any split '
-        'after training)')
+        f'{folder.listed(both)}; the evaluation set must not overlap the training set: choose '
+        'splits that share none (evaluate.py --split scores any split after training)')
   return counts['train_split']
